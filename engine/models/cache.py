@@ -1,0 +1,93 @@
+"""A static key/value cache for batched, left-padded generation, after gpt-fast.
+
+Every row of a batch is left-padded to the same length, so the newest token of every row sits in
+the same slot and one slot index serves the whole batch. What differs per row is which slots hold
+padding (`valid`) and how many real tokens came before (`seen`, the next position id).
+"""
+import torch
+
+
+def causal_mask(key_valid: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    """Boolean attention mask [batch, 1, queries, keys] for queries in slots start..keys-1."""
+    n_keys = key_valid.shape[1]
+    q = torch.arange(start, n_keys, device=key_valid.device)[:, None]
+    k = torch.arange(n_keys, device=key_valid.device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    mask = allowed[None] & key_valid[:, None, :]
+    # A padding query attends to itself, so that no row of the mask is empty (SDPA would give NaN).
+    mask = mask | (k == q)[None]
+    return mask[:, None]
+
+
+def positions_and_mask(pad_mask: torch.Tensor | None, seq_len: int, device, window: int | None = None):
+    """Position ids and attention mask for a forward pass without a cache.
+
+    With no padding and no window the mask is None, and attention uses SDPA's built-in causal path.
+    """
+    if pad_mask is None:
+        positions = torch.arange(seq_len, device=device)[None]
+        if window is None or seq_len <= window:
+            return positions, None
+        pad_mask = torch.ones(1, seq_len, dtype=torch.bool, device=device)
+    pad_mask = pad_mask.bool()
+    positions = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
+    return positions, causal_mask(pad_mask, 0, window)
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device, window: int | None = None):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.window = window
+        self.length = 0  # slots filled so far, the same for every row
+        self.start = 0   # first slot of the tokens now being written
+        self.padded = False
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def step(self, n_new: int, pad_mask: torch.Tensor | None = None):
+        """Reserve slots for `n_new` tokens per row; return their position ids and attention mask.
+
+        `pad_mask` [batch, n_new] is False at left padding; None means no padding (the usual
+        decode step), which lets batch-1 decoding skip the mask altogether.
+        """
+        start, end = self.length, self.length + n_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} were asked for")
+        if pad_mask is None:
+            pad_mask = torch.ones(self.batch, n_new, dtype=torch.bool, device=self.valid.device)
+        else:
+            pad_mask = pad_mask.bool()
+            self.padded = self.padded or not bool(pad_mask.all())
+        self.valid[:, start:end] = pad_mask
+        positions = self.seen[:, None] + pad_mask.long().cumsum(1) - 1
+        self.seen += pad_mask.sum(1)
+        self.start, self.length = start, end
+        needs_mask = self.padded or n_new > 1 or (self.window is not None and end > self.window)
+        mask = causal_mask(self.valid[:, :end], start, self.window) if needs_mask else None
+        return positions.clamp(min=0), mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's keys and values of one layer; return all keys and values so far."""
+        self.k[layer, :, :, self.start:self.length] = k
+        self.v[layer, :, :, self.start:self.length] = v
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat or reorder) rows: shares one prefilled prompt among candidates, or follows beams."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        self.valid = self.valid.index_select(0, rows)
+        self.seen = self.seen.index_select(0, rows)

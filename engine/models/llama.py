@@ -1,0 +1,209 @@
+"""The Llama family of decoders: Llama 2/3, TinyLlama, SmolLM/SmolLM2, Qwen2/2.5 and Mistral.
+
+Pre-norm blocks with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
+Module names follow Hugging Face's, so a checkpoint's tensors load by name with no mapping.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import ParleyError
+from engine.models import rope
+from engine.models.cache import KVCache, positions_and_mask
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False          # Qwen2 always has q/k/v biases
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral's window; None attends to the whole context
+    model_type: str = "llama"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        model_type = hf["model_type"]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ParleyError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported for {model_type}: "
+                              "only 'silu' (SwiGLU) is")
+        if model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise ParleyError("config.json: qwen2 with use_sliding_window=true is not supported: "
+                              "set it to false (Qwen2.5 checkpoints ship with false)")
+        # Transformers 5 writes rope_parameters; older checkpoints write rope_theta and rope_scaling.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or rope_params or None
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        heads = hf["num_attention_heads"]
+        attention_bias = hf.get("attention_bias", False)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=hf.get("mlp_bias", False),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            model_type=model_type,
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json that transformers reads as the same model."""
+        hf = dict(
+            model_type=self.model_type,
+            architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                            "mistral": "MistralForCausalLM"}[self.model_type]],
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+        )
+        if self.model_type == "llama":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        return hf
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 whatever the model's dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer, self.head_dim = layer, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        is_causal = mask is None and cache is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Made on the CPU even when the model is built on the meta device; .to(device) moves it.
+        self.register_buffer("inv_freq", rope.inv_frequencies(config.head_dim, config.rope_theta,
+                                                               config.rope_scaling), persistent=False)
+        self.tie_weights()
+
+    @property
+    def tied_keys(self) -> list[str]:
+        return ["lm_head.weight"] if self.config.tie_word_embeddings else []
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len,
+                       self.lm_head.weight.dtype, self.lm_head.weight.device, c.sliding_window)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only) for token ids [batch, seq]."""
+        if cache is None:
+            positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device, self.config.sliding_window)
+        else:
+            positions, mask = cache.step(idx.shape[1], pad_mask)
+        x = self.model.embed_tokens(idx)
+        cos, sin = rope.cos_sin(self.inv_freq, positions, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+
+def state_from_hf(tensors: dict) -> dict:
+    # Older checkpoints carry the rotary inverse frequencies; they are recomputed from the config.
+    return {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+
+
+def state_to_hf(state: dict) -> dict:
+    return state
+
+
+Config, Model = LlamaConfig, Llama

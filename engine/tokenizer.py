@@ -1,0 +1,130 @@
+"""Tokenizers from tokenizer.json, with their special tokens, chat template and streaming decode."""
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine import chat_template
+from engine.checkpoint import read_json
+from engine.errors import ParleyError
+from engine.files import write_json
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json writes a special token either as a string or as an AddedToken object.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None):
+        self.tokenizer = tokenizer
+        self.config = dict(config or {})
+        self.special_tokens = {name: _token_text(self.config[name]) for name in SPECIAL_TOKEN_NAMES
+                               if _token_text(self.config.get(name)) is not None}
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one is for chat
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+        self.chat_template: str | None = template
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise ParleyError(f"{path} has no tokenizer.json: Parley reads fast-tokenizer files only; "
+                              "re-save the tokenizer with transformers' save_pretrained")
+        try:
+            tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for a malformed file
+            raise ParleyError(f"{file} cannot be read ({e}): re-save the tokenizer") from None
+        config = read_json(path / "tokenizer_config.json", required=False) or {}
+        # Newer transformers keep the template in its own file; it wins over the config's copy.
+        if (path / "chat_template.jinja").is_file():
+            config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (path / "chat_template.json").is_file():
+            config["chat_template"] = read_json(path / "chat_template.json")["chat_template"]
+        return cls(tokenizer, config)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save(str(path / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        write_json(path / "tokenizer_config.json", config)
+
+    # -- ids and text --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("eos_token"))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("pad_token"))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(token_id)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ParleyError("this model has no chat template: use a raw prompt (--raw), or add chat_template "
+                              "to its tokenizer_config.json")
+        return chat_template.render(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants one, so the tokenizer must not add another.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Turns token ids, one at a time, into text pieces that never split a UTF-8 character.
+
+    A token may hold part of a character (byte-level BPE splits emoji and CJK into bytes) and a
+    token's text may depend on its left neighbour (SentencePiece's leading space). So each step
+    decodes a short window that starts a little before the new token, and emits the new part only
+    once it no longer ends in U+FFFD, the replacement character of an incomplete byte sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the decoding window
+        self.read = 0    # tokens whose text has been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        """What is left at the end of a stream (an incomplete character shows as U+FFFD)."""
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]

@@ -1,0 +1,100 @@
+"""Chat templates render as transformers renders them; streaming decode never splits a character."""
+import pytest
+from tokenizers import processors
+
+from engine import ParleyError
+from engine.tokenizer import Tokenizer
+from helpers import CHATML, LLAMA3, ZEPHYR, hf_tokenizer
+
+TEMPLATES = {
+    "chatml": (CHATML, "<|begin_of_text|>", "<|im_end|>"),
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+    "zephyr": (ZEPHYR, "<s>", "</s>"),
+}
+CONVERSATION = [
+    {"role": "user", "content": "Hi! How are you?"},
+    {"role": "assistant", "content": "  Fine, thanks. And you?  "},
+    {"role": "user", "content": "Tell me about the sea 🌊 and 海."},
+]
+SYSTEM = {"role": "system", "content": "You are a terse pirate."}
+
+
+@pytest.fixture(params=list(TEMPLATES))
+def both(request, tmp_path):
+    """The same tokenizer as transformers sees it and as Parley loads it from disk."""
+    template, bos, eos = TEMPLATES[request.param]
+    ref = hf_tokenizer(template, bos=bos, eos=eos)
+    # A post-processor that adds BOS, as Llama's tokenizer.json has: chat prompts must not get two.
+    ref.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, ref.convert_tokens_to_ids(bos))])
+    ref.save_pretrained(tmp_path)
+    return ref, Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_chat_template_matches_transformers(both, system, generation_prompt):
+    ref, ours = both
+    messages = ([SYSTEM] if system else []) + CONVERSATION
+    expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert ours.render_chat(messages, add_generation_prompt=generation_prompt) == expected
+    ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                  return_dict=False)
+    assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == ids
+
+
+def test_no_double_bos(both):
+    ref, ours = both
+    bos_id = ours.token_id(ours.special_tokens["bos_token"])
+    assert ours.encode("hello")[0] == bos_id  # plain text gets the post-processor's BOS
+    ids = ours.encode_chat(CONVERSATION)
+    assert ids[:2].count(bos_id) <= 1
+
+
+def test_template_errors_are_one_line(both):
+    _, ours = both
+    ours.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ParleyError, match="refused the conversation: Conversation roles must alternate"):
+        ours.render_chat(CONVERSATION)
+    ours.chat_template = "{% for m in messages %}{{ m.content }"
+    with pytest.raises(ParleyError, match="syntax error"):
+        ours.render_chat(CONVERSATION)
+
+
+def test_template_sandbox_blocks_python_internals(both):
+    _, ours = both
+    ours.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(ParleyError, match="unsafe"):
+        ours.render_chat(CONVERSATION)
+
+
+def test_tojson_keeps_non_ascii_and_html(both):
+    _, ours = both
+    ours.chat_template = "{{ messages[0] | tojson }}"
+    assert ours.render_chat([{"role": "user", "content": "<b>海</b> & 🌊"}]) == \
+        '{"role": "user", "content": "<b>海</b> & 🌊"}'
+
+
+@pytest.mark.parametrize("text", [
+    "Plain ASCII text, nothing special.",
+    "Emoji: 🌊🐙🏴‍☠️ and 👩‍👩‍👧‍👦 family, 🙂!",
+    "中文和日本語のテキスト、한국어도 있어요。",
+    "Mixed: café naïve — “quotes” 🌊 海 end",
+])
+def test_streaming_decode_equals_full_decode(both, text):
+    _, ours = both
+    ids = ours.encode(text, add_special_tokens=False)
+    stream = ours.stream_decoder()
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == ours.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_streaming_holds_back_half_a_character(both):
+    _, ours = both
+    ids = ours.encode("🌊", add_special_tokens=False)
+    assert len(ids) > 1  # the byte-level tokenizer splits the emoji into bytes
+    stream = ours.stream_decoder()
+    assert [stream.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert stream.push(ids[-1]) == "🌊"
