@@ -1,0 +1,278 @@
+"""Batched, streamed generation: several candidates with their own settings in one run.
+
+All candidates share one conversation. Its prompt is prefilled once; the KV cache rows are then
+repeated, one per sampled candidate and `num_beams` per beam-search candidate. Each step runs one
+forward pass for every live row, applies every row's own processors as tensors, and yields events:
+a `Token` per sampled row and step, and a `Finished` per candidate. Between steps the caller may
+cancel candidates or change their settings. Finished rows leave the batch, so the rest speed up.
+"""
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from engine import sampling
+from engine.beam import BeamSearch
+from engine.errors import ParleyError
+from engine.sampling import RowSettings, Settings
+from engine.stop import StopMatcher
+
+
+@dataclass
+class Alternative:
+    token_id: int
+    text: str
+    prob: float
+
+
+@dataclass
+class Token:
+    """One new token of one sampled candidate: what the app streams and the token inspector shows."""
+    candidate: int
+    step: int
+    token_id: int
+    text: str                  # new text to show; "" while a character or a possible stop string is incomplete
+    logprob: float             # log-probability under the model, before this candidate's processors
+    sampled_logprob: float     # log-probability under the distribution it was drawn from
+    top_before: list[Alternative] = field(default_factory=list)  # the model's top tokens
+    top_after: list[Alternative] = field(default_factory=list)   # the same after temperature, top-k, ...
+
+
+@dataclass
+class Finished:
+    candidate: int
+    finish_reason: str         # "eos", "stop", "length" or "cancelled"
+    text: str
+    token_ids: list[int]       # generated ids only, the final EOS included
+    settings: Settings
+    timings: dict
+    beams: list[dict] = field(default_factory=list)  # beam search: every returned sequence, best first
+
+
+class Generation:
+    """An iterator of `Token` and `Finished` events. See the module docstring."""
+
+    def __init__(self, lm, prompt_ids: list[int], settings: list[Settings], top_alternatives: int = 5):
+        if not prompt_ids:
+            raise ParleyError("the prompt is empty: give at least one token of context")
+        if not settings:
+            raise ParleyError("no candidates to generate: give at least one settings object")
+        self.lm, self.top_n = lm, top_alternatives
+        self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+        room = lm.max_context - len(prompt_ids)
+        if room < 1:
+            raise ParleyError(f"the prompt has {len(prompt_ids)} tokens and the model's context holds "
+                              f"{lm.max_context}: shorten the conversation")
+        # A candidate without a seed gets a random one, recorded in its settings so it can be replayed.
+        self.settings = [replace(s.validate(), seed=s.seed if s.seed is not None else _random_seed(),
+                                 max_new_tokens=min(s.max_new_tokens, room)) for s in settings]
+        self.eos_ids = lm.eos_token_ids
+        self._cancel: set[int] = set()
+        self._updates: dict[int, Settings] = {}
+
+    # -- control, between steps ------------------------------------------------------------------
+    def cancel(self, candidate: int | None = None) -> None:
+        """Stop one candidate (or all); it finishes with reason "cancelled" before the next step."""
+        self._cancel.update(range(len(self.settings)) if candidate is None else [candidate])
+
+    def update(self, candidate: int, settings: Settings) -> None:
+        """Change a candidate's settings; they apply from its next token."""
+        old = self.settings[candidate]
+        settings = settings.validate()
+        if (settings.num_beams, settings.num_return_sequences) != (old.num_beams, old.num_return_sequences):
+            raise ParleyError("num_beams and num_return_sequences cannot change while a candidate generates: "
+                              "start a new generation")
+        if settings.max_new_tokens > old.max_new_tokens:
+            raise ParleyError(f"max_new_tokens can only be lowered while generating (it is {old.max_new_tokens})")
+        self._updates[candidate] = replace(settings, seed=settings.seed if settings.seed is not None else old.seed)
+
+    def run(self) -> list["Finished"]:
+        """Generate to the end; return every candidate's result in candidate order."""
+        done = [e for e in self if isinstance(e, Finished)]
+        return sorted(done, key=lambda f: f.candidate)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def __iter__(self):
+        lm, model, tok = self.lm, self.lm.model, self.lm.tokenizer
+        device, n_prompt = lm.device, len(self.prompt)
+        width = n_prompt + max(s.max_new_tokens for s in self.settings)
+        started = time.perf_counter()
+        with torch.no_grad():
+            cache = model.new_cache(1, width)
+            logits = model(self.prompt[None], cache=cache, last_only=True)[:, -1].float()
+        self.prefill_s = prefill_s = time.perf_counter() - started
+        self._started = started
+
+        # One row per sampled candidate, num_beams rows per beam candidate, all from the one prefill.
+        cand = torch.tensor([c for c, s in enumerate(self.settings) for _ in range(s.num_beams)], device=device)
+        with torch.no_grad():
+            cache.select_rows(torch.zeros(len(cand), dtype=torch.long, device=device))
+        batch = _Batch.start(cand, self.prompt, logits, width, self.settings)
+        beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
+        streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
+                   if s.num_beams == 1}
+        step = 0
+        while len(batch.cand):
+            cancelled = self._cancel & set(batch.cand.tolist())
+            if cancelled:
+                for c in sorted(cancelled):
+                    if c in beams:
+                        beams[c].cancel()
+                        yield self._finish_beam(c, beams[c])
+                    else:
+                        streams[c].text.append(streams[c].flush())
+                        yield self._finish(c, "cancelled", streams[c])
+                keep = torch.tensor([c not in cancelled for c in batch.cand.tolist()], device=device)
+                batch = batch.take(keep.nonzero()[:, 0])
+                cache.select_rows(keep.nonzero()[:, 0])
+                if not len(batch.cand):
+                    break
+            if self._updates:
+                self.settings = [self._updates.pop(c, s) for c, s in enumerate(self.settings)]
+                batch = batch.take(torch.arange(len(batch.cand), device=device), self.settings)
+
+            with torch.no_grad():
+                rows = batch.rows
+                logprobs = batch.logits.log_softmax(dim=-1)
+                # Beams rank by log-probability, so their processors see log-probs, as in transformers.
+                scores = sampling.process(torch.where(rows.beam, logprobs, batch.logits), rows, batch.seen,
+                                          batch.counts, batch.sequences[:, :n_prompt + step],
+                                          torch.full_like(batch.seeds, step), self.eos_ids)
+                chosen = scores.argmax(dim=-1)
+                if bool(rows.sample.any()):
+                    drawn = sampling.sample(scores, batch.seeds, torch.full_like(batch.seeds, step))
+                    chosen = torch.where(rows.sample[:, 0], drawn, chosen)
+
+            order = torch.arange(len(batch.cand), device=device)  # where each row's cache comes from
+            keep = torch.ones(len(batch.cand), dtype=torch.bool, device=device)
+            events, cand_list = [], batch.cand.tolist()
+            for c, search in beams.items():
+                idx = torch.tensor([i for i, rc in enumerate(cand_list) if rc == c], dtype=torch.long, device=device)
+                if len(idx):
+                    parents, tokens = search.step(scores[idx], batch.sequences[idx, n_prompt:n_prompt + step])
+                    order[idx], chosen[idx] = idx[parents], tokens
+                    if search.done:
+                        keep[idx] = False
+                        events.append(self._finish_beam(c, search))
+            if beams:
+                batch, logprobs, scores = batch.take(order), logprobs[order], scores[order]
+            batch.append(chosen, n_prompt + step)
+            step += 1
+
+            top = self._alternatives(logprobs, scores) if self.top_n else None
+            picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+            picked_sampled = scores.log_softmax(dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+            for i, (c, token_id) in enumerate(zip(cand_list, chosen.tolist())):
+                if c in beams:
+                    continue
+                stream = streams[c]
+                text = stream.push(token_id)
+                reason = ("eos" if token_id in self.eos_ids else "stop" if stream.matcher.stopped
+                          else "length" if step >= self.settings[c].max_new_tokens else None)
+                if reason in ("eos", "length"):
+                    text += stream.flush()
+                stream.text.append(text)
+                events.append(Token(c, step - 1, token_id, text, picked[i], picked_sampled[i],
+                                    top[0][i] if top else [], top[1][i] if top else []))
+                if reason:
+                    keep[i] = False
+                    events.append(self._finish(c, reason, stream))
+            yield from events
+
+            if not bool(keep.all()):
+                order, batch, chosen = order[keep], batch.take(keep.nonzero()[:, 0]), chosen[keep]
+            if not len(batch.cand):
+                break
+            with torch.no_grad():
+                if beams or len(order) != cache.batch:
+                    cache.select_rows(order)
+                batch.logits = model(chosen[:, None], cache=cache)[:, -1].float()
+
+    def _finish(self, c: int, reason: str, stream: "_Stream") -> "Finished":
+        elapsed = time.perf_counter() - self._started - self.prefill_s
+        return Finished(c, reason, "".join(stream.text), list(stream.decoder.ids), self.settings[c],
+                        _timings(self.prefill_s, elapsed, len(stream.decoder.ids)))
+
+    def _alternatives(self, logprobs, scores):
+        """The top tokens before and after each row's processors, as plain lists."""
+        tok = self.lm.tokenizer
+        before = logprobs.exp().topk(self.top_n, dim=-1)
+        after = scores.softmax(dim=-1).topk(self.top_n, dim=-1)
+
+        def as_lists(top):
+            return [[Alternative(t, tok.decode([t], skip_special_tokens=False), p)
+                     for t, p in zip(ids, probs)] for ids, probs in zip(top.indices.tolist(), top.values.tolist())]
+        return as_lists(before), as_lists(after)
+
+    def _finish_beam(self, c: int, search: BeamSearch) -> "Finished":
+        results = search.results()
+        best = results[0]
+        elapsed = time.perf_counter() - self._started - self.prefill_s
+        return Finished(c, best["finish_reason"], best["text"], best["token_ids"], self.settings[c],
+                        _timings(self.prefill_s, elapsed, search.steps), results)
+
+
+class _Stream:
+    """A sampled candidate's text so far: UTF-8-safe pieces with stop strings held back and cut."""
+
+    def __init__(self, decoder, matcher: StopMatcher):
+        self.decoder, self.matcher, self.text = decoder, matcher, []
+
+    def push(self, token_id: int) -> str:
+        return self.matcher.push(self.decoder.push(token_id))
+
+    def flush(self) -> str:
+        return self.matcher.push(self.decoder.flush()) + self.matcher.flush()
+
+
+@dataclass
+class _Batch:
+    """Per-row state of the live rows; `take` re-indexes all of it at once (beams, finished rows)."""
+    cand: torch.Tensor        # [rows] candidate of each row
+    seen: torch.Tensor        # [rows, vocab] tokens of the prompt (repetition penalty)
+    counts: torch.Tensor      # [rows, vocab] output token counts (frequency and presence penalties)
+    sequences: torch.Tensor   # [rows, width] prompt + output so far (no-repeat n-grams)
+    seeds: torch.Tensor       # [rows]
+    logits: torch.Tensor      # [rows, vocab] the next-token logits
+    settings: list            # every candidate's settings
+    rows: RowSettings = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = RowSettings([self.settings[c] for c in self.cand.tolist()], self.cand.device)
+            self.seeds = torch.tensor([s.seed for s in self.rows.settings], dtype=torch.long, device=self.cand.device)
+
+    @classmethod
+    def start(cls, cand, prompt, logits, width, settings):
+        n, vocab, device = len(cand), logits.shape[-1], cand.device
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        seen[prompt] = True
+        sequences = torch.full((n, width), -1, dtype=torch.long, device=device)
+        sequences[:, :len(prompt)] = prompt
+        return cls(cand, seen.expand(n, -1), torch.zeros(n, vocab, dtype=torch.int32, device=device), sequences,
+                   None, logits.expand(n, -1), settings)
+
+    def take(self, index: torch.Tensor, settings: list | None = None) -> "_Batch":
+        return _Batch(self.cand[index], self.seen[index], self.counts[index], self.sequences[index], None,
+                      self.logits[index], settings or self.settings)
+
+    def append(self, chosen: torch.Tensor, position: int) -> None:
+        self.sequences[:, position] = chosen
+        self.counts[torch.arange(len(chosen), device=chosen.device), chosen] += 1
+
+
+def _timings(prefill_s: float, decode_s: float, n_tokens: int) -> dict:
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "tokens": n_tokens,
+            "decode_tokens_per_s": n_tokens / decode_s if decode_s > 0 else 0.0}
+
+
+def _random_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def generate(lm, prompt_ids: list[int], settings: list[Settings] | Settings, **kwargs) -> list[Finished]:
+    """Generate every candidate to the end (no streaming); results in candidate order."""
+    if isinstance(settings, Settings):
+        settings = [settings]
+    return Generation(lm, prompt_ids, settings, **kwargs).run()
