@@ -31,6 +31,79 @@ def cmd_inspect(args) -> None:
             print(f"{key:>14}: {value}")
 
 
+SAMPLING_OPTIONS = [  # (flag, Settings field, type, help)
+    ("--temperature", "temperature", float, "0 = greedy"),
+    ("--top-k", "top_k", int, "keep the k most likely tokens (0 = off)"),
+    ("--top-p", "top_p", float, "nucleus mass (1 = off)"),
+    ("--min-p", "min_p", float, "drop tokens below this x the top probability (0 = off)"),
+    ("--typical-p", "typical_p", float, "locally typical mass (1 = off)"),
+    ("--repetition-penalty", "repetition_penalty", float, "transformers' rule over prompt + output (1 = off)"),
+    ("--frequency-penalty", "frequency_penalty", float, "OpenAI's rule over output tokens"),
+    ("--presence-penalty", "presence_penalty", float, "OpenAI's rule over output tokens"),
+    ("--no-repeat-ngram-size", "no_repeat_ngram_size", int, "never repeat an n-gram of this size"),
+    ("--num-beams", "num_beams", int, "beam search with this many beams"),
+    ("--length-penalty", "length_penalty", float, "beam score = log p / length ** this"),
+    ("--max-new-tokens", "max_new_tokens", int, None),
+    ("--min-new-tokens", "min_new_tokens", int, None),
+    ("--seed", "seed", int, "candidate i is seeded seed + i"),
+]
+
+
+def settings_from_args(args):
+    from engine.sampling import Settings
+    given = {field: getattr(args, field) for _, field, _, _ in SAMPLING_OPTIONS if getattr(args, field) is not None}
+    if args.stop:
+        given["stop"] = args.stop
+    return Settings(**given).validate()
+
+
+def cmd_generate(args) -> None:
+    import dataclasses
+    import random
+
+    import engine
+    from engine.generate import Finished, Generation, Token
+    from engine.registry import resolve_model
+
+    base = settings_from_args(args)
+    if args.n < 1:
+        raise ParleyError(f"--n {args.n} is out of range: it must be 1 or more")
+    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    if args.raw:
+        prompt_ids = lm.tokenizer.encode(args.prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        prompt_ids = lm.tokenizer.encode_chat(messages)
+    seed = base.seed if base.seed is not None else random.randrange(2**62)
+    candidates = [dataclasses.replace(base, seed=seed + i) for i in range(args.n)]
+    gen = Generation(lm, prompt_ids, candidates, top_alternatives=0)
+    stream = args.n == 1 and not args.json and base.num_beams == 1
+    results = []
+    try:
+        for event in gen:
+            if stream and isinstance(event, Token):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, Finished):
+                results.append(event)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise
+    for r in sorted(results, key=lambda r: r.candidate):
+        if args.json:
+            line = {"candidate": r.candidate, "text": r.text, "token_ids": r.token_ids,
+                    "finish_reason": r.finish_reason, "settings": r.settings.to_dict(), "timings": r.timings}
+            if r.beams:
+                line["beams"] = r.beams
+            print(json.dumps(line, ensure_ascii=False))
+        elif stream:
+            print()
+        else:
+            if args.n > 1:
+                print(f"--- candidate {r.candidate} (seed {r.settings.seed}, {r.finish_reason}) ---")
+            print(r.text)
+
+
 def build_parser(app=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
@@ -45,6 +118,19 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate replies to one prompt, one or several candidates")
+    p.add_argument("--model", help="a model directory or a known model name (default: the shipped model)")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
+    p.add_argument("--system", help="a system message before the prompt")
+    for flag, field, kind, text in SAMPLING_OPTIONS:
+        p.add_argument(flag, dest=field, type=kind, help=text)
+    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    p.add_argument("--n", type=int, default=1, help="number of candidates, generated side by side")
+    add_model_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per candidate and line")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

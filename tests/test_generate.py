@@ -93,8 +93,10 @@ def test_seeded_sampling_is_reproducible_alone_and_in_any_batch(llama):
     assert generate(lm, prompt, Settings(temperature=1.0, seed=99, max_new_tokens=16))[0].token_ids != alone
 
 
-def test_each_row_of_a_mixed_batch_gets_what_it_gets_alone(llama):
-    lm, _, prompt = llama
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_row_of_a_mixed_batch_gets_what_it_gets_alone(llama, dtype):
+    _, _, prompt = llama
+    lm = engine.load(llama[0].path, device="cpu", dtype=dtype)
     mixed = [Settings(**GREEDY, max_new_tokens=10),
              Settings(temperature=0.9, top_k=20, seed=1, max_new_tokens=14),
              Settings(temperature=1.3, top_p=0.8, min_p=0.0, repetition_penalty=1.2, seed=2, max_new_tokens=6),

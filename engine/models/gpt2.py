@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.errors import ParleyError
 from engine.models.cache import KVCache, positions_and_mask
+from engine.models.linear import Linear
 
 MODEL_TYPES = ("gpt2",)
 ACTIVATIONS = {
@@ -59,8 +60,8 @@ class Attention(nn.Module):
     def __init__(self, c: GPT2Config, layer: int):
         super().__init__()
         self.layer, self.n_head = layer, c.n_head
-        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)
-        self.c_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.c_attn = Linear(c.n_embd, 3 * c.n_embd)
+        self.c_proj = Linear(c.n_embd, c.n_embd)
 
     def forward(self, x, mask, cache):
         B, T, C = x.shape
@@ -77,8 +78,8 @@ class MLP(nn.Module):
     def __init__(self, c: GPT2Config):
         super().__init__()
         inner = c.n_inner or 4 * c.n_embd
-        self.c_fc = nn.Linear(c.n_embd, inner)
-        self.c_proj = nn.Linear(inner, c.n_embd)
+        self.c_fc = Linear(c.n_embd, inner)
+        self.c_proj = Linear(inner, c.n_embd)
         self.act = ACTIVATIONS[c.activation_function]
 
     def forward(self, x):
@@ -108,7 +109,7 @@ class GPT2(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
 
     tied_keys = ["lm_head.weight"]
@@ -145,7 +146,7 @@ def state_from_hf(tensors: dict) -> dict:
         if not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name  # the original OpenAI checkpoints have no prefix
         if name.endswith(CONV1D_WEIGHTS):
-            t = t.t()
+            t = t.t().contiguous()
         state[name] = t
     return state
 
