@@ -104,6 +104,23 @@ def cmd_generate(args) -> None:
             print(r.text)
 
 
+def cmd_export(args) -> None:
+    from engine.store import Store
+    from engine.store.exchange import export
+    with Store() as store:
+        n = export(store, args.kind, args.format, args.out)
+    if args.out != "-":
+        print(f"wrote {n} {args.kind} lines to {args.out}", file=sys.stderr)
+
+
+def cmd_import(args) -> None:
+    from engine.store import Store
+    from engine.store.exchange import import_file
+    with Store() as store:
+        counts = import_file(store, args.kind, args.file)
+    print("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
+
+
 def build_parser(app=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
@@ -131,6 +148,18 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write conversations, preference pairs or rankings as JSON Lines")
+    p.add_argument("kind", choices=["conversations", "prefs", "rankings"])
+    p.add_argument("out", help="output file, or - for standard output")
+    p.add_argument("--format", choices=["jsonl", "trl"], default="jsonl",
+                   help="jsonl: everything Parley keeps; trl: the conversational format TRL and OpenRLHF read")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="read conversations or preference pairs from JSON Lines (all or nothing)")
+    p.add_argument("kind", choices=["conversations", "prefs"])
+    p.add_argument("file")
+    p.set_defaults(func=cmd_import)
     return parser
 
 

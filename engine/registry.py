@@ -8,7 +8,14 @@ BUILTIN = {"default": ASSETS / "default-model"}
 
 
 def known_models() -> dict[str, Path]:
-    return {name: path for name, path in BUILTIN.items() if (path / "config.json").is_file()}
+    """The shipped models, then the ones the user added in the app (the store's models table)."""
+    from engine.paths import database_path
+    from engine.store import Store
+    known = {name: path for name, path in BUILTIN.items() if (path / "config.json").is_file()}
+    if database_path().exists():
+        with Store() as store:
+            known.update({m["name"]: Path(m["path"]) for m in store.models()})
+    return known
 
 
 def resolve_model(name: str | None) -> Path:

@@ -1,0 +1,146 @@
+"""The store's schema, as ordered migrations. `PRAGMA user_version` is the number applied.
+
+A migration is only ever appended, never edited: a database written by any earlier Parley opens
+by running the migrations it lacks, in order, each in its own transaction.
+"""
+import sqlite3
+
+V1 = """
+CREATE TABLE models (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'hf',
+    added_at TEXT NOT NULL,
+    notes TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE preferences (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    model TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived INTEGER NOT NULL DEFAULT 0,
+    current_leaf TEXT REFERENCES messages(id) ON DELETE SET NULL
+);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL,
+    model TEXT,
+    settings TEXT,              -- JSON: the full decoding settings, seed included
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    timings TEXT,               -- JSON
+    finish_reason TEXT,         -- eos, stop, length, cancelled; NULL while generating
+    status TEXT NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'partial')),
+    created_at TEXT NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages(conversation_id, created_at);
+CREATE INDEX messages_by_parent ON messages(parent_id);
+CREATE TABLE comparisons (
+    id TEXT PRIMARY KEY,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE comparison_candidates (
+    comparison_id TEXT NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    PRIMARY KEY (comparison_id, position)
+);
+CREATE TABLE rankings (
+    id TEXT PRIMARY KEY,
+    comparison_id TEXT NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('order', 'vote')),
+    ranks TEXT NOT NULL,        -- JSON {message_id: rank}, 1 = best, equal ranks = tie
+    vote TEXT,                  -- for kind 'vote': best, worst, tie or both_bad
+    annotator TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE preference_pairs (
+    ranking_id TEXT NOT NULL REFERENCES rankings(id) ON DELETE CASCADE,
+    chosen_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    rejected_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    PRIMARY KEY (ranking_id, chosen_id, rejected_id)
+);
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,       -- JSON
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed', 'cancelled')),
+    base_model TEXT,
+    output_model TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    pid INTEGER
+);
+CREATE TABLE metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, name)
+);
+"""
+
+# Version 2: full-text search over messages (kept in step by triggers) and candidate flags.
+V2 = """
+CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='rowid');
+INSERT INTO messages_fts(rowid, content) SELECT rowid, content FROM messages;
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content);
+END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
+END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.rowid, new.content);
+END;
+CREATE TABLE flags (
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    flag TEXT NOT NULL CHECK (flag IN ('fails_instruction', 'made_up_facts', 'unsafe', 'both_bad')),
+    ranking_id TEXT REFERENCES rankings(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (message_id, flag)
+);
+"""
+
+MIGRATIONS = [V1, V2]
+LATEST = len(MIGRATIONS)
+
+
+def version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection, upto: int = LATEST) -> None:
+    """Apply the missing migrations up to `upto`, each atomically (the connection is in autocommit)."""
+    for number in range(version(conn) + 1, upto + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[number - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would commit on its own; split into complete statements instead.
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [s for s in statements if s]

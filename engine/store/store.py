@@ -1,0 +1,439 @@
+"""Parley's data: conversations as message trees, comparisons, rankings, preference pairs, training
+runs and their metrics, in one SQLite database (WAL mode, foreign keys on).
+
+Every multi-row change runs in one `BEGIN IMMEDIATE` transaction, so a crash leaves either all of
+it or none, and a second process (a trainer writing metrics) waits for the lock instead of
+failing. A `Store` is used from one thread; open another for another thread or process.
+"""
+import contextlib
+import itertools
+import json
+import secrets
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from engine.errors import ParleyError
+from engine.paths import database_path
+from engine.store import schema
+
+ROLES = ("system", "user", "assistant")
+FLAGS = ("fails_instruction", "made_up_facts", "unsafe", "both_bad")
+VOTES = ("best", "tie", "both_bad")
+_LEAF = object()  # "attach to the conversation's current leaf"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_id() -> str:
+    """Sortable, unique across machines: milliseconds since 1970 in hex, then 40 random bits."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else database_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.DatabaseError as e:
+            raise ParleyError(f"{self.path} is not a usable SQLite database ({e}): move it aside and start again")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")   # a commit survives a crash of the machine, too
+        conn.execute("PRAGMA busy_timeout = 30000")
+        found = schema.version(conn)
+        if found > schema.LATEST:
+            conn.close()
+            raise ParleyError(f"{self.path} was written by a newer Parley (schema {found}; this one knows up to "
+                              f"{schema.LATEST}): upgrade Parley, or set PARLEY_HOME to use another database")
+        schema.migrate(conn)
+        self.conn = conn
+        self.db = Database(conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One atomic change; nested blocks become savepoints of the outer transaction."""
+        if self.conn.in_transaction:
+            with self.db.atomic():
+                yield
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _one(self, sql: str, params=(), what: str = "row") -> dict:
+        rows = list(self.db.query(sql, params))
+        if not rows:
+            raise ParleyError(f"no {what} matches {params[0] if params else ''!r}: check the id")
+        return rows[0]
+
+    # -- models and preferences ---------------------------------------------------------------------
+    def add_model(self, name: str, path: str | Path, kind: str = "hf", notes: str = "") -> None:
+        if not name or not name.strip():
+            raise ParleyError("a model needs a name: give a non-empty name")
+        try:
+            with self.transaction():
+                self.conn.execute("INSERT INTO models (name, path, kind, added_at, notes) VALUES (?, ?, ?, ?, ?)",
+                                  (name, str(path), kind, now(), notes))
+        except sqlite3.IntegrityError:
+            raise ParleyError(f"a model named {name!r} exists already: pick another name or remove it first") from None
+
+    def models(self) -> list[dict]:
+        return list(self.db.query("SELECT * FROM models ORDER BY added_at, name"))
+
+    def model(self, name: str) -> dict | None:
+        return next(iter(self.db.query("SELECT * FROM models WHERE name = ?", [name])), None)
+
+    def remove_model(self, name: str) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM models WHERE name = ?", [name])
+
+    def set_preference(self, key: str, value) -> None:
+        with self.transaction():
+            self.conn.execute("INSERT OR REPLACE INTO preferences (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def preference(self, key: str, default=None):
+        row = next(iter(self.db.query("SELECT value FROM preferences WHERE key = ?", [key])), None)
+        return default if row is None else json.loads(row["value"])
+
+    # -- conversations ------------------------------------------------------------------------------
+    def create_conversation(self, title: str = "", system_prompt: str = "", model: str | None = None) -> str:
+        cid, stamp = new_id(), now()
+        with self.transaction():
+            self.conn.execute("INSERT INTO conversations (id, title, system_prompt, model, created_at, updated_at) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", (cid, title, system_prompt, model, stamp, stamp))
+        return cid
+
+    def conversation(self, conversation_id: str) -> dict:
+        return self._one("SELECT * FROM conversations WHERE id = ?", [conversation_id], "conversation")
+
+    def conversations(self, archived: bool = False) -> list[dict]:
+        return list(self.db.query("SELECT * FROM conversations WHERE archived = ? ORDER BY updated_at DESC, rowid DESC",
+                                  [int(archived)]))
+
+    def update_conversation(self, conversation_id: str, **fields) -> None:
+        """Change title, system_prompt, model or archived."""
+        allowed = {"title", "system_prompt", "model", "archived"}
+        if not fields or set(fields) - allowed:
+            raise ParleyError(f"a conversation's {sorted(set(fields) - allowed)} cannot be set: "
+                              f"use {', '.join(sorted(allowed))}")
+        self.conversation(conversation_id)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction():
+            self.conn.execute(f"UPDATE conversations SET {sets}, updated_at = ? WHERE id = ?",
+                              [*fields.values(), now(), conversation_id])
+
+    def archive_conversation(self, conversation_id: str, archived: bool = True) -> None:
+        self.update_conversation(conversation_id, archived=int(archived))
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE conversations SET current_leaf = NULL WHERE id = ?", [conversation_id])
+            self.conn.execute("DELETE FROM conversations WHERE id = ?", [conversation_id])
+
+    # -- messages: a tree per conversation ----------------------------------------------------------
+    def add_message(self, conversation_id: str, role: str, content: str, parent_id=_LEAF, *,
+                    model: str | None = None, settings: dict | None = None, prompt_tokens: int | None = None,
+                    completion_tokens: int | None = None, timings: dict | None = None,
+                    finish_reason: str | None = None, status: str = "complete", created_at: str | None = None,
+                    message_id: str | None = None, make_current: bool = True) -> str:
+        """Append a message under `parent_id` (default: the current leaf) and make it the leaf."""
+        if role not in ROLES:
+            raise ParleyError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ParleyError("message content must be text")
+        conversation = self.conversation(conversation_id)
+        if parent_id is _LEAF:
+            parent_id = conversation["current_leaf"]
+        if parent_id is not None and self.message(parent_id)["conversation_id"] != conversation_id:
+            raise ParleyError(f"message {parent_id!r} belongs to another conversation")
+        mid, stamp = message_id or new_id(), created_at or now()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO messages (id, conversation_id, parent_id, role, content, model, settings, prompt_tokens, "
+                "completion_tokens, timings, finish_reason, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (mid, conversation_id, parent_id, role, content, model, _json(settings), prompt_tokens,
+                 completion_tokens, _json(timings), finish_reason, status, stamp))
+            if make_current:
+                self.conn.execute("UPDATE conversations SET current_leaf = ?, updated_at = ? WHERE id = ?",
+                                  (mid, now(), conversation_id))
+        return mid
+
+    def start_reply(self, conversation_id: str, parent_id, model: str | None, settings: dict | None,
+                    make_current: bool = True) -> str:
+        """An assistant message that is still being generated: kept, marked partial, if the app dies."""
+        return self.add_message(conversation_id, "assistant", "", parent_id, model=model, settings=settings,
+                                status="partial", make_current=make_current)
+
+    def save_partial(self, message_id: str, content: str) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE messages SET content = ? WHERE id = ? AND status = 'partial'",
+                              (content, message_id))
+
+    def finish_reply(self, message_id: str, content: str, finish_reason: str, *, prompt_tokens: int | None = None,
+                     completion_tokens: int | None = None, timings: dict | None = None,
+                     settings: dict | None = None) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE messages SET content = ?, finish_reason = ?, status = 'complete', prompt_tokens = ?, "
+                "completion_tokens = ?, timings = ?, settings = COALESCE(?, settings) WHERE id = ?",
+                (content, finish_reason, prompt_tokens, completion_tokens, _json(timings), _json(settings),
+                 message_id))
+
+    def edit_message(self, message_id: str, content: str) -> str:
+        """Editing makes a sibling with the new content; the original stays."""
+        old = self.message(message_id)
+        return self.add_message(old["conversation_id"], old["role"], content, old["parent_id"], model=old["model"])
+
+    def message(self, message_id: str) -> dict:
+        return _decode(self._one("SELECT * FROM messages WHERE id = ?", [message_id], "message"))
+
+    def thread(self, conversation_id: str, leaf_id: str | None = None) -> list[dict]:
+        """The messages from the root to `leaf_id` (default: the current leaf), in order."""
+        leaf = leaf_id or self.conversation(conversation_id)["current_leaf"]
+        if leaf is None:
+            return []
+        rows = self.db.query(
+            "WITH RECURSIVE path(id, depth) AS (SELECT ?, 0 UNION ALL "
+            "SELECT m.parent_id, path.depth + 1 FROM messages m JOIN path ON m.id = path.id "
+            "WHERE m.parent_id IS NOT NULL) "
+            "SELECT messages.* FROM path JOIN messages ON messages.id = path.id ORDER BY path.depth DESC", [leaf])
+        return [_decode(r) for r in rows]
+
+    def children(self, conversation_id: str, parent_id: str | None) -> list[dict]:
+        where = "parent_id = ?" if parent_id is not None else "parent_id IS NULL AND conversation_id = ?"
+        rows = self.db.query(f"SELECT * FROM messages WHERE {where} ORDER BY created_at, rowid",
+                             [parent_id if parent_id is not None else conversation_id])
+        return [_decode(r) for r in rows]
+
+    def siblings(self, message_id: str) -> list[dict]:
+        """A message and its alternatives (regenerations, edits), oldest first."""
+        m = self.message(message_id)
+        return self.children(m["conversation_id"], m["parent_id"])
+
+    def newest_leaf(self, message_id: str) -> str:
+        """The most recent message at the end of any branch below `message_id` (itself if none)."""
+        row = next(iter(self.db.query(
+            "WITH RECURSIVE below(id) AS (SELECT ? UNION ALL SELECT m.id FROM messages m JOIN below ON m.parent_id = "
+            "below.id) SELECT messages.id FROM below JOIN messages ON messages.id = below.id WHERE NOT EXISTS "
+            "(SELECT 1 FROM messages c WHERE c.parent_id = messages.id) ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            [message_id])))
+        return row["id"]
+
+    def set_current_leaf(self, conversation_id: str, message_id: str) -> None:
+        if self.message(message_id)["conversation_id"] != conversation_id:
+            raise ParleyError(f"message {message_id!r} belongs to another conversation")
+        with self.transaction():
+            self.conn.execute("UPDATE conversations SET current_leaf = ? WHERE id = ?", (message_id, conversation_id))
+
+    def search(self, query: str, limit: int = 50) -> list[dict]:
+        """Messages whose content holds every word of `query` (full-text search), best matches first."""
+        words = query.split()
+        if not words:
+            return []
+        # Each word is quoted, so the user's text is never read as FTS syntax.
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        rows = self.db.query(
+            "SELECT messages.*, conversations.title AS conversation_title, "
+            "snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet FROM messages_fts "
+            "JOIN messages ON messages.rowid = messages_fts.rowid "
+            "JOIN conversations ON conversations.id = messages.conversation_id "
+            "WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", [match, limit])
+        return [_decode(r) for r in rows]
+
+    # -- comparisons, rankings and preference pairs -------------------------------------------------
+    def create_comparison(self, conversation_id: str, parent_id: str | None, message_ids: list[str]) -> str:
+        if len(message_ids) < 2 or len(set(message_ids)) != len(message_ids):
+            raise ParleyError("a comparison needs two or more different candidates")
+        for mid in message_ids:
+            m = self.message(mid)
+            if (m["conversation_id"], m["parent_id"], m["role"]) != (conversation_id, parent_id, "assistant"):
+                raise ParleyError(f"message {mid!r} is not an assistant reply to the compared context")
+        comparison_id = new_id()
+        with self.transaction():
+            self.conn.execute("INSERT INTO comparisons (id, conversation_id, parent_id, created_at) VALUES (?,?,?,?)",
+                              (comparison_id, conversation_id, parent_id, now()))
+            self.conn.executemany(
+                "INSERT INTO comparison_candidates (comparison_id, position, message_id) VALUES (?, ?, ?)",
+                [(comparison_id, i, mid) for i, mid in enumerate(message_ids)])
+        return comparison_id
+
+    def comparison(self, comparison_id: str) -> dict:
+        c = self._one("SELECT * FROM comparisons WHERE id = ?", [comparison_id], "comparison")
+        c["candidates"] = [_decode(r) for r in self.db.query(
+            "SELECT messages.* FROM comparison_candidates JOIN messages ON messages.id = message_id "
+            "WHERE comparison_id = ? ORDER BY position", [comparison_id])]
+        return c
+
+    def rank(self, comparison_id: str, ranks: dict[str, int], annotator: str = "user", *,
+             kind: str = "order", vote: str | None = None, created_at: str | None = None,
+             ranking_id: str | None = None) -> str:
+        """Record a full order with ties (1 = best; equal ranks tie) and derive its preference pairs.
+
+        A ranking of K candidates without ties gives its C(K, 2) ordered pairs; tied candidates give
+        no pair between them.
+        """
+        candidates = [m["id"] for m in self.comparison(comparison_id)["candidates"]]
+        if sorted(ranks) != sorted(candidates):
+            raise ParleyError("a ranking must give a rank to every candidate of the comparison, and only to them")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks.values()):
+            raise ParleyError("ranks are whole numbers from 1 (best) up")
+        rid = ranking_id or new_id()
+        pairs = [(rid, a, b) for a, b in itertools.permutations(candidates, 2) if ranks[a] < ranks[b]]
+        with self.transaction():
+            self.conn.execute("INSERT INTO rankings (id, comparison_id, kind, ranks, vote, annotator, created_at) "
+                              "VALUES (?,?,?,?,?,?,?)", (rid, comparison_id, kind, json.dumps(ranks), vote, annotator,
+                                                         created_at or now()))
+            self.conn.executemany("INSERT INTO preference_pairs (ranking_id, chosen_id, rejected_id) VALUES (?,?,?)",
+                                  pairs)
+        return rid
+
+    def vote(self, comparison_id: str, vote: str, best: str | None = None, worst: str | None = None,
+             annotator: str = "user") -> str:
+        """A quick judgement: `best` (with the best candidate, and optionally the worst), `tie`, or
+        `both_bad` (no pair; every candidate is flagged)."""
+        if vote not in VOTES:
+            raise ParleyError(f"vote {vote!r} is not one of {', '.join(VOTES)}")
+        candidates = [m["id"] for m in self.comparison(comparison_id)["candidates"]]
+        if vote == "best":
+            if best not in candidates or (worst is not None and (worst not in candidates or worst == best)):
+                raise ParleyError("a 'best' vote names one candidate as best (and optionally another as worst)")
+            if worst is None and len(candidates) == 2:
+                worst = next(c for c in candidates if c != best)
+            last = 3 if len(candidates) > 2 else 2
+            ranks = {c: 1 if c == best else last if c == worst else 2 for c in candidates}
+        else:
+            ranks = dict.fromkeys(candidates, 1)
+        with self.transaction():
+            rid = self.rank(comparison_id, ranks, annotator, kind="vote", vote=vote)
+            if vote == "both_bad":
+                for c in candidates:
+                    self.flag(c, "both_bad", rid)
+        return rid
+
+    def flag(self, message_id: str, flag: str, ranking_id: str | None = None) -> None:
+        if flag not in FLAGS:
+            raise ParleyError(f"flag {flag!r} is not one of {', '.join(FLAGS)}")
+        with self.transaction():
+            self.conn.execute("INSERT OR IGNORE INTO flags (message_id, flag, ranking_id, created_at) VALUES (?,?,?,?)",
+                              (message_id, flag, ranking_id, now()))
+
+    def flags(self, message_id: str) -> list[str]:
+        return [r["flag"] for r in self.db.query("SELECT flag FROM flags WHERE message_id = ? ORDER BY flag",
+                                                 [message_id])]
+
+    def rankings(self, comparison_id: str | None = None) -> list[dict]:
+        where, params = ("WHERE comparison_id = ?", [comparison_id]) if comparison_id else ("", [])
+        rows = list(self.db.query(f"SELECT * FROM rankings {where} ORDER BY created_at, rowid", params))
+        for r in rows:
+            r["ranks"] = json.loads(r["ranks"])
+        return rows
+
+    def preference_pairs(self) -> list[dict]:
+        """Every pair with its prompt (the thread up to the compared context), oldest ranking first."""
+        rows = list(self.db.query(
+            "SELECT p.ranking_id, r.comparison_id, r.annotator, r.created_at, c.conversation_id, c.parent_id, "
+            "ch.id AS chosen_id, ch.content AS chosen, ch.model AS chosen_model, "
+            "rj.id AS rejected_id, rj.content AS rejected, rj.model AS rejected_model "
+            "FROM preference_pairs p JOIN rankings r ON r.id = p.ranking_id "
+            "JOIN comparisons c ON c.id = r.comparison_id "
+            "JOIN messages ch ON ch.id = p.chosen_id JOIN messages rj ON rj.id = p.rejected_id "
+            "ORDER BY r.created_at, r.rowid, p.rowid"))
+        prompts = {}
+        for row in rows:
+            key = (row["conversation_id"], row["parent_id"])
+            if key not in prompts:
+                prompts[key] = self.prompt_messages(*key)
+            row["prompt"] = prompts[key]
+        return rows
+
+    def pairs_by_prompt(self) -> list[dict]:
+        """Preference pairs grouped by prompt (InstructGPT keeps one prompt's pairs in one batch element)."""
+        groups: dict[tuple, dict] = {}
+        for pair in self.preference_pairs():
+            key = (pair["conversation_id"], pair["parent_id"])
+            groups.setdefault(key, {"prompt": pair["prompt"], "pairs": []})["pairs"].append(pair)
+        return list(groups.values())
+
+    def prompt_messages(self, conversation_id: str, parent_id: str | None) -> list[dict]:
+        """The context a reply answers, as chat messages: the system prompt, then the thread."""
+        conversation = self.conversation(conversation_id)
+        messages = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
+        if parent_id is not None:
+            messages += [{"role": m["role"], "content": m["content"]} for m in self.thread(conversation_id, parent_id)]
+        return messages
+
+    def counts(self) -> dict:
+        tables = ("conversations", "messages", "comparisons", "rankings", "preference_pairs", "runs")
+        return {t: self.db[t].count for t in tables}
+
+    # -- training runs and metrics ------------------------------------------------------------------
+    def start_run(self, kind: str, config: dict, base_model: str | None = None, pid: int | None = None) -> str:
+        rid = new_id()
+        with self.transaction():
+            self.conn.execute("INSERT INTO runs (id, kind, config, status, base_model, started_at, pid) "
+                              "VALUES (?, ?, ?, 'running', ?, ?, ?)", (rid, kind, json.dumps(config), base_model,
+                                                                       now(), pid))
+        return rid
+
+    def end_run(self, run_id: str, status: str, output_model: str | None = None, error: str | None = None) -> None:
+        if status not in ("finished", "failed", "cancelled"):
+            raise ParleyError(f"a run ends as finished, failed or cancelled, not {status!r}")
+        with self.transaction():
+            self.conn.execute("UPDATE runs SET status = ?, output_model = ?, error = ?, finished_at = ? WHERE id = ?",
+                              (status, output_model, error, now(), run_id))
+
+    def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        stamp = now()
+        with self.transaction():
+            # A resumed run logs its steps again; the newer value wins.
+            self.conn.executemany("INSERT OR REPLACE INTO metrics (run_id, step, name, value, recorded_at) "
+                                  "VALUES (?, ?, ?, ?, ?)",
+                                  [(run_id, step, name, float(v), stamp) for name, v in values.items()])
+
+    def run(self, run_id: str) -> dict:
+        r = self._one("SELECT * FROM runs WHERE id = ?", [run_id], "run")
+        r["config"] = json.loads(r["config"])
+        return r
+
+    def runs(self, kind: str | None = None) -> list[dict]:
+        where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
+        rows = list(self.db.query(f"SELECT * FROM runs {where} ORDER BY started_at DESC, rowid DESC", params))
+        for r in rows:
+            r["config"] = json.loads(r["config"])
+        return rows
+
+    def metrics(self, run_id: str, name: str | None = None) -> list[dict]:
+        where, params = ("AND name = ?", [run_id, name]) if name else ("", [run_id])
+        return list(self.db.query(f"SELECT step, name, value FROM metrics WHERE run_id = ? {where} "
+                                  "ORDER BY step, name", params))
+
+
+def _json(value) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _decode(row: dict) -> dict:
+    for key in ("settings", "timings"):
+        if row.get(key) is not None:
+            row[key] = json.loads(row[key])
+    return row

@@ -1,0 +1,342 @@
+"""The store: trees, rankings and pairs, migrations, crash safety, concurrency, import and export."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from engine import ParleyError
+from engine.store import Store, schema
+from engine.store.exchange import export, import_file
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "parley.db") as s:
+        yield s
+
+
+def chat(store, system="Be kind."):
+    c = store.create_conversation("greetings", system, "tiny")
+    u = store.add_message(c, "user", "Hello there!")
+    a = store.add_message(c, "assistant", "Hi! How can I help?", settings={"temperature": 0.7, "seed": 4})
+    return c, u, a
+
+
+def test_database_is_wal_with_foreign_keys(store):
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert schema.version(store.conn) == schema.LATEST
+
+
+def test_parley_home_moves_the_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    with Store() as s:
+        assert s.path == tmp_path / "home" / "parley.db"
+
+
+def test_regenerate_and_edit_make_siblings_never_overwrite(store):
+    c, u, a = chat(store)
+    regenerated = store.add_message(c, "assistant", "Hello! What's up?", u)
+    assert [m["id"] for m in store.siblings(a)] == [a, regenerated]
+    assert store.message(a)["content"] == "Hi! How can I help?"
+    edited = store.edit_message(u, "Hello there, friend!")
+    assert [m["content"] for m in store.siblings(u)] == ["Hello there!", "Hello there, friend!"]
+    assert store.conversation(c)["current_leaf"] == edited
+    reply = store.add_message(c, "assistant", "Hi, friend.")
+    assert [m["content"] for m in store.thread(c)] == ["Hello there, friend!", "Hi, friend."]
+    # Moving back to the first user message shows its newest branch.
+    store.set_current_leaf(c, store.newest_leaf(u))
+    assert [m["id"] for m in store.thread(c)] == [u, regenerated]
+    assert store.newest_leaf(edited) == reply
+    assert store.message(a)["settings"] == {"temperature": 0.7, "seed": 4}
+
+
+def test_partial_and_cancelled_replies_are_kept(tmp_path):
+    path = tmp_path / "parley.db"
+    with Store(path) as s:
+        c, u, _ = chat(s)
+        cut = s.start_reply(c, u, "tiny", {"temperature": 0.9, "seed": 1})
+        s.save_partial(cut, "I was say")            # the app dies here
+        stopped = s.start_reply(c, u, "tiny", {"temperature": 0.9, "seed": 2})
+        s.finish_reply(stopped, "Stopped half", "cancelled", completion_tokens=3, timings={"decode_s": 0.1})
+    with Store(path) as s:
+        assert (s.message(cut)["status"], s.message(cut)["content"]) == ("partial", "I was say")
+        assert (s.message(stopped)["status"], s.message(stopped)["finish_reason"]) == ("complete", "cancelled")
+        assert s.message(stopped)["settings"]["seed"] == 2
+
+
+def test_conversation_list_rename_archive_delete(store):
+    c, _, _ = chat(store)
+    other = store.create_conversation("other")
+    store.update_conversation(c, title="renamed")
+    assert [x["id"] for x in store.conversations()] == [c, other]  # most recently updated first
+    store.archive_conversation(other)
+    assert [x["id"] for x in store.conversations()] == [c]
+    assert [x["id"] for x in store.conversations(archived=True)] == [other]
+    store.delete_conversation(c)
+    assert store.db["messages"].count == 0
+    with pytest.raises(ParleyError, match="no conversation matches"):
+        store.conversation(c)
+
+
+def test_full_text_search(store):
+    c, _, _ = chat(store)
+    store.add_message(c, "user", "Tell me about octopus intelligence")
+    hits = store.search("octopus")
+    assert [h["content"] for h in hits] == ["Tell me about octopus intelligence"]
+    assert hits[0]["conversation_title"] == "greetings" and "[octopus]" in hits[0]["snippet"]
+    assert store.search('help AND "') == []           # FTS syntax in user text is just text
+    assert len(store.search("hello")) == 1
+    store.delete_conversation(c)
+    assert store.search("octopus") == []
+
+
+def test_ranking_of_four_with_a_tie_gives_five_pairs(store):
+    c, u, a = chat(store)
+    b, d, e = (store.add_message(c, "assistant", text, u, make_current=False) for text in ("B", "D", "E"))
+    comparison = store.create_comparison(c, u, [a, b, d, e])
+    store.rank(comparison, {a: 1, b: 2, d: 2, e: 3})
+    pairs = {(p["chosen_id"], p["rejected_id"]) for p in store.preference_pairs()}
+    assert pairs == {(a, b), (a, d), (a, e), (b, e), (d, e)}   # C(4,2) = 6, minus the tie b = d
+    groups = store.pairs_by_prompt()
+    assert len(groups) == 1 and len(groups[0]["pairs"]) == 5
+    assert groups[0]["prompt"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there!"}]
+
+
+def test_votes_and_flags(store):
+    c, u, a = chat(store)
+    b = store.add_message(c, "assistant", "B", u, make_current=False)
+    comparison = store.create_comparison(c, u, [a, b])
+    store.vote(comparison, "best", best=b)
+    store.vote(comparison, "tie")
+    store.vote(comparison, "both_bad")
+    assert [(p["chosen_id"], p["rejected_id"]) for p in store.preference_pairs()] == [(b, a)]
+    assert store.flags(a) == ["both_bad"]
+    store.flag(a, "made_up_facts")
+    assert store.flags(a) == ["both_bad", "made_up_facts"]
+    with pytest.raises(ParleyError, match="flag 'rude' is not one of"):
+        store.flag(a, "rude")
+    with pytest.raises(ParleyError, match="must give a rank to every candidate"):
+        store.rank(comparison, {a: 1})
+
+
+def test_runs_and_metrics(store):
+    run = store.start_run("rm", {"lr": 1e-5}, base_model="tiny", pid=os.getpid())
+    store.log_metrics(run, 1, {"loss": 0.7, "accuracy": 0.5})
+    store.log_metrics(run, 1, {"loss": 0.6})   # a resumed run logs step 1 again
+    store.log_metrics(run, 2, {"loss": 0.5})
+    assert [(m["step"], m["value"]) for m in store.metrics(run, "loss")] == [(1, 0.6), (2, 0.5)]
+    store.end_run(run, "finished", output_model="tiny-rm")
+    assert store.run(run)["status"] == "finished" and store.run(run)["config"] == {"lr": 1e-5}
+
+
+def test_migration_from_a_version_1_database(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, upto=1)
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
+    conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) "
+                 "VALUES ('m1', 'c1', 'user', 'written by version one', 't')")
+    conn.close()
+    with Store(path) as s:
+        assert schema.version(s.conn) == schema.LATEST
+        assert [h["id"] for h in s.search("version")] == ["m1"]
+        s.flag("m1", "unsafe")
+
+
+def test_newer_database_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    with Store(path) as s:
+        s.conn.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
+    with pytest.raises(ParleyError, match="written by a newer Parley"):
+        Store(path)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from engine.store import Store
+    s = Store(sys.argv[1])
+    for i in range(1000):
+        with s.transaction():
+            c = s.create_conversation(f"c{i}")
+            for j in range(100):
+                s.add_message(c, "user", f"message {j}")
+                if j == 50:
+                    print("inside", i, flush=True)
+        print("committed", i, flush=True)
+""")
+
+
+def test_sigkill_mid_transaction_loses_nothing_committed(tmp_path):
+    path = tmp_path / "parley.db"
+    Store(path).close()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    committed = -1
+    for line in writer.stdout:
+        kind, i = line.split()
+        if kind == "committed":
+            committed = int(i)
+        elif int(i) == 3:
+            writer.send_signal(signal.SIGKILL)   # in the middle of transaction 3
+            break
+    writer.wait()
+    assert committed == 2
+    with Store(path) as s:
+        assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        per_conversation = [r["n"] for r in s.db.query(
+            "SELECT COUNT(*) AS n FROM messages GROUP BY conversation_id ORDER BY conversation_id")]
+        assert per_conversation == [100, 100, 100]   # every committed one whole, the cut one gone
+        assert len(s.search("message")) == 50          # the search index agrees (LIMIT 50)
+
+
+TRAINER = textwrap.dedent("""
+    import sys
+    from engine.store import Store
+    s = Store(sys.argv[1])
+    run = s.start_run("ppo", {})
+    print(run, flush=True)
+    for step in range(400):
+        s.log_metrics(run, step, {"reward": step * 0.1, "kl": 0.01})
+    s.end_run(run, "finished")
+""")
+
+
+def test_app_reader_and_trainer_writer_work_at_once(tmp_path):
+    path = tmp_path / "parley.db"
+    with Store(path) as app:
+        c, u, _ = chat(app)
+        trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(path)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        run = trainer.stdout.readline().strip()
+        seen = 0
+        while trainer.poll() is None:
+            seen = max(seen, len(app.metrics(run)))          # the dashboard polls
+            app.add_message(c, "user", f"typing while training {seen}")   # and the user chats
+        assert trainer.returncode == 0, trainer.stderr.read()
+        assert len(app.metrics(run)) == 800 and app.run(run)["status"] == "finished"
+
+
+# -- import and export -------------------------------------------------------------------------------
+def filled(store):
+    c, u, a = chat(store)
+    b = store.add_message(c, "assistant", "Hey 👋 — 你好", u, make_current=False)
+    comparison = store.create_comparison(c, u, [a, b])
+    store.rank(comparison, {a: 2, b: 1})
+    store.add_message(c, "user", "Thanks!")
+    store.create_conversation("empty one")
+    return store
+
+
+@pytest.mark.parametrize("kind, fmt", [("conversations", "jsonl"), ("conversations", "trl"),
+                                       ("prefs", "jsonl"), ("prefs", "trl")])
+def test_export_import_export_is_identity(tmp_path, kind, fmt):
+    with Store(tmp_path / "a.db") as a:
+        filled(a)
+        export(a, kind, fmt, str(tmp_path / "first.jsonl"))
+    with Store(tmp_path / "b.db") as b:
+        import_file(b, kind, str(tmp_path / "first.jsonl"))
+        export(b, kind, fmt, str(tmp_path / "second.jsonl"))
+    first = (tmp_path / "first.jsonl").read_text()
+    assert first and first == (tmp_path / "second.jsonl").read_text()
+
+
+def test_trl_prefs_format(store, tmp_path):
+    filled(store)
+    export(store, "prefs", "trl", str(tmp_path / "p.jsonl"))
+    row = json.loads((tmp_path / "p.jsonl").read_text())
+    assert row == {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there!"}],
+                   "chosen": [{"role": "assistant", "content": "Hey 👋 — 你好"}],
+                   "rejected": [{"role": "assistant", "content": "Hi! How can I help?"}]}
+
+
+def test_rankings_export(store, tmp_path):
+    filled(store)
+    export(store, "rankings", "jsonl", str(tmp_path / "r.jsonl"))
+    row = json.loads((tmp_path / "r.jsonl").read_text())
+    assert [(c["content"], c["rank"]) for c in row["candidates"]] == [("Hi! How can I help?", 2), ("Hey 👋 — 你好", 1)]
+    assert row["candidates"][0]["settings"] == {"temperature": 0.7, "seed": 4}
+
+
+def test_imported_pairs_with_one_prompt_group_together(store, tmp_path):
+    lines = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+             {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "What?"},
+             {"prompt": "Bye", "chosen": [{"role": "assistant", "content": "See you!"}], "rejected": "No."}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert import_file(store, "prefs", str(tmp_path / "p.jsonl")) == {"pairs": 3, "prompts": 2}
+    groups = store.pairs_by_prompt()
+    assert [len(g["pairs"]) for g in groups] == [2, 1]
+
+
+BAD_LINES = {
+    "truncated JSON": (b'{"prompt": "hi", "chosen": "a", "rejec', r"invalid JSON \(.*\): each line must be one JSON"),
+    "wrong role": (b'{"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}',
+                   r"prompt\[0\] has role 'robot': use one of system, user, assistant"),
+    "empty chosen": (b'{"prompt": "hi", "chosen": "  ", "rejected": "b"}', r"chosen is empty"),
+    "chosen not assistant": (b'{"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
+                             r"chosen must be a text or a list of one assistant message"),
+    "same replies": (b'{"prompt": "hi", "chosen": "a", "rejected": "a"}', r"chosen and rejected are the same text"),
+    "missing field": (b'{"prompt": "hi", "chosen": "a"}', r"missing 'rejected'"),
+    "not an object": (b'["hi", "a", "b"]', r"each line must be a JSON object"),
+    "non-UTF-8": (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', r"not valid UTF-8 \(byte 0xe9 at column 16\)"),
+    "empty prompt": (b'{"prompt": [], "chosen": "a", "rejected": "b"}', r"prompt must be a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_bad_prefs_file_is_refused_whole(store, tmp_path, case):
+    bad, message = BAD_LINES[case]
+    good = b'{"prompt": "hi", "chosen": "a", "rejected": "b"}\n'
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(good + good + bad + b"\n" + good)
+    before = store.counts()
+    with pytest.raises(ParleyError, match=rf"^{path}:3: {message}") as e:
+        import_file(store, "prefs", str(path))
+    assert "\n" not in str(e.value) and str(e.value).endswith("nothing was imported")
+    assert store.counts() == before
+
+
+def test_fifty_megabyte_line_is_refused(store, tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
+        f.write(b'{"prompt": "' + b"x" * (50 * 2**20) + b'", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(ParleyError, match=rf"{path}:2: line is longer than 16 MiB"):
+        import_file(store, "prefs", str(path))
+    assert store.counts()["rankings"] == 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"id": "c", "messages": [{"id": "m2", "parent_id": "m1", "role": "user", "content": "x"}]},
+     r"messages\[0\] has parent_id .m1., which is not an earlier message"),
+    ({"id": "c", "messages": [{"id": "m1", "role": "user", "content": 5}]}, r"messages\[0\] needs content as text"),
+    ({"id": "c", "messages": [], "current_leaf": "zz"}, "current_leaf 'zz' is not one of"),
+    ({"messages": [{"role": "narrator", "content": "x"}]}, r"messages\[0\] has role .narrator."),
+])
+def test_bad_conversations_file_is_refused_whole(store, tmp_path, line, message):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "fine"}]}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ParleyError, match=f"c.jsonl:2: {message}"):
+        import_file(store, "conversations", str(path))
+    assert store.counts()["conversations"] == 0
+
+
+def test_cli_export_and_import(tmp_path):
+    env = {**os.environ, "PARLEY_HOME": str(tmp_path / "home")}
+    with Store(tmp_path / "home" / "parley.db") as s:
+        filled(s)
+
+    def parley(*args):
+        return subprocess.run([sys.executable, "-c", "from tui_app.main import main; main()", *args],
+                              capture_output=True, text=True, env=env)
+    out = tmp_path / "prefs.jsonl"
+    assert parley("export", "prefs", str(out), "--format", "trl").returncode == 0
+    assert parley("import", "prefs", str(out)).returncode == 0
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    bad = parley("import", "prefs", str(tmp_path / "bad.jsonl"))
+    assert bad.returncode == 1 and bad.stderr.startswith(f"parley: error: {tmp_path / 'bad.jsonl'}:1: invalid JSON")
