@@ -4,6 +4,7 @@ Bad input ends in one line on stderr and exit status 1, never a traceback.
 """
 import argparse
 import json
+import os
 import sys
 
 from engine.errors import ParleyError
@@ -121,6 +122,43 @@ def cmd_import(args) -> None:
     print("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
 
 
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    from engine.train import tokenizer as tokenizer_training
+    from engine.train.trainer import TrainConfig, train
+    if args.mode == "tokenizer":
+        tokenizer_training.main(args)
+        return
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(mode=args.mode, **{k: v for k, v in vars(args).items() if k in names and v is not None
+                                            and k != "mode"})
+    if args.no_store or "RANK" in os.environ and os.environ["RANK"] != "0":
+        train(config)
+    else:
+        from engine.store import Store
+        with Store() as store:
+            train(config, store)
+
+
+def cmd_eval(args) -> None:
+    import engine
+    from engine import data
+    from engine.registry import resolve_model
+    from engine.train.evaluate import evaluate
+    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    _, heldout = data.load(args.data)
+    if not heldout:
+        raise ParleyError(f"{args.data} has no held-out examples (the split keeps about 1 in 20): use a larger file")
+    result = evaluate(lm, heldout, args.max_examples)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"held-out {result['examples']} examples, {result['tokens']} tokens, {result['words']} words")
+        print(f"loss per token {result['loss_per_token']:.4f}   perplexity per token {result['ppl_per_token']:.2f}"
+              f"   per word {result['ppl_per_word']:.2f}")
+
+
 def build_parser(app=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
@@ -148,6 +186,34 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft"])
+    p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
+    p.add_argument("--model", help="start from this model directory")
+    p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
+    p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")
+    for flag, kind in (("--max-steps", int), ("--seed", int), ("--batch-size", int), ("--grad-accum", int),
+                       ("--seq-len", int), ("--lr", float), ("--warmup-steps", int), ("--eval-every", int),
+                       ("--eval-batches", int), ("--save-every", int), ("--weight-decay", float),
+                       ("--min-lr-ratio", float), ("--grad-clip", float)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--autocast", choices=["auto", "bf16", "none"],
+                   help="bfloat16 mixed precision (auto: on CUDA only)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-store", action="store_true", help="do not record the run in Parley's database")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out loss and perplexity, per token and per word")
+    p.add_argument("--model", help="a model directory or known name (default: the shipped model)")
+    p.add_argument("--data", help="chitchat (default), a .jsonl of conversations or a .txt")
+    p.add_argument("--max-examples", type=int)
+    add_model_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write conversations, preference pairs or rankings as JSON Lines")
     p.add_argument("kind", choices=["conversations", "prefs", "rankings"])

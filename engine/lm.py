@@ -65,15 +65,19 @@ class LM:
 
     def save(self, path: str | Path) -> None:
         """Write config.json, model.safetensors and the tokenizer files, atomically."""
+        with atomic_dir(path) as tmp:
+            self.write(tmp)
+        self.path = Path(path)
+
+    def write(self, directory: Path) -> None:
+        """Write the model's files into an existing directory (see `save` for the atomic version)."""
         fam = family(self.config.get("model_type"))
         state = {k: v for k, v in self.model.state_dict().items() if k not in self.model.tied_keys}
-        with atomic_dir(path) as tmp:
-            checkpoint.write_tensors(tmp, fam.state_to_hf(state))
-            write_json(tmp / "config.json", {**self.config, "torch_dtype": dtype_name(self.dtype)})
-            if self.generation_config:
-                write_json(tmp / "generation_config.json", self.generation_config)
-            self.tokenizer.save(tmp)
-        self.path = Path(path)
+        checkpoint.write_tensors(directory, fam.state_to_hf(state))
+        write_json(directory / "config.json", {**self.config, "torch_dtype": dtype_name(self.dtype)})
+        if self.generation_config:
+            write_json(directory / "generation_config.json", self.generation_config)
+        self.tokenizer.save(directory)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LM:

@@ -52,6 +52,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(path / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
         if self.chat_template is not None:

@@ -1,0 +1,1 @@
+"""Training: tokenizers, pretraining and SFT (trainer.py), evaluation (evaluate.py)."""

@@ -1,0 +1,49 @@
+"""`parley train tokenizer`: a byte-level BPE with ChatML special tokens, trained on a corpus."""
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from engine import data
+from engine.errors import ParleyError
+from engine.files import atomic_dir
+from engine.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+CHATML = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def texts(examples) -> list[str]:
+    """The plain text of training examples: every message's content, or the text line."""
+    out = []
+    for x in examples:
+        if isinstance(x, str):
+            out.append(x)
+        else:
+            out.extend(m["content"] for m in x)
+    return out
+
+
+def train_tokenizer(examples, vocab_size: int) -> Tokenizer:
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ParleyError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+                          f"{256 + len(SPECIAL_TOKENS)}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(examples), trainer)
+    # Every conversation starts with <|endoftext|>: training, chat and evaluation all see the same start.
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "bos_token": "<|endoftext|>", "unk_token": None,
+              "chat_template": CHATML, "model_max_length": 1024, "clean_up_tokenization_spaces": False}
+    return Tokenizer(tok, config)
+
+
+def main(args) -> None:
+    train, _ = data.load(args.data)
+    tokenizer = train_tokenizer(train, args.vocab_size)
+    with atomic_dir(Path(args.out)) as tmp:
+        tokenizer.save(tmp)
+    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {len(train)} examples; wrote {args.out}")

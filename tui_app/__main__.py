@@ -1,0 +1,3 @@
+from tui_app.main import main
+
+main()
