@@ -130,6 +130,10 @@ def cmd_train(args) -> None:
     if args.mode == "tokenizer":
         tokenizer_training.main(args)
         return
+    if args.mode == "ngram":
+        from engine.train import ngram
+        ngram.main(args)
+        return
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(mode=args.mode, **{k: v for k, v in vars(args).items() if k in names and v is not None
                                             and k != "mode"})
@@ -188,10 +192,14 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft"])
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram"])
     p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
+    p.add_argument("--order", type=int, default=3, help="ngram: N")
+    p.add_argument("--smoothing", default="kneser_ney", choices=["mle", "add_k", "katz", "kneser_ney"],
+                   help="ngram: smoothing method")
+    p.add_argument("--k", type=float, default=1.0, help="ngram: add-k's k (1 = Laplace)")
     p.add_argument("--model", help="start from this model directory")
     p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
     p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")

@@ -71,6 +71,11 @@ class LM:
 
     def write(self, directory: Path) -> None:
         """Write the model's files into an existing directory (see `save` for the atomic version)."""
+        if self.config.get("model_type") == "ngram":
+            self.model.ngram.save_weights(directory)
+            write_json(directory / "config.json", self.config)
+            self.tokenizer.save(directory)
+            return
         fam = family(self.config.get("model_type"))
         state = {k: v for k, v in self.model.state_dict().items() if k not in self.model.tied_keys}
         checkpoint.write_tensors(directory, fam.state_to_hf(state))
@@ -85,6 +90,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     path = Path(path).expanduser()
     checkpoint.check_model_dir(path)
     hf_config = checkpoint.read_json(path / "config.json")
+    if hf_config.get("model_type") == "ngram":
+        return _load_ngram(path, hf_config, pick_device(device))
     fam = family(hf_config.get("model_type"))
     try:
         config = fam.Config.from_hf(hf_config)
@@ -108,3 +115,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     model.tie_weights()
     model.to(device)
     return LM(model, tokenizer, hf_config, generation_config, path)
+
+
+def _load_ngram(path: Path, config: dict, device: torch.device) -> LM:
+    from engine.models.ngram import NGramLM, NGramNetwork
+    if not (path / "ngram.safetensors").is_file():
+        raise ParleyError(f"{path} has no ngram.safetensors: an n-gram model directory needs its counts")
+    tokenizer = Tokenizer.from_dir(path)
+    network = NGramNetwork(NGramLM.from_dir(path, config)).to(device)
+    generation_config = checkpoint.read_json(path / "generation_config.json", required=False)
+    return LM(network, tokenizer, config, generation_config, path)

@@ -13,5 +13,5 @@ FAMILIES = {model_type: module for module in (gpt2, llama) for model_type in mod
 def family(model_type: str | None):
     if model_type not in FAMILIES:
         raise ParleyError(f"config.json: model_type {model_type!r} is not supported: "
-                          f"use one of {', '.join(sorted(FAMILIES))}")
+                          f"use one of {', '.join(sorted(FAMILIES))} (or ngram, Parley's own)")
     return FAMILIES[model_type]

@@ -23,8 +23,14 @@ def words(example) -> int:
 def evaluate(lm, examples, max_examples: int | None = None) -> dict:
     total, tokens, n_words = 0.0, 0, 0
     window = lm.max_context
+    ngram = getattr(lm.model, "ngram", None)
     for example in examples[:max_examples]:
         ids, _ = data.encode(lm.tokenizer, example)
+        if ngram is not None:  # every position at once; the first token (BOS) is context, as below
+            total -= float(ngram.sequence_logprob(ids)[1:].sum())
+            tokens += len(ids) - 1
+            n_words += words(example)
+            continue
         for start in range(0, len(ids) - 1, window - 1):
             chunk = torch.tensor(ids[start:start + window], device=lm.device)[None]
             logits = lm.model(chunk).float()
