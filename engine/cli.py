@@ -170,6 +170,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     if app is not None:
         p = sub.add_parser("app", help="open the terminal app (the default with no command)")
         p.add_argument("--model", help="model directory or name to chat with")
+        p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.set_defaults(func=app)
 
     p = sub.add_parser("inspect", help="load a model directory and describe it")

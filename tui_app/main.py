@@ -5,8 +5,8 @@ from engine import cli
 
 
 def run_app(args) -> None:
-    from engine.errors import ParleyError
-    raise ParleyError("the terminal app is not built yet: use `parley inspect DIR` (see README, issue 8)")
+    from tui_app.app import ParleyApp
+    ParleyApp(model=args.model, device=getattr(args, "device", None)).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,166 @@
+"""The terminal app, driven with Textual's Pilot on a tiny model."""
+import asyncio
+import functools
+
+import pytest
+from textual.widgets import Input, Label, Markdown, Static
+
+from engine.store import Store
+from tui_app.app import ParleyApp
+from tui_app.screens import ChatScreen, CompareScreen
+from tui_app.widgets import MessageView, PromptArea, SettingsPanel
+
+
+@pytest.fixture
+def app(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    path, _ = checkpoints("qwen2")
+    return ParleyApp(model=str(path), store=Store(tmp_path / "parley.db"), device="cpu")
+
+
+def sync(test):
+    """Run an async test with asyncio.run (no async pytest plugin needed)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        asyncio.run(test(*args, **kwargs))
+    return run
+
+
+async def until(pilot, condition, timeout=30.0):
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("timed out waiting for the app")
+
+
+async def send(pilot, text):
+    prompt = pilot.app.screen.query_one(PromptArea)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+
+
+def set_setting(screen, name, value):
+    screen.query_one(f"#set-{name}", Input).value = str(value)
+
+
+def replies(store):
+    rows = store.db.query("SELECT id FROM messages WHERE role = 'assistant' ORDER BY created_at, rowid")
+    return [store.message(r["id"]) for r in rows]
+
+
+@sync
+async def test_send_streams_a_reply_and_saves_it(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        screen = app.screen
+        set_setting(screen, "max_new_tokens", 12)
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.pause(0.2)
+        reply = replies(app.store)[0]
+        view = screen.views[reply["id"]]
+        assert view.message["content"] == reply["content"]
+        assert "tok/s" in str(screen.query_one("#status").render())
+        assert reply["settings"]["max_new_tokens"] == 12
+
+
+@sync
+async def test_markup_looking_text_is_shown_literally(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 2)
+        await send(pilot, "[bold]not bold[/] and [red]x[/red]")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        user_view = next(v for v in app.screen.views.values() if v.message["role"] == "user")
+        assert str(user_view.query_one(".content", Static).render()) == "[bold]not bold[/] and [red]x[/red]"
+        # a reply with markup-looking text, as a model might write it
+        conversation = app.store.conversations()[0]["id"]
+        reply = app.store.add_message(conversation, "assistant", "Use [bold] and [/] tags, or [red]this[/red].")
+        await app.screen.open_conversation(conversation)
+        await pilot.pause(0.2)
+        markdown = app.screen.views[reply].query_one(Markdown)
+        text = " ".join(str(block.render()) for block in markdown.query("MarkdownBlock"))
+        assert "[bold] and [/] tags, or [red]this[/red]." in text
+
+
+@sync
+async def test_escape_stops_and_the_partial_reply_is_kept(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 2000)
+        set_setting(app.screen, "top_k", 0)
+        await send(pilot, "Tell me a long story")
+        await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
+        await pilot.press("escape")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        assert replies(app.store)[0]["finish_reason"] == "cancelled"
+
+
+@sync
+async def test_regenerate_and_branch_navigation(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 4)
+        await send(pilot, "Hello")
+        await until(pilot, lambda: len(replies(app.store)) == 1 and replies(app.store)[0]["status"] == "complete")
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: len(replies(app.store)) == 2 and replies(app.store)[1]["status"] == "complete")
+        first, second = replies(app.store)
+        assert first["parent_id"] == second["parent_id"]
+        conversation = app.store.conversations()[0]["id"]
+        assert app.store.conversation(conversation)["current_leaf"] == second["id"]
+        await pilot.pause(0.2)
+        await pilot.press("alt+left")
+        await until(pilot, lambda: app.store.conversation(conversation)["current_leaf"] == first["id"])
+        assert "‹ 1/2 ›" in str(app.screen.views[first["id"]].query_one(Label).render())
+        await pilot.press("alt+right")
+        await until(pilot, lambda: app.store.conversation(conversation)["current_leaf"] == second["id"])
+
+
+@sync
+async def test_settings_change_mid_stream_applies_to_the_rest(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 400)
+        await send(pilot, "Go on")
+        await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
+        set_setting(app.screen, "temperature", 0.25)
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete", 60)
+        assert replies(app.store)[0]["settings"]["temperature"] == 0.25
+
+
+@sync
+async def test_compare_and_rank_writes_pairs(app):
+    async with app.run_test(size=(200, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 5)
+        await send(pilot, "Hi")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen))
+        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+        await pilot.press("ctrl+up")   # three panes
+        await until(pilot, lambda: app.screen.n == 3 and app.screen.comparison_id and app.screen.replies is None)
+        await until(pilot, lambda: len(app.store.comparison(app.screen.comparison_id)["candidates"]) == 3
+                    and all(m["status"] == "complete" for m in app.store.comparison(app.screen.comparison_id)["candidates"]))
+        ids = app.screen.message_ids
+        rank = app.screen.query_one("#rank", Input)
+        rank.value = "2 1=3"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        pairs = {(p["chosen_id"], p["rejected_id"]) for p in app.store.preference_pairs()}
+        assert pairs == {(ids[1], ids[0]), (ids[1], ids[2])}
+        conversation = app.store.conversations()[0]["id"]
+        assert app.store.conversation(conversation)["current_leaf"] == ids[1]   # the best continues
+
+
+@sync
+async def test_message_sent_before_the_model_loads_waits(app):
+    app.model_ready.clear()
+    original = app.load_model
+    app.load_model = lambda: None   # hold the model back
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 3)
+        await send(pilot, "Are you there?")
+        await pilot.pause(0.3)
+        assert "waiting for the model" in str(app.screen.query_one("#status").render())
+        assert replies(app.store) == []
+        original()
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")

@@ -1,0 +1,81 @@
+"""Parley's terminal app: chat, live decoding controls, compare and rank.
+
+The UI is up before the model: loading runs in a worker thread, and a message sent meanwhile
+waits for it. Key bindings can be remapped in config.toml in the user config directory:
+
+    [keys]
+    regenerate = "ctrl+g"
+"""
+import threading
+import tomllib
+
+from textual.app import App
+
+from engine.errors import ParleyError
+from engine.paths import config_dir
+from engine.sampling import Settings
+from engine.store import Store
+from tui_app.screens import ChatScreen
+
+PRESETS = {
+    "balanced": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+    "precise": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
+    "creative": dict(temperature=1.2, top_k=0, top_p=0.98, min_p=0.02),
+    "beam": dict(temperature=0.0, num_beams=4, length_penalty=1.0),
+}
+
+
+def load_config() -> dict:
+    path = config_dir() / "config.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ParleyError(f"{path} is not valid TOML ({e}): fix or delete it") from None
+
+
+class ParleyApp(App):
+    TITLE = "Parley"
+
+    def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None):
+        super().__init__()
+        self.config = load_config()
+        self.store = store or Store()
+        self.model_name = model or self.store.preference("last_model") or "default"
+        self.device = device
+        self.lm = None
+        self.model_ready = threading.Event()
+        self.settings = Settings()
+        self.presets = {**PRESETS, **{name: dict(values) for name, values in self.store.preference("presets", {}).items()}}
+        self.system_prompt = self.config.get("system_prompt", "")
+        self.last_tokens: dict[str, list] = {}
+        for action, key in self.config.get("keys", {}).items():
+            ChatScreen.BINDINGS = [b for b in ChatScreen.BINDINGS if b.action != action]
+            ChatScreen.BINDINGS.append((key, action, action.replace("_", " ").title()))
+
+    def on_mount(self) -> None:
+        self.push_screen(ChatScreen())
+        self.load_model()
+
+    def load_model(self) -> None:
+        from engine.chat import open_model
+
+        def work():
+            try:
+                self.lm, info = open_model(self.model_name, self.device)
+                self.call_from_thread(self.model_loaded, info)
+            except ParleyError as e:
+                self.call_from_thread(self.model_failed, str(e))
+            finally:
+                self.model_ready.set()
+        self.run_worker(work, thread=True, group="model")
+
+    def model_loaded(self, info) -> None:
+        self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"
+        self.store.set_preference("last_model", self.model_name)
+        self.screen.query_one("#status").update(f"ready: {info.name} ({info.max_context} tokens of context)")
+
+    def model_failed(self, message: str) -> None:
+        self.notify(message, title="model not loaded", severity="error", timeout=30)
+        self.screen.query_one("#status").update(f"no model: {message}")

@@ -1,0 +1,170 @@
+"""Widgets of the chat and compare screens. Text from users and models is never read as markup:
+Static widgets get markup=False, and replies render as Markdown (which has no Rich markup)."""
+from dataclasses import fields
+
+from textual import events
+from textual.containers import VerticalScroll
+from textual.message import Message
+from textual.widgets import Input, Label, Markdown, Select, Static, TextArea
+
+from engine.errors import ParleyError
+from engine.sampling import Settings
+
+
+class MessageView(Static):
+    """One message: a role line, then the content (Markdown for replies, plain text otherwise)."""
+
+    DEFAULT_CSS = """
+    MessageView { height: auto; margin: 0 0 1 0; padding: 0 1; }
+    MessageView.user { background: $boost; }
+    MessageView .role { color: $text-muted; }
+    """
+
+    def __init__(self, message: dict, branch: tuple[int, int] = (1, 1)):
+        super().__init__(classes=message["role"])
+        self.message = message
+        self.branch = branch
+        self.markdown_stream = None
+
+    def compose(self):
+        yield Label(self.role_line(), classes="role", markup=False)
+        if self.message["role"] == "assistant":
+            yield Markdown(self.message["content"], classes="content")
+        else:
+            yield Static(self.message["content"], markup=False, classes="content")
+
+    def role_line(self) -> str:
+        m, (index, total) = self.message, self.branch
+        parts = [m["role"]]
+        if total > 1:
+            parts.append(f"‹ {index}/{total} ›")
+        if m.get("model"):
+            parts.append(m["model"])
+        if m.get("finish_reason") and m["finish_reason"] != "eos":
+            parts.append(f"[{m['finish_reason']}]")
+        if m.get("status") == "partial":
+            parts.append("(partial)")
+        return "  ".join(parts)
+
+    async def append(self, text: str) -> None:
+        """Stream more text into a reply: the Markdown is re-rendered incrementally."""
+        self.message["content"] += text
+        if self.markdown_stream is None:
+            self.markdown_stream = Markdown.get_stream(self.query_one(Markdown))
+        await self.markdown_stream.write(text)
+
+    async def finish(self, message: dict) -> None:
+        if self.markdown_stream is not None:
+            await self.markdown_stream.stop()
+            self.markdown_stream = None
+        self.message = message
+        self.query_one(".role", Label).update(self.role_line())
+        await self.query_one(Markdown).update(message["content"])
+
+
+class PromptArea(TextArea):
+    """Multi-line prompt: Enter sends, Shift+Enter or Ctrl+J starts a new line."""
+
+    class Submitted(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            if self.text.strip():
+                self.post_message(self.Submitted(self.text))
+            return
+        if event.key in ("shift+enter", "ctrl+j"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        await super()._on_key(event)
+
+
+NUMBER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty", "no_repeat_ngram_size", "num_beams", "max_new_tokens", "seed")
+
+
+class SettingsPanel(VerticalScroll):
+    """Live decoding controls. Every change posts `Changed` with validated settings."""
+
+    DEFAULT_CSS = """
+    SettingsPanel { width: 34; border-left: solid $primary; padding: 0 1; }
+    SettingsPanel Input { height: 3; }
+    SettingsPanel .error { color: $error; }
+    """
+
+    class Changed(Message):
+        def __init__(self, settings: Settings):
+            super().__init__()
+            self.settings = settings
+
+    def __init__(self, settings: Settings, presets: dict[str, dict], **kwargs):
+        super().__init__(**kwargs)
+        self.settings, self.presets = settings, presets
+
+    def compose(self):
+        yield Label("Decoding  (F2 hides)")
+        options = [(name, name) for name in self.presets]
+        yield Select(options, prompt="preset", id="preset", allow_blank=True)
+        yield Select([("sample", "sample"), ("greedy", "greedy"), ("beam", "beam")], value=self.settings.strategy,
+                     id="strategy", allow_blank=False)
+        for name in NUMBER_FIELDS:
+            value = getattr(self.settings, name)
+            yield Label(name.replace("_", " "))
+            yield Input("" if value is None else str(value), id=f"set-{name}")
+        yield Label("", id="settings-error", classes="error", markup=False)
+
+    def show(self, settings: Settings) -> None:
+        self.settings = settings
+        for name in NUMBER_FIELDS:
+            value = getattr(settings, name)
+            self.query_one(f"#set-{name}", Input).value = "" if value is None else str(value)
+
+    def read(self) -> Settings:
+        values = {}
+        for name in NUMBER_FIELDS:
+            text = self.query_one(f"#set-{name}", Input).value.strip()
+            kind = next(f.type for f in fields(Settings) if f.name == name)
+            if not text:
+                values[name] = None if name == "seed" else getattr(Settings(), name)
+                continue
+            try:
+                values[name] = float(text) if kind in (float, "float") else int(text)
+            except ValueError:
+                raise ParleyError(f"{name.replace('_', ' ')} must be a number, not {text!r}") from None
+        strategy = self.query_one("#strategy", Select).value
+        if strategy == "greedy":
+            values["temperature"] = 0.0
+        if strategy != "beam":
+            values["num_beams"] = 1
+        elif values["num_beams"] < 2:
+            values["num_beams"] = 4
+        return Settings(**values).validate()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.emit()
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "preset" and event.value in self.presets:
+            self.show(Settings(**self.presets[event.value]))
+        self.emit()
+
+    def emit(self) -> None:
+        error = self.query_one("#settings-error", Label)
+        try:
+            settings = self.read()
+        except ParleyError as e:
+            error.update(str(e))
+            return
+        error.update("")
+        self.settings = settings
+        self.post_message(self.Changed(settings))
+
+
+class StatusLine(Static):
+    DEFAULT_CSS = "StatusLine { height: 1; background: $panel; color: $text-muted; padding: 0 1; }"
