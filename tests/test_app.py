@@ -15,7 +15,7 @@ from tui_app.widgets import MessageView, PromptArea, SettingsPanel
 def app(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
     path, _ = checkpoints("qwen2")
-    return ParleyApp(model=str(path), store=Store(tmp_path / "parley.db"), device="cpu")
+    return ParleyApp(model=str(path), store=Store(), device="cpu")   # the database under PARLEY_HOME
 
 
 def sync(test):
@@ -164,3 +164,77 @@ async def test_message_sent_before_the_model_loads_waits(app):
         assert replies(app.store) == []
         original()
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+
+
+@sync
+async def test_token_inspector_shows_the_engines_values(app):
+    from tui_app.screens import InspectorScreen
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 6)
+        set_setting(app.screen, "top_k", 3)
+        await send(pilot, "Hello")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.pause(0.2)
+        reply = replies(app.store)[0]
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, InspectorScreen))
+        await pilot.press("down")
+        await pilot.pause(0.1)
+        shown = str(app.screen.query_one("#alternatives").render())
+        # the engine's own numbers for this reply's second token
+        import engine
+        from engine.generate import Generation, Token
+        from engine.sampling import Settings
+        lm = engine.load(app.model_name, device="cpu")
+        prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
+        events = [e for e in Generation(lm, prompt, [Settings.from_dict(reply["settings"])]) if isinstance(e, Token)]
+        second = events[1]
+        assert f"token 1: {second.text!r}" in shown
+        for before, after in zip(second.top_before, second.top_after):
+            assert f"{before.prob:>10.4f}" in shown and f"{after.prob:>10.4f}" in shown
+        assert [a.prob for a in second.top_after[3:]] == [0.0, 0.0]   # top-k 3 filtered the rest
+
+
+@sync
+async def test_models_screen_adds_a_valid_directory_and_refuses_a_bad_one(app, checkpoints, tmp_path):
+    from tui_app.screens import ModelsScreen
+    good, _ = checkpoints("gpt2")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "bert"}')
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        box = app.screen.query_one("#add-model", Input)
+        box.value = f"broken {tmp_path / 'broken'}"
+        box.focus()
+        await pilot.press("enter")
+        await pilot.pause(1.0)
+        assert app.store.model("broken") is None
+        box.value = f"tiny-gpt2 {good}"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.store.model("tiny-gpt2") is not None)
+        await until(pilot, lambda: len(app.screen.query("#model-list ListItem")) >= 1)
+        models = app.screen.query_one("#model-list")
+        models.focus()
+        models.index = [item.name for item in models.query("ListItem")].index("tiny-gpt2")
+        await pilot.pause(0.1)
+        await pilot.press("enter")
+        await until(pilot, lambda: app.model_name == "tiny-gpt2" and app.model_ready.is_set() and app.lm is not None)
+        assert app.store.preference("last_model") == "tiny-gpt2"
+
+
+@sync
+async def test_key_bindings_can_be_remapped_in_config(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_text('[keys]\nregenerate = "ctrl+g"\n')
+    path, _ = checkpoints("qwen2")
+    app = ParleyApp(model=str(path), device="cpu")
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 3)
+        await send(pilot, "Hello")
+        await until(pilot, lambda: len(replies(app.store)) == 1 and replies(app.store)[0]["status"] == "complete")
+        await pilot.press("ctrl+r")   # no longer bound
+        await pilot.pause(0.5)
+        assert len(replies(app.store)) == 1
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: len(replies(app.store)) == 2)

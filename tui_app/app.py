@@ -50,9 +50,7 @@ class ParleyApp(App):
         self.presets = {**PRESETS, **{name: dict(values) for name, values in self.store.preference("presets", {}).items()}}
         self.system_prompt = self.config.get("system_prompt", "")
         self.last_tokens: dict[str, list] = {}
-        for action, key in self.config.get("keys", {}).items():
-            ChatScreen.BINDINGS = [b for b in ChatScreen.BINDINGS if b.action != action]
-            ChatScreen.BINDINGS.append((key, action, action.replace("_", " ").title()))
+        self.keys = self.config.get("keys", {})   # action -> key, applied by each screen
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
@@ -71,11 +69,20 @@ class ParleyApp(App):
                 self.model_ready.set()
         self.run_worker(work, thread=True, group="model")
 
+    def switch_model(self, name: str) -> None:
+        """Load another model; messages sent meanwhile wait for it."""
+        self.model_ready.clear()
+        self.lm, self.model_name = None, name
+        self.screen.query_one("#status").update(f"loading {name}…") if self.screen.query("#status") else None
+        self.load_model()
+
     def model_loaded(self, info) -> None:
         self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"
         self.store.set_preference("last_model", self.model_name)
-        self.screen.query_one("#status").update(f"ready: {info.name} ({info.max_context} tokens of context)")
+        for status in self.query("#status"):
+            status.update(f"ready: {info.name} ({info.max_context} tokens of context)")
 
     def model_failed(self, message: str) -> None:
         self.notify(message, title="model not loaded", severity="error", timeout=30)
-        self.screen.query_one("#status").update(f"no model: {message}")
+        for status in self.query("#status"):
+            status.update(f"no model: {message}")

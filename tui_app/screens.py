@@ -1,11 +1,12 @@
 """The chat and compare screens. Generation runs in worker threads and reaches the widgets through
 `call_from_thread`; the UI thread never waits on the model."""
 import dataclasses
+import math
 
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Select, Static
 
 from engine.chat import Replies
@@ -24,6 +25,19 @@ GUIDANCE = ("Rank by what helps the user most: helpful (does what was asked), tr
 FLAGS = [("fails the instruction", "fails_instruction"), ("made-up facts", "made_up_facts"), ("unsafe", "unsafe")]
 
 
+def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
+    """Move actions to the keys the user chose in config.toml ([keys] action = "key")."""
+    known = {b.action: b for b in screen.BINDINGS}
+    for action, key in keys.items():
+        if action not in known:
+            screen.app.notify(f"config.toml: unknown action {action!r} in [keys]", severity="warning")
+            continue
+        old = known[action]
+        for k in old.key.split(","):
+            screen._bindings.key_to_bindings.pop(k, None)
+        screen._bindings.bind(key, action, old.description)
+
+
 class ChatScreen(Screen):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
@@ -39,6 +53,8 @@ class ChatScreen(Screen):
         Binding("f4", "copy_reply", "Copy"),
         Binding("f5", "archive", "Archive"),
         Binding("f8", "delete", "Delete"),
+        Binding("f9", "inspect", "Inspect"),
+        Binding("ctrl+l", "models", "Models"),
     ]
     DEFAULT_CSS = """
     #sidebar { width: 30; border-right: solid $primary; }
@@ -73,6 +89,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
+        remap_keys(self, self.app.keys)
         await self.refresh_conversations()
         self.query_one(PromptArea).focus()
 
@@ -290,6 +307,17 @@ class ChatScreen(Screen):
         panel = self.query_one(SettingsPanel)
         panel.display = not panel.display
 
+    def action_models(self) -> None:
+        self.app.push_screen(ModelsScreen())
+
+    def action_inspect(self) -> None:
+        reply = self.focused_message() or self.last("assistant")
+        tokens = self.app.last_tokens.get(reply["id"]) if reply else None
+        if not tokens:
+            self.app.notify("the inspector shows replies generated in this session", severity="warning")
+            return
+        self.app.push_screen(InspectorScreen(tokens, reply.get("settings")))
+
     def action_compare(self) -> None:
         user = self.last("user")
         if user is None:
@@ -443,3 +471,112 @@ class CompareScreen(Screen):
         ranks = {ids[int(p) - 1]: rank for rank, g in enumerate(groups, 1) for p in g}
         store.rank(self.comparison_id, ranks)
         return ids[int(groups[0][0]) - 1]
+
+
+class InspectorScreen(ModalScreen):
+    """Each token of a reply; for the selected one, the model's top alternatives before and after
+    the reply's own temperature / top-k / top-p / ... filtering: what the settings actually did."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    DEFAULT_CSS = """
+    InspectorScreen { align: center middle; }
+    #inspector { width: 90%; height: 80%; border: solid $primary; background: $surface; }
+    #tokens { width: 40; }
+    #alternatives { width: 1fr; padding: 0 1; }
+    """
+
+    def __init__(self, tokens: list, settings: dict | None):
+        super().__init__()
+        self.tokens, self.settings = tokens, settings or {}
+
+    def compose(self):
+        with Horizontal(id="inspector"):
+            yield ListView(*[ListItem(Label(f"{t.step:>4}  {t.text or repr(t.text)!s:<16} p={math.exp(t.logprob):.3f}",
+                                            markup=False)) for t in self.tokens], id="tokens")
+            yield Static("", id="alternatives", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#tokens", ListView).focus()
+        if self.tokens:
+            self.show(0)
+
+    @on(ListView.Highlighted, "#tokens")
+    def highlighted(self, event: ListView.Highlighted) -> None:
+        if event.list_view.index is not None:
+            self.show(event.list_view.index)
+
+    def show(self, index: int) -> None:
+        self.query_one("#alternatives", Static).update(inspector_text(self.tokens[index], self.settings))
+
+
+def inspector_text(token, settings: dict) -> str:
+    knobs = ", ".join(f"{k} {settings[k]}" for k in ("temperature", "top_k", "top_p", "min_p", "typical_p",
+                                                     "repetition_penalty") if k in settings)
+    lines = [f"token {token.step}: {token.text!r} (id {token.token_id})",
+             f"log p under the model {token.logprob:.4f}; under the filtered distribution "
+             f"{token.sampled_logprob:.4f}", f"settings: {knobs}", "",
+             f"{'model (before)':<34}{'after the settings':<34}"]
+    for before, after in zip(token.top_before, token.top_after):
+        lines.append(f"{before.text!r:<20}{before.prob:>10.4f}    {after.text!r:<20}{after.prob:>10.4f}")
+    return "\n".join(lines)
+
+
+class ModelsScreen(ModalScreen):
+    """The models Parley knows: pick one (it becomes the default), or add a directory."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    DEFAULT_CSS = """
+    ModelsScreen { align: center middle; }
+    #models-box { width: 80%; height: 70%; border: solid $primary; background: $surface; padding: 0 1; }
+    """
+
+    def compose(self):
+        with Vertical(id="models-box"):
+            yield Label("Models: Enter picks one (it becomes the default)")
+            yield ListView(id="model-list")
+            yield Input(placeholder="add: NAME /path/to/model-directory", id="add-model")
+
+    async def on_mount(self) -> None:
+        await self.refresh_models()
+        self.query_one("#model-list").focus()
+
+    async def refresh_models(self) -> None:
+        from engine.registry import known_models
+        view = self.query_one("#model-list", ListView)
+        await view.clear()
+        for name, path in known_models().items():
+            mark = "● " if name == self.app.model_name else "  "
+            await view.append(ListItem(Label(f"{mark}{name}  {path}", markup=False), name=name))
+
+    @on(ListView.Selected, "#model-list")
+    def pick(self, event: ListView.Selected) -> None:
+        self.app.switch_model(event.item.name)
+        self.dismiss(event.item.name)
+
+    @on(Input.Submitted, "#add-model")
+    def add(self, event: Input.Submitted) -> None:
+        parts = event.value.strip().split(maxsplit=1)
+        if len(parts) != 2:
+            self.app.notify("type a name, a space, then the model directory", severity="error")
+            return
+        self.validate_and_add(*parts)
+
+    @work(thread=True, group="models")
+    def validate_and_add(self, name: str, path: str) -> None:
+        from engine.chat import open_model
+        try:
+            open_model(path, device="cpu")   # the engine's own checks: files, type, tensors
+        except ParleyError as e:
+            self.app.call_from_thread(self.app.notify, str(e), title="not added", severity="error", timeout=20)
+            return
+        self.app.call_from_thread(self.added, name, path)
+
+    async def added(self, name: str, path: str) -> None:
+        try:
+            self.app.store.add_model(name, path)
+        except ParleyError as e:
+            self.app.notify(str(e), severity="error")
+            return
+        self.query_one("#add-model", Input).value = ""
+        self.app.notify(f"added {name}")
+        await self.refresh_models()
