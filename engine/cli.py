@@ -5,6 +5,7 @@ Bad input ends in one line on stderr and exit status 1, never a traceback.
 import argparse
 import json
 import os
+import signal
 import sys
 
 from engine.errors import ParleyError
@@ -122,6 +123,10 @@ def cmd_import(args) -> None:
     print("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_train(args) -> None:
     from dataclasses import fields
 
@@ -134,6 +139,9 @@ def cmd_train(args) -> None:
         from engine.train import ngram
         ngram.main(args)
         return
+    # The app cancels a run with SIGTERM (SIGINT may be ignored in a process it starts): both end
+    # the run as "cancelled", after the last complete step.
+    signal.signal(signal.SIGTERM, _interrupt)
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(mode=args.mode, **{k: v for k, v in vars(args).items() if k in names and v is not None
                                             and k != "mode"})

@@ -238,3 +238,37 @@ async def test_key_bindings_can_be_remapped_in_config(checkpoints, tmp_path, mon
         assert len(replies(app.store)) == 1
         await pilot.press("ctrl+g")
         await until(pilot, lambda: len(replies(app.store)) == 2)
+
+
+@sync
+async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_path):
+    from engine.train.tokenizer import train_tokenizer
+    from tui_app.screens import TrainingScreen
+    import json
+    conversations = [{"messages": [{"role": "user", "content": f"hello {i}"},
+                                   {"role": "assistant", "content": "hi there, friend!"}]} for i in range(80)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    train_tokenizer([c["messages"] for c in conversations], 300).save(tmp_path / "tok")
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        box = app.screen.query_one("#start-run", Input)
+        command = (f"train pretrain --preset tiny --tokenizer {tmp_path / 'tok'} --data {tmp_path / 'chat.jsonl'} "
+                     f"--out {tmp_path / 'trained'} --max-steps 8 --batch-size 4 --seq-len 16 --eval-every 4 "
+                     f"--save-every 4 --device cpu")
+        box.value = command
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.store.runs() and app.store.runs()[0]["status"] == "finished", 90)
+        await pilot.pause(1.5)
+        assert "step 8/8" in str(app.screen.query_one("#runs ListItem Label").render())
+        assert len(app.screen.query("Sparkline")) >= 2          # loss and eval_loss curves
+        assert app.store.model("trained") is not None            # ready in the model picker
+
+        box.value = command.replace("--max-steps 8", "--max-steps 100000").replace("trained", "long")
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.store.runs()[0]["status"] == "running" and app.store.metrics(app.store.runs()[0]["id"]), 60)
+        await pilot.pause(1.5)   # the dashboard refreshes and selects the newest run
+        await pilot.press("f8")
+        await until(pilot, lambda: app.store.runs()[0]["status"] == "cancelled", 60)
