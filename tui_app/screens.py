@@ -25,6 +25,28 @@ GUIDANCE = ("Rank by what helps the user most: helpful (does what was asked), tr
 FLAGS = [("fails the instruction", "fails_instruction"), ("made-up facts", "made_up_facts"), ("unsafe", "unsafe")]
 
 
+def stream_replies(screen, conversation_id, parent_id, settings, started, on_event) -> None:
+    """In a worker thread: wait for the model, generate, and hand every event to the UI thread.
+    `screen.replies` is the running generation (for stop and live settings), None when done."""
+    app = screen.app
+    app.model_ready.wait()   # a message sent while the model loads waits for it
+    if app.lm is None:
+        return
+    with Store(app.store.path) as store:   # SQLite connections are per thread
+        try:
+            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name)
+        except ParleyError as e:
+            app.call_from_thread(app.notify, str(e), severity="error")
+            return
+        screen.replies = replies
+        try:
+            app.call_from_thread(started, replies, [store.message(m) for m in replies.message_ids])
+            for event in replies:
+                app.call_from_thread(on_event, event)
+        finally:
+            screen.replies = None
+
+
 def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
     """Move actions to the keys the user chose in config.toml ([keys] action = "key")."""
     known = {b.action: b for b in screen.BINDINGS}
@@ -168,32 +190,16 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, conversation_id: str, parent_id: str, settings: list[Settings]) -> None:
-        self.app.model_ready.wait()   # a message sent while the model loads waits for it
-        if self.app.lm is None:
-            return
-        with Store(self.app.store.path) as store:
-            try:
-                replies = Replies(self.app.lm, store, conversation_id, parent_id, settings, self.app.model_name)
-            except ParleyError as e:
-                self.app.call_from_thread(self.app.notify, str(e), severity="error")
-                return
-            self.replies = replies
-            self.app.call_from_thread(self.replies_started, replies)
-            first_token_s = None
-            for event in replies:
-                if event.token and first_token_s is None:
-                    first_token_s = event.token and replies.generation.prefill_s
-                self.app.call_from_thread(self.reply_event, event, first_token_s)
-        self.replies = None
+        stream_replies(self, conversation_id, parent_id, settings, self.replies_started, self.reply_event)
 
-    async def replies_started(self, replies: Replies) -> None:
-        for mid in replies.message_ids:
-            await self.show_message(self.store.message(mid))
+    async def replies_started(self, replies: Replies, messages: list[dict]) -> None:
+        for m in messages:
+            await self.show_message(m)
         if replies.dropped_turns:
             self.query_one("#notice", Label).update(
                 f"the {replies.dropped_turns} oldest turns no longer fit the model's context and were left out")
 
-    async def reply_event(self, event, first_token_s) -> None:
+    async def reply_event(self, event) -> None:
         view = self.views.get(event.message_id)
         if view is None:
             return
@@ -205,7 +211,7 @@ class ChatScreen(Screen):
             await view.finish(self.store.message(event.message_id))
             t = event.finished.timings
             self.query_one("#status", StatusLine).update(
-                f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {first_token_s or 0:.2f} s  "
+                f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {t['prefill_s']:.2f} s  "
                 f"({event.finished.finish_reason})")
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
 
@@ -391,22 +397,10 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare")
     def run_panes(self, settings: list[Settings]) -> None:
-        self.app.model_ready.wait()
-        if self.app.lm is None:
-            return
-        with Store(self.app.store.path) as store:
-            try:
-                replies = Replies(self.app.lm, store, self.conversation_id, self.parent_id, settings, self.app.model_name)
-            except ParleyError as e:
-                self.app.call_from_thread(self.app.notify, str(e), severity="error")
-                return
-            self.replies, self.message_ids, self.comparison_id = replies, replies.message_ids, replies.comparison_id
-            self.app.call_from_thread(self.mount_views, [store.message(m) for m in replies.message_ids])
-            for event in replies:
-                self.app.call_from_thread(self.pane_event, event)
-        self.replies = None
+        stream_replies(self, self.conversation_id, self.parent_id, settings, self.mount_views, self.pane_event)
 
-    async def mount_views(self, messages: list[dict]) -> None:
+    async def mount_views(self, replies: Replies, messages: list[dict]) -> None:
+        self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
         for i, m in enumerate(messages):
             await self.query_one(f"#body-{i}", VerticalScroll).mount(MessageView(m))
 
