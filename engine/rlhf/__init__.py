@@ -1,0 +1,1 @@
+"""RLHF: losses (losses.py); reward-model, PPO and DPO training build on them."""
