@@ -130,6 +130,7 @@ def _interrupt(signum, frame):
 def cmd_train(args) -> None:
     from dataclasses import fields
 
+    from engine.registry import resolve_model
     from engine.train import tokenizer as tokenizer_training
     from engine.train.trainer import TrainConfig, train
     if args.mode == "tokenizer":
@@ -138,6 +139,17 @@ def cmd_train(args) -> None:
     if args.mode == "ngram":
         from engine.train import ngram
         ngram.main(args)
+        return
+    if args.mode == "rm":
+        from engine.rlhf.reward_model import train_reward_model
+        from engine.store import Store
+        if not args.base or not args.prefs:
+            raise ParleyError("parley train rm needs --base MODEL and --prefs store|FILE.jsonl")
+        signal.signal(signal.SIGTERM, _interrupt)
+        extra = {k: getattr(args, k) for k in ("max_steps", "seed", "lr") if getattr(args, k) is not None}
+        with Store() as store:
+            train_reward_model(str(resolve_model(args.base)), args.prefs, args.out, device=args.device,
+                               store=None if args.no_store else store, **extra)
         return
     # The app cancels a run with SIGTERM (SIGINT may be ignored in a process it starts): both end
     # the run as "cancelled", after the last complete step.
@@ -151,6 +163,12 @@ def cmd_train(args) -> None:
         from engine.store import Store
         with Store() as store:
             train(config, store)
+
+
+def cmd_score(args) -> None:
+    from engine.rlhf.reward_model import score_file
+    for row in score_file(args.reward_model, args.file, args.device):
+        print(json.dumps(row) if len(row) > 1 else f"{row['response']:.6f}")
 
 
 def cmd_eval(args) -> None:
@@ -201,7 +219,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram"])
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm"])
     p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
@@ -210,6 +228,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
                    help="ngram: smoothing method")
     p.add_argument("--k", type=float, default=1.0, help="ngram: add-k's k (1 = Laplace)")
     p.add_argument("--model", help="start from this model directory")
+    p.add_argument("--base", help="rm: the backbone model (a directory or known name)")
+    p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
     p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
     p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")
     for flag, kind in (("--max-steps", int), ("--seed", int), ("--batch-size", int), ("--grad-accum", int),
@@ -231,6 +251,12 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score replies with a reward model, one line per input line")
+    p.add_argument("--reward-model", required=True)
+    p.add_argument("file", help='JSONL of {"prompt", "response"} (or {"prompt", "chosen", "rejected"}) rows')
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("export", help="write conversations, preference pairs or rankings as JSON Lines")
     p.add_argument("kind", choices=["conversations", "prefs", "rankings"])

@@ -125,6 +125,12 @@ class GPT2(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only) for token ids [batch, seq]."""
+        x = self.hidden_states(idx, cache, pad_mask)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states [batch, seq, hidden] (what lm_head and reward heads read)."""
         if cache is None:
             positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device)
         else:
@@ -132,10 +138,7 @@ class GPT2(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         for block in self.transformer.h:
             x = block(x, mask, cache)
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        return self.transformer.ln_f(x)
 
 
 def state_from_hf(tensors: dict) -> dict:

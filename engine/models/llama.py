@@ -184,6 +184,12 @@ class Llama(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or [batch, 1, vocab] with last_only) for token ids [batch, seq]."""
+        x = self.hidden_states(idx, cache, pad_mask)
+        return self.lm_head(x[:, -1:] if last_only else x)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states [batch, seq, hidden] (what lm_head and reward heads read)."""
         if cache is None:
             positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device, self.config.sliding_window)
         else:
@@ -192,10 +198,7 @@ class Llama(nn.Module):
         cos, sin = rope.cos_sin(self.inv_freq, positions, x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        return self.model.norm(x)
 
 
 def state_from_hf(tensors: dict) -> dict:

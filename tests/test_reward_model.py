@@ -1,0 +1,93 @@
+"""The reward model learns a hidden preference rule from pairs, saves, loads and scores."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import ParleyError
+from engine.rlhf.reward_model import load_reward_model, preference_groups, train_reward_model
+from engine.store import Store
+from engine.train.tokenizer import train_tokenizer
+from engine.train.trainer import TrainConfig, train
+
+DRINKS = ["tea", "coffee", "juice", "water", "milk", "soda"]
+
+
+def rows(n, seed=0):
+    """Preferences by a hidden rule: the reply that mentions tea is preferred."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        other = rng.choice(DRINKS[1:])
+        tea = rng.choice(["I would have some tea.", "Tea is nice today.", "Maybe a cup of tea?"])
+        plain = rng.choice([f"I would have some {other}.", f"{other.title()} is nice today.",
+                            f"Maybe a cup of {other}?"])
+        out.append({"prompt": [{"role": "user", "content": f"What should I drink, friend number {i}?"}],
+                    "chosen": [{"role": "assistant", "content": tea}],
+                    "rejected": [{"role": "assistant", "content": plain}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    lines = rows(400)
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    chats = [{"messages": r["prompt"] + r["chosen"]} for r in lines] + [{"messages": r["prompt"] + r["rejected"]}
+                                                                        for r in lines]
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    train_tokenizer([c["messages"] for c in chats], 400).save(root / "tok")
+    train(TrainConfig(mode="sft", out=str(root / "sft"), data=str(root / "chat.jsonl"), preset="tiny",
+                      tokenizer=str(root / "tok"), seq_len=48, batch_size=16, lr=3e-3, warmup_steps=5,
+                      max_steps=40, eval_every=40, save_every=40, device="cpu"))
+    return root
+
+
+def test_reward_model_learns_the_hidden_rule(base, tmp_path):
+    with Store(tmp_path / "parley.db") as store:
+        rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60,
+                                lr=3e-3, seed=0, device="cpu", eval_every=30, store=store)
+        run = store.runs()[0]
+        accuracy = store.metrics(run["id"], "eval_accuracy")[-1]["value"]
+        assert run["kind"] == "rm" and run["status"] == "finished"
+    assert accuracy >= 0.9
+    loaded = load_reward_model(tmp_path / "rm", device="cpu")
+    prompt = [{"role": "user", "content": "What should I drink, friend number 9999?"}]
+    tea, juice = loaded.rewards([(prompt, "Maybe a cup of tea?"), (prompt, "Maybe a cup of juice?")])
+    assert tea > juice
+    assert loaded.rewards([(prompt, "Maybe a cup of tea?")]) == pytest.approx(rm.rewards([(prompt, "Maybe a cup of tea?")]),
+                                                                             abs=1e-5)
+
+
+def test_transformers_reads_the_reward_model(base, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=3,
+                            device="cpu", normalise_samples=2)
+    ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    prompt = [{"role": "user", "content": "hi"}]
+    ids = rm.encode(prompt, "Tea is nice today.", 64)
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0, 0].item() - rm.model.offset
+    assert rm.rewards([(prompt, "Tea is nice today.")])[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_score_command_and_bad_input(base, tmp_path):
+    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=2,
+                       device="cpu", normalise_samples=2)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "response": "Tea is nice today."}) + "\n" +
+                                       json.dumps(rows(1)[0]) + "\n")
+    run = subprocess.run([sys.executable, "-m", "tui_app", "score", "--reward-model", str(tmp_path / "rm"),
+                          str(tmp_path / "in.jsonl"), "--device", "cpu"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.splitlines()
+    float(first)
+    assert set(json.loads(second)) == {"chosen", "rejected"}
+    with pytest.raises(ParleyError, match=r"prefs\.jsonl:2: chosen is empty"):
+        (tmp_path / "prefs.jsonl").write_text(json.dumps(rows(1)[0]) + "\n" +
+                                              json.dumps({"prompt": "x", "chosen": "", "rejected": "y"}) + "\n")
+        preference_groups(str(tmp_path / "prefs.jsonl"))
+    with pytest.raises(ParleyError, match="is not a reward model"):
+        load_reward_model(base / "sft")
