@@ -140,6 +140,17 @@ def cmd_train(args) -> None:
         from engine.train import ngram
         ngram.main(args)
         return
+    if args.mode == "dpo":
+        from engine.rlhf.dpo import train_dpo
+        from engine.store import Store
+        if not args.policy or not args.prefs:
+            raise ParleyError("parley train dpo needs --policy MODEL and --prefs store|FILE.jsonl")
+        signal.signal(signal.SIGTERM, _interrupt)
+        extra = {k: getattr(args, k) for k in ("max_steps", "seed", "lr", "beta") if getattr(args, k) is not None}
+        with Store() as store:
+            train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, device=args.device,
+                      store=None if args.no_store else store, **extra)
+        return
     if args.mode == "rm":
         from engine.rlhf.reward_model import train_reward_model
         from engine.store import Store
@@ -219,7 +230,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm"])
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo"])
     p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
@@ -229,6 +240,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, default=1.0, help="ngram: add-k's k (1 = Laplace)")
     p.add_argument("--model", help="start from this model directory")
     p.add_argument("--base", help="rm: the backbone model (a directory or known name)")
+    p.add_argument("--policy", help="dpo: the policy to fine-tune (also the frozen reference)")
+    p.add_argument("--beta", type=float, help="dpo: the KL strength beta (default 0.1)")
     p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
     p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
     p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")

@@ -91,3 +91,26 @@ def test_score_command_and_bad_input(base, tmp_path):
         preference_groups(str(tmp_path / "prefs.jsonl"))
     with pytest.raises(ParleyError, match="is not a reward model"):
         load_reward_model(base / "sft")
+
+
+def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
+    from engine.rlhf.dpo import train_dpo
+    with Store(tmp_path / "parley.db") as store:
+        train_dpo(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "dpo"), max_steps=30, lr=1e-3,
+                  device="cpu", eval_every=15, store=store)
+        run = store.runs()[0]
+        margins = [m["value"] for m in store.metrics(run["id"], "eval_margin")]
+        accuracy = store.metrics(run["id"], "eval_reward_accuracy")[-1]["value"]
+        assert run["kind"] == "dpo" and run["status"] == "finished" and store.model("dpo") is not None
+    assert margins[-1] > margins[0] > 0 and accuracy >= 0.9
+    # the trained policy prefers the tea replies more than the reference does
+    import engine
+    from engine.rlhf.dpo import sequence_logprobs
+    prompt = [{"role": "user", "content": "What should I drink, friend number 5000?"}]
+    replies = ["Maybe a cup of tea?", "Maybe a cup of soda?"]
+    with torch.no_grad():
+        after = sequence_logprobs(engine.load(tmp_path / "dpo", device="cpu").model,
+                                  engine.load(base / "sft").tokenizer, prompt, replies, 64)
+        before = sequence_logprobs(engine.load(base / "sft", device="cpu").model,
+                                   engine.load(base / "sft").tokenizer, prompt, replies, 64)
+    assert (after[0] - after[1]) > (before[0] - before[1])
