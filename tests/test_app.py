@@ -272,3 +272,31 @@ async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_p
         await pilot.pause(1.5)   # the dashboard refreshes and selects the newest run
         await pilot.press("f8")
         await until(pilot, lambda: app.store.runs()[0]["status"] == "cancelled", 60)
+
+
+@sync
+async def test_conversation_settings_and_saved_presets(app):
+    from tui_app.screens import ConversationScreen
+    async with app.run_test(size=(160, 60)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 3)
+        set_setting(app.screen, "temperature", 0.42)
+        await send(pilot, "Hello")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        preset = app.screen.query_one("#save-preset", Input)
+        preset.value = "mine"
+        preset.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert app.store.preference("presets")["mine"]["temperature"] == 0.42
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: isinstance(app.screen, ConversationScreen))
+        app.screen.query_one("#title", Input).value = "Renamed chat"
+        app.screen.query_one("#system-prompt").text = "Answer like a pirate."
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        conversation = app.store.conversations()[0]
+        assert (conversation["title"], conversation["system_prompt"]) == ("Renamed chat", "Answer like a pirate.")
+        assert app.store.prompt_messages(conversation["id"], None)[0] == {"role": "system",
+                                                                          "content": "Answer like a pirate."}
+    again = ParleyApp(model=app.model_name, store=app.store, device="cpu")
+    assert again.presets["mine"]["temperature"] == 0.42

@@ -7,7 +7,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Select, Static
+from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Select, Static, TextArea
 
 from engine.chat import Replies
 from engine.errors import ParleyError
@@ -78,6 +78,7 @@ class ChatScreen(Screen):
         Binding("f9", "inspect", "Inspect"),
         Binding("ctrl+l", "models", "Models"),
         Binding("ctrl+b", "training", "Training"),
+        Binding("ctrl+g", "conversation", "Conversation"),
     ]
     DEFAULT_CSS = """
     #sidebar { width: 30; border-right: solid $primary; }
@@ -149,6 +150,8 @@ class ChatScreen(Screen):
             return
         conversation = self.store.conversation(conversation_id)
         self.sub_title = conversation["title"]
+        if conversation["model"] and conversation["model"] != self.app.model_name:
+            self.app.switch_model(conversation["model"])   # each conversation keeps its own model
         if conversation["system_prompt"]:
             await log.mount(Static(f"system: {conversation['system_prompt']}", markup=False, classes="system"))
         for m in self.store.thread(conversation_id):
@@ -313,6 +316,16 @@ class ChatScreen(Screen):
     def action_toggle_settings(self) -> None:
         panel = self.query_one(SettingsPanel)
         panel.display = not panel.display
+
+    def action_conversation(self) -> None:
+        if self.conversation_id:
+            self.app.push_screen(ConversationScreen(self.store.conversation(self.conversation_id)),
+                                 callback=self.conversation_changed)
+
+    async def conversation_changed(self, fields: dict | None) -> None:
+        if fields:
+            await self.refresh_conversations()
+            await self.open_conversation(self.conversation_id)
 
     def action_training(self) -> None:
         self.app.push_screen(TrainingScreen())
@@ -684,3 +697,35 @@ class TrainingScreen(Screen):
             self.app.notify(f"cancelling run {run['id']}")
         except ProcessLookupError:
             self.app.store.end_run(run["id"], "failed", error="the process was gone")
+
+
+class ConversationScreen(ModalScreen):
+    """A conversation's title, system prompt and model."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("ctrl+s", "save", "Save")]
+    DEFAULT_CSS = """
+    ConversationScreen { align: center middle; }
+    #conversation-box { width: 80%; height: auto; border: solid $primary; background: $surface; padding: 0 1; }
+    #system-prompt { height: 6; }
+    """
+
+    def __init__(self, conversation: dict):
+        super().__init__()
+        self.conversation = conversation
+
+    def compose(self):
+        with Vertical(id="conversation-box"):
+            yield Label("title")
+            yield Input(self.conversation["title"], id="title")
+            yield Label("system prompt")
+            yield TextArea(self.conversation["system_prompt"], id="system-prompt")
+            yield Label("model (a known name or a directory)")
+            yield Input(self.conversation["model"] or "", id="conversation-model")
+            yield Label("Ctrl+S saves, Esc closes")
+
+    def action_save(self) -> None:
+        fields = {"title": self.query_one("#title", Input).value.strip(),
+                  "system_prompt": self.query_one("#system-prompt", TextArea).text.strip(),
+                  "model": self.query_one("#conversation-model", Input).value.strip() or None}
+        self.app.store.update_conversation(self.conversation["id"], **fields)
+        self.dismiss(fields)

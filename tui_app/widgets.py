@@ -117,6 +117,7 @@ class SettingsPanel(VerticalScroll):
             value = getattr(self.settings, name)
             yield Label(name.replace("_", " "))
             yield Input("" if value is None else str(value), id=f"set-{name}")
+        yield Input(placeholder="save as preset…", id="save-preset")
         yield Label("", id="settings-error", classes="error", markup=False)
 
     def show(self, settings: Settings) -> None:
@@ -147,7 +148,19 @@ class SettingsPanel(VerticalScroll):
         return Settings(**values).validate()
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        self.emit()
+        if event.input.id != "save-preset":
+            self.emit()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "save-preset" or not event.value.strip():
+            return
+        name = event.value.strip()
+        saved = {**self.app.store.preference("presets", {}), name: self.settings.to_dict()}
+        self.app.store.set_preference("presets", saved)
+        self.presets[name] = self.settings.to_dict()
+        self.query_one("#preset", Select).set_options([(n, n) for n in self.presets])
+        event.input.value = ""
+        self.app.notify(f"preset {name!r} saved")
 
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "preset" and event.value in self.presets:
