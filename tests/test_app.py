@@ -300,3 +300,13 @@ async def test_conversation_settings_and_saved_presets(app):
                                                                           "content": "Answer like a pirate."}
     again = ParleyApp(model=app.model_name, store=app.store, device="cpu")
     assert again.presets["mine"]["temperature"] == 0.42
+
+
+def test_pane_overrides_parse_and_refuse_nonsense():
+    from engine import ParleyError
+    from tui_app.screens import parse_overrides
+    assert parse_overrides("temperature=0.3 top_k=20") == {"temperature": 0.3, "top_k": 20}
+    with pytest.raises(ParleyError, match="write name=value"):
+        parse_overrides("warmth=3")
+    with pytest.raises(ParleyError, match="top_k takes a number"):
+        parse_overrides("top_k=many")

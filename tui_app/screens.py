@@ -375,14 +375,32 @@ class CompareScreen(Screen):
         super().__init__()
         self.conversation_id, self.parent_id, self.base = conversation_id, parent_id, base
         self.n = panes
+        self.overrides: dict[int, dict] = {}
         self.replies: Replies | None = None
         self.message_ids: list[str] = []
         self.comparison_id: str | None = None
 
+    SPREAD = [0.3, 0.7, 1.0, 1.3, 0.5, 1.6]
+
     def pane_settings(self) -> list[Settings]:
-        """Pane i: the chat's settings with its own temperature (a spread around the chat's)."""
-        spread = [0.3, 0.7, 1.0, 1.3, 0.5, 1.6]
-        return [dataclasses.replace(self.base, temperature=spread[i], seed=None, num_beams=1) for i in range(self.n)]
+        """Pane i: the chat's settings with its own temperature, then the pane's own overrides."""
+        out = []
+        for i in range(self.n):
+            s = dataclasses.replace(self.base, temperature=self.SPREAD[i], seed=None, num_beams=1)
+            out.append(dataclasses.replace(s, **self.overrides.get(i, {})).validate())
+        return out
+
+    @on(Input.Submitted, ".pane-settings")
+    async def pane_settings_changed(self, event: Input.Submitted) -> None:
+        i = int(event.input.id.removeprefix("pane-settings-"))
+        try:
+            self.overrides[i] = parse_overrides(event.value)
+            self.pane_settings()
+        except ParleyError as e:
+            self.overrides.pop(i, None)
+            self.app.notify(str(e), severity="error")
+            return
+        await self.action_run()
 
     def compose(self):
         yield Header()
@@ -402,6 +420,9 @@ class CompareScreen(Screen):
         await panes.remove_children()
         for i, s in enumerate(self.pane_settings()):
             pane = Vertical(Label(f"{chr(65 + i)}  temperature {s.temperature}", markup=False),
+                            Input(" ".join(f"{k}={v}" for k, v in self.overrides.get(i, {}).items()),
+                                  placeholder="e.g. temperature=0.3 top_k=20 (Enter runs again)",
+                                  id=f"pane-settings-{i}", classes="pane-settings"),
                             VerticalScroll(id=f"body-{i}"),
                             Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
             await panes.mount(pane)
@@ -482,6 +503,22 @@ class CompareScreen(Screen):
         ranks = {ids[int(p) - 1]: rank for rank, g in enumerate(groups, 1) for p in g}
         store.rank(self.comparison_id, ranks)
         return ids[int(groups[0][0]) - 1]
+
+
+def parse_overrides(text: str) -> dict:
+    """`temperature=0.3 top_k=20` as Settings fields with their types."""
+    from dataclasses import fields
+    types = {f.name: f.type for f in fields(Settings)}
+    out = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(sorted(types))})")
+        try:
+            out[name] = float(value) if types[name] in (float, "float") else int(value)
+        except ValueError:
+            raise ParleyError(f"{item!r}: {name} takes a number") from None
+    return out
 
 
 class InspectorScreen(ModalScreen):
