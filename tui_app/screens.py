@@ -55,7 +55,7 @@ def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
             screen.app.notify(f"config.toml: unknown action {action!r} in [keys]", severity="warning")
             continue
         old = known[action]
-        for k in old.key.split(","):
+        for k in old.key.split(",") + [key]:   # the user's choice wins over a default on that key
             screen._bindings.key_to_bindings.pop(k, None)
         screen._bindings.bind(key, action, old.description)
 

@@ -27,7 +27,8 @@ _LEAF = object()  # "attach to the conversation's current leaf"
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    # Microseconds: "most recent first" must not tie between two quick writes.
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def new_id() -> str:
