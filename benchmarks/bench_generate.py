@@ -10,7 +10,6 @@ For GPT-2-124M and SmolLM2-135M shapes it prints, for float32 and bfloat16:
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 """
 import argparse
-import statistics
 import sys
 import tempfile
 import time

@@ -27,7 +27,8 @@ def chitchat() -> list[tuple[str, list[dict]]]:
     try:
         import chitchat_dataset
     except ImportError:
-        raise ParleyError("the chitchat corpus needs the chitchat-dataset package: pip install chitchat-dataset") from None
+        raise ParleyError("the chitchat corpus needs the chitchat-dataset package: "
+                          "pip install chitchat-dataset") from None
     conversations = []
     for cid, conv in chitchat_dataset.Dataset().items():
         messages = []

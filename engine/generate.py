@@ -101,7 +101,7 @@ class Generation:
         with torch.no_grad():
             cache = model.new_cache(1, width)
             logits = model(self.prompt[None], cache=cache, last_only=True)[:, -1].float()
-        self.prefill_s = prefill_s = time.perf_counter() - started
+        self.prefill_s = time.perf_counter() - started
         self._started = started
 
         # One row per sampled candidate, num_beams rows per beam candidate, all from the one prefill.

@@ -113,7 +113,8 @@ class RowSettings:
         self.sample = sample
         self.beam = torch.tensor([s.num_beams > 1 for s in settings], dtype=torch.bool, device=device)[:, None]
         self.temperature = torch.where(sample, col("temperature"), torch.ones_like(col("temperature")))
-        self.top_k, self.top_p, self.min_p, self.typical_p = col("top_k", torch.long), col("top_p"), col("min_p"), col("typical_p")
+        self.top_k, self.top_p = col("top_k", torch.long), col("top_p")
+        self.min_p, self.typical_p = col("min_p"), col("typical_p")
         self.repetition_penalty = col("repetition_penalty")
         self.frequency_penalty, self.presence_penalty = col("frequency_penalty"), col("presence_penalty")
         self.min_new_tokens = col("min_new_tokens", torch.long)

@@ -1,5 +1,4 @@
 """Tokenizers from tokenizer.json, with their special tokens, chat template and streaming decode."""
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer

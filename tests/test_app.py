@@ -8,7 +8,7 @@ from textual.widgets import Input, Label, Markdown, Static
 from engine.store import Store
 from tui_app.app import ParleyApp
 from tui_app.screens import ChatScreen, CompareScreen
-from tui_app.widgets import MessageView, PromptArea, SettingsPanel
+from tui_app.widgets import PromptArea
 
 
 @pytest.fixture

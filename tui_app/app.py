@@ -47,7 +47,7 @@ class ParleyApp(App):
         self.lm = None
         self.model_ready = threading.Event()
         self.settings = Settings()
-        self.presets = {**PRESETS, **{name: dict(values) for name, values in self.store.preference("presets", {}).items()}}
+        self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
         self.system_prompt = self.config.get("system_prompt", "")
         self.last_tokens: dict[str, list] = {}
         self.keys = self.config.get("keys", {})   # action -> key, applied by each screen

@@ -169,7 +169,8 @@ def _check_conversation(row) -> str | None:
         if not isinstance(m.get("id"), str):
             return f"messages[{i}] needs an id"
         if m.get("parent_id") is not None and m["parent_id"] not in seen:
-            return f"messages[{i}] has parent_id {m['parent_id']!r}, which is not an earlier message of this conversation"
+            return (f"messages[{i}] has parent_id {m['parent_id']!r}, which is not an earlier message of this "
+                    "conversation")
         if m.get("status", "complete") not in ("complete", "partial"):
             return f"messages[{i}] has status {m.get('status')!r}: use complete or partial"
         seen.add(m["id"])

@@ -378,7 +378,8 @@ class Store:
     def prompt_messages(self, conversation_id: str, parent_id: str | None) -> list[dict]:
         """The context a reply answers, as chat messages: the system prompt, then the thread."""
         conversation = self.conversation(conversation_id)
-        messages = [{"role": "system", "content": conversation["system_prompt"]}] if conversation["system_prompt"] else []
+        system = conversation["system_prompt"]
+        messages = [{"role": "system", "content": system}] if system else []
         if parent_id is not None:
             messages += [{"role": m["role"], "content": m["content"]} for m in self.thread(conversation_id, parent_id)]
         return messages

@@ -1,0 +1,10 @@
+"""The app's screens, one module each."""
+from tui_app.screens.chat import ChatScreen
+from tui_app.screens.compare import CompareScreen, parse_overrides
+from tui_app.screens.conversation import ConversationScreen
+from tui_app.screens.inspector import InspectorScreen
+from tui_app.screens.models import ModelsScreen
+from tui_app.screens.training import TrainingScreen
+
+__all__ = ["ChatScreen", "CompareScreen", "ConversationScreen", "InspectorScreen", "ModelsScreen", "TrainingScreen",
+           "parse_overrides"]

@@ -1,0 +1,321 @@
+"""The chat screen: conversations, streaming replies, branches and live decoding controls."""
+import dataclasses
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
+
+from engine.chat import Replies
+from engine.errors import ParleyError
+from engine.sampling import Settings
+from engine.store import Store
+from tui_app.screens.common import remap_keys, stream_replies
+from tui_app.screens.compare import CompareScreen
+from tui_app.screens.conversation import ConversationScreen
+from tui_app.screens.inspector import InspectorScreen
+from tui_app.screens.models import ModelsScreen
+from tui_app.screens.training import TrainingScreen
+from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
+
+
+TEMPLATES = {
+    "zero-shot": "{question}",
+    "few-shot": "Here are some examples:\n\nQ: {example question}\nA: {example answer}\n\nQ: {question}\nA:",
+    "chain-of-thought": "{question}\n\nLet's think step by step.",
+}
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+n", "new_conversation", "New"),
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+o", "compare", "Compare"),
+        Binding("alt+left", "branch(-1)", "◀ Branch"),
+        Binding("alt+right", "branch(1)", "Branch ▶"),
+        Binding("ctrl+f", "search", "Search"),
+        Binding("ctrl+t", "template", "Template"),
+        Binding("f2", "toggle_settings", "Settings"),
+        Binding("f3", "edit_last", "Edit"),
+        Binding("f4", "copy_reply", "Copy"),
+        Binding("f5", "archive", "Archive"),
+        Binding("f8", "delete", "Delete"),
+        Binding("f9", "inspect", "Inspect"),
+        Binding("ctrl+l", "models", "Models"),
+        Binding("ctrl+b", "training", "Training"),
+        Binding("ctrl+g", "conversation", "Conversation"),
+    ]
+    DEFAULT_CSS = """
+    #sidebar { width: 30; border-right: solid $primary; }
+    #log { height: 1fr; padding: 0 1; }
+    PromptArea { height: 5; }
+    #notice { color: $warning; height: auto; }
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conversation_id: str | None = None
+        self.replies: Replies | None = None
+        self.views: dict[str, MessageView] = {}
+        self.editing: dict | None = None
+
+    @property
+    def store(self) -> Store:
+        return self.app.store
+
+    def compose(self):
+        yield Header()
+        with Horizontal():
+            with Vertical(id="sidebar"):
+                yield Input(placeholder="search (Ctrl+F)", id="search")
+                yield ListView(id="conversations")
+            with Vertical():
+                yield VerticalScroll(id="log")
+                yield Label("", id="notice", markup=False)
+                yield StatusLine("loading model…", id="status", markup=False)
+                yield PromptArea(id="prompt")
+            yield SettingsPanel(self.app.settings, self.app.presets, id="settings")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        remap_keys(self, self.app.keys)
+        await self.refresh_conversations()
+        self.query_one(PromptArea).focus()
+
+    # -- conversation list ---------------------------------------------------------------------------
+    async def refresh_conversations(self, query: str = "") -> None:
+        view = self.query_one("#conversations", ListView)
+        await view.clear()
+        if query:
+            seen = {}
+            for hit in self.store.search(query):
+                seen.setdefault(hit["conversation_id"], hit)
+            items = [(cid, f"{hit['conversation_title'] or 'untitled'}: {hit['snippet']}") for cid, hit in seen.items()]
+        else:
+            items = [(c["id"], c["title"] or "untitled") for c in self.store.conversations()]
+        for cid, title in items:
+            await view.append(ListItem(Label(title, markup=False), name=cid))
+
+    @on(ListView.Selected, "#conversations")
+    async def open_selected(self, event: ListView.Selected) -> None:
+        await self.open_conversation(event.item.name)
+
+    @on(Input.Submitted, "#search")
+    async def run_search(self, event: Input.Submitted) -> None:
+        await self.refresh_conversations(event.value.strip())
+        self.query_one("#conversations").focus()
+
+    async def open_conversation(self, conversation_id: str | None) -> None:
+        self.conversation_id = conversation_id
+        log = self.query_one("#log", VerticalScroll)
+        await log.remove_children()
+        self.views.clear()
+        self.query_one("#notice", Label).update("")
+        if conversation_id is None:
+            return
+        conversation = self.store.conversation(conversation_id)
+        self.sub_title = conversation["title"]
+        if conversation["model"] and conversation["model"] != self.app.model_name:
+            self.app.switch_model(conversation["model"])   # each conversation keeps its own model
+        if conversation["system_prompt"]:
+            await log.mount(Static(f"system: {conversation['system_prompt']}", markup=False, classes="system"))
+        for m in self.store.thread(conversation_id):
+            await self.show_message(m)
+        log.scroll_end(animate=False)
+
+    async def show_message(self, message: dict) -> MessageView:
+        siblings = self.store.siblings(message["id"])
+        index = [s["id"] for s in siblings].index(message["id"]) + 1
+        view = MessageView(message, (index, len(siblings)))
+        self.views[message["id"]] = view
+        await self.query_one("#log", VerticalScroll).mount(view)
+        return view
+
+    # -- sending and generating ----------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    async def send(self, event: PromptArea.Submitted) -> None:
+        if self.replies is not None:
+            self.app.notify("a reply is still streaming: Esc stops it", severity="warning")
+            return
+        text = event.text.strip()
+        self.query_one(PromptArea).clear()
+        if self.conversation_id is None:
+            self.conversation_id = self.store.create_conversation(text[:40], self.app.system_prompt,
+                                                                  self.app.model_name)
+            await self.refresh_conversations()
+        if self.editing is not None:  # an edit is a sibling of the original, never an overwrite
+            user_id = self.store.edit_message(self.editing["id"], text)
+            self.editing = None
+        else:
+            user_id = self.store.add_message(self.conversation_id, "user", text)
+        await self.open_conversation(self.conversation_id)
+        self.start_replies(user_id, [self.query_one(SettingsPanel).settings])
+
+    def start_replies(self, parent_id: str, settings: list[Settings]) -> None:
+        self.query_one("#status", StatusLine).update("waiting for the model…" if not self.app.model_ready.is_set()
+                                                     else "generating…")
+        self.generate(self.conversation_id, parent_id, settings)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def generate(self, conversation_id: str, parent_id: str, settings: list[Settings]) -> None:
+        stream_replies(self, conversation_id, parent_id, settings, self.replies_started, self.reply_event)
+
+    async def replies_started(self, replies: Replies, messages: list[dict]) -> None:
+        for m in messages:
+            await self.show_message(m)
+        if replies.dropped_turns:
+            self.query_one("#notice", Label).update(
+                f"the {replies.dropped_turns} oldest turns no longer fit the model's context and were left out")
+
+    async def reply_event(self, event) -> None:
+        view = self.views.get(event.message_id)
+        if view is None:
+            return
+        if event.token is not None:
+            if event.token.text:
+                await view.append(event.token.text)
+            self.app.last_tokens[event.message_id] = self.app.last_tokens.get(event.message_id, []) + [event.token]
+        if event.finished is not None:
+            await view.finish(self.store.message(event.message_id))
+            t = event.finished.timings
+            self.query_one("#status", StatusLine).update(
+                f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {t['prefill_s']:.2f} s  "
+                f"({event.finished.finish_reason})")
+        self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+
+    def on_settings_panel_changed(self, event: SettingsPanel.Changed) -> None:
+        self.app.settings = event.settings
+        if self.replies is not None and event.settings.num_beams == 1:
+            try:  # applies from the next token
+                self.replies.update(0, dataclasses.replace(event.settings,
+                                                           max_new_tokens=self.replies.settings[0].max_new_tokens))
+            except ParleyError as e:
+                self.app.notify(str(e), severity="warning")
+
+    # -- actions -------------------------------------------------------------------------------------
+    def action_stop(self) -> None:
+        if self.replies is not None:
+            self.replies.cancel()
+
+    async def action_new_conversation(self) -> None:
+        await self.open_conversation(None)
+        self.query_one(PromptArea).focus()
+
+    def last(self, role: str) -> dict | None:
+        thread = self.store.thread(self.conversation_id) if self.conversation_id else []
+        return next((m for m in reversed(thread) if m["role"] == role), None)
+
+    async def action_regenerate(self) -> None:
+        reply = self.last("assistant")
+        user = self.last("user")
+        if user is None or self.replies is not None:
+            return
+        parent = reply["parent_id"] if reply else user["id"]
+        self.store.set_current_leaf(self.conversation_id, parent)
+        await self.open_conversation(self.conversation_id)
+        self.start_replies(parent, [dataclasses.replace(self.query_one(SettingsPanel).settings, seed=None)])
+
+    def action_edit_last(self) -> None:
+        user = self.last("user")
+        if user is not None:
+            self.editing = user
+            prompt = self.query_one(PromptArea)
+            prompt.text = user["content"]
+            prompt.focus()
+            self.app.notify("editing: Enter sends the edit as a new branch")
+
+    async def action_branch(self, step: int) -> None:
+        """Show the previous or next sibling of the last message, with its newest continuation."""
+        thread = self.store.thread(self.conversation_id) if self.conversation_id else []
+        if not thread:
+            return
+        target = self.focused_message() or thread[-1]
+        siblings = [s["id"] for s in self.store.siblings(target["id"])]
+        index = siblings.index(target["id"]) + step
+        if 0 <= index < len(siblings):
+            self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(siblings[index]))
+            await self.open_conversation(self.conversation_id)
+
+    def focused_message(self) -> dict | None:
+        node = self.app.focused
+        while node is not None and not isinstance(node, MessageView):
+            node = node.parent
+        return node.message if node is not None else None
+
+    def action_copy_reply(self) -> None:
+        reply = self.last("assistant")
+        if reply:
+            self.app.copy_to_clipboard(reply["content"])
+            self.app.notify("reply copied")
+
+    def action_search(self) -> None:
+        self.query_one("#search", Input).focus()
+
+    def action_template(self) -> None:
+        prompt = self.query_one(PromptArea)
+        names = list(TEMPLATES)
+        current = getattr(self, "_template", -1)
+        self._template = (current + 1) % len(names)
+        question = prompt.text.strip() or "{question}"
+        prompt.text = TEMPLATES[names[self._template]].replace("{question}", question)
+        self.app.notify(f"{names[self._template]} template (Ctrl+T again for the next)")
+
+    async def action_archive(self) -> None:
+        if self.conversation_id:
+            self.store.archive_conversation(self.conversation_id)
+            await self.open_conversation(None)
+            await self.refresh_conversations()
+
+    async def action_delete(self) -> None:
+        if not self.conversation_id:
+            return
+        if getattr(self, "_confirm_delete", None) != self.conversation_id:
+            self._confirm_delete = self.conversation_id
+            self.app.notify("press F8 again to delete this conversation for good", severity="warning")
+            return
+        self._confirm_delete = None
+        self.store.delete_conversation(self.conversation_id)
+        await self.open_conversation(None)
+        await self.refresh_conversations()
+
+    def action_toggle_settings(self) -> None:
+        panel = self.query_one(SettingsPanel)
+        panel.display = not panel.display
+
+    def action_conversation(self) -> None:
+        if self.conversation_id:
+            self.app.push_screen(ConversationScreen(self.store.conversation(self.conversation_id)),
+                                 callback=self.conversation_changed)
+
+    async def conversation_changed(self, fields: dict | None) -> None:
+        if fields:
+            await self.refresh_conversations()
+            await self.open_conversation(self.conversation_id)
+
+    def action_training(self) -> None:
+        self.app.push_screen(TrainingScreen())
+
+    def action_models(self) -> None:
+        self.app.push_screen(ModelsScreen())
+
+    def action_inspect(self) -> None:
+        reply = self.focused_message() or self.last("assistant")
+        tokens = self.app.last_tokens.get(reply["id"]) if reply else None
+        if not tokens:
+            self.app.notify("the inspector shows replies generated in this session", severity="warning")
+            return
+        self.app.push_screen(InspectorScreen(tokens, reply.get("settings")))
+
+    def action_compare(self) -> None:
+        user = self.last("user")
+        if user is None:
+            self.app.notify("write a message first: compare answers it", severity="warning")
+            return
+        self.app.push_screen(CompareScreen(self.conversation_id, user["id"], self.query_one(SettingsPanel).settings),
+                             callback=self.compared)
+
+    async def compared(self, chosen: str | None) -> None:
+        if chosen:
+            self.store.set_current_leaf(self.conversation_id, chosen)
+        await self.open_conversation(self.conversation_id)

@@ -1,0 +1,40 @@
+"""What the screens share: streaming replies from a worker thread, and key remapping."""
+from textual.screen import Screen
+
+from engine.chat import Replies
+from engine.errors import ParleyError
+from engine.store import Store
+
+
+def stream_replies(screen, conversation_id, parent_id, settings, started, on_event) -> None:
+    """In a worker thread: wait for the model, generate, and hand every event to the UI thread.
+    `screen.replies` is the running generation (for stop and live settings), None when done."""
+    app = screen.app
+    app.model_ready.wait()   # a message sent while the model loads waits for it
+    if app.lm is None:
+        return
+    with Store(app.store.path) as store:   # SQLite connections are per thread
+        try:
+            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name)
+        except ParleyError as e:
+            app.call_from_thread(app.notify, str(e), severity="error")
+            return
+        screen.replies = replies
+        try:
+            app.call_from_thread(started, replies, [store.message(m) for m in replies.message_ids])
+            for event in replies:
+                app.call_from_thread(on_event, event)
+        finally:
+            screen.replies = None
+
+def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
+    """Move actions to the keys the user chose in config.toml ([keys] action = "key")."""
+    known = {b.action: b for b in screen.BINDINGS}
+    for action, key in keys.items():
+        if action not in known:
+            screen.app.notify(f"config.toml: unknown action {action!r} in [keys]", severity="warning")
+            continue
+        old = known[action]
+        for k in old.key.split(",") + [key]:   # the user's choice wins over a default on that key
+            screen._bindings.key_to_bindings.pop(k, None)
+        screen._bindings.bind(key, action, old.description)

@@ -1,0 +1,184 @@
+"""Compare: 2-6 candidates side by side in one batched run, then rank and flag them."""
+import dataclasses
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Select, Static
+
+from engine.chat import Replies
+from engine.errors import ParleyError
+from engine.sampling import Settings
+from tui_app.screens.common import stream_replies
+from tui_app.widgets import MessageView
+
+
+GUIDANCE = ("Rank by what helps the user most: helpful (does what was asked), truthful (no made-up facts), "
+            "harmless (nothing unsafe). When unsure, call it a tie.")
+
+FLAGS = [("fails the instruction", "fails_instruction"), ("made-up facts", "made_up_facts"), ("unsafe", "unsafe")]
+
+class CompareScreen(Screen):
+    """2-6 candidates for one context, side by side, in one batched run; then rank them."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Back"),
+        Binding("ctrl+s", "stop", "Stop"),
+        Binding("ctrl+up", "more", "+ Pane"),
+        Binding("ctrl+down", "fewer", "- Pane"),
+        Binding("ctrl+g", "run", "Run"),
+    ]
+    DEFAULT_CSS = """
+    #panes { height: 1fr; }
+    .pane { width: 1fr; border: solid $primary; padding: 0 1; }
+    #guidance { color: $text-muted; height: auto; }
+    """
+
+    def __init__(self, conversation_id: str, parent_id: str, base: Settings, panes: int = 2):
+        super().__init__()
+        self.conversation_id, self.parent_id, self.base = conversation_id, parent_id, base
+        self.n = panes
+        self.overrides: dict[int, dict] = {}
+        self.replies: Replies | None = None
+        self.message_ids: list[str] = []
+        self.comparison_id: str | None = None
+
+    SPREAD = [0.3, 0.7, 1.0, 1.3, 0.5, 1.6]
+
+    def pane_settings(self) -> list[Settings]:
+        """Pane i: the chat's settings with its own temperature, then the pane's own overrides."""
+        out = []
+        for i in range(self.n):
+            s = dataclasses.replace(self.base, temperature=self.SPREAD[i], seed=None, num_beams=1)
+            out.append(dataclasses.replace(s, **self.overrides.get(i, {})).validate())
+        return out
+
+    @on(Input.Submitted, ".pane-settings")
+    async def pane_settings_changed(self, event: Input.Submitted) -> None:
+        i = int(event.input.id.removeprefix("pane-settings-"))
+        try:
+            self.overrides[i] = parse_overrides(event.value)
+            self.pane_settings()
+        except ParleyError as e:
+            self.overrides.pop(i, None)
+            self.app.notify(str(e), severity="error")
+            return
+        await self.action_run()
+
+    def compose(self):
+        yield Header()
+        yield Horizontal(id="panes")
+        yield Static(GUIDANCE, id="guidance", markup=False)
+        yield Input(placeholder="rank: pane numbers best first, = for a tie (2 1=3); two panes: a, b, tie, bad",
+                    id="rank")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        await self.action_run()
+
+    async def action_run(self) -> None:
+        if self.replies is not None:
+            return
+        panes = self.query_one("#panes", Horizontal)
+        await panes.remove_children()
+        for i, s in enumerate(self.pane_settings()):
+            pane = Vertical(Label(f"{chr(65 + i)}  temperature {s.temperature}", markup=False),
+                            Input(" ".join(f"{k}={v}" for k, v in self.overrides.get(i, {}).items()),
+                                  placeholder="e.g. temperature=0.3 top_k=20 (Enter runs again)",
+                                  id=f"pane-settings-{i}", classes="pane-settings"),
+                            VerticalScroll(id=f"body-{i}"),
+                            Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
+            await panes.mount(pane)
+        self.run_panes(self.pane_settings())
+        self.query_one("#rank", Input).focus()
+
+    @work(thread=True, exclusive=True, group="compare")
+    def run_panes(self, settings: list[Settings]) -> None:
+        stream_replies(self, self.conversation_id, self.parent_id, settings, self.mount_views, self.pane_event)
+
+    async def mount_views(self, replies: Replies, messages: list[dict]) -> None:
+        self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
+        for i, m in enumerate(messages):
+            await self.query_one(f"#body-{i}", VerticalScroll).mount(MessageView(m))
+
+    async def pane_event(self, event) -> None:
+        view = self.query_one(f"#body-{event.candidate}", VerticalScroll).query_one(MessageView)
+        if event.token is not None and event.token.text:
+            await view.append(event.token.text)
+        if event.finished is not None:
+            await view.finish(self.app.store.message(event.message_id))
+
+    def action_stop(self) -> None:
+        if self.replies is not None:
+            self.replies.cancel()
+
+    async def action_more(self) -> None:
+        await self.resize(+1)
+
+    async def action_fewer(self) -> None:
+        await self.resize(-1)
+
+    async def resize(self, step: int) -> None:
+        if self.replies is not None:
+            self.app.notify("wait for the panes to finish (Ctrl+S stops them)", severity="warning")
+        elif 2 <= self.n + step <= 6:
+            self.n += step
+            await self.action_run()
+
+    def action_close(self) -> None:
+        if self.replies is not None:
+            self.replies.cancel()
+        self.dismiss(None)
+
+    @on(Input.Submitted, "#rank")
+    def save_ranking(self, event: Input.Submitted) -> None:
+        if self.replies is not None or not self.comparison_id:
+            self.app.notify("wait for every pane to finish (Ctrl+S stops them)", severity="warning")
+            return
+        try:
+            best = self.record(event.value.strip().lower())
+        except ParleyError as e:
+            self.app.notify(str(e), severity="error")
+            return
+        store = self.app.store
+        for i, mid in enumerate(self.message_ids):
+            flag = self.query_one(f"#flag-{i}", Select).value
+            if isinstance(flag, str):
+                store.flag(mid, flag)
+        self.app.notify("ranking saved")
+        self.dismiss(best)
+
+    def record(self, text: str) -> str | None:
+        """Save the ranking typed as text; return the candidate that continues the conversation."""
+        store, ids = self.app.store, self.message_ids
+        if len(ids) == 2 and text in ("a", "b", "tie", "bad"):
+            if text in ("a", "b"):
+                best = ids[0] if text == "a" else ids[1]
+                store.vote(self.comparison_id, "best", best=best)
+                return best
+            store.vote(self.comparison_id, "tie" if text == "tie" else "both_bad")
+            return ids[0]
+        groups = [g.split("=") for g in text.split()]
+        order = [p for g in groups for p in g]
+        if sorted(order) != [str(i + 1) for i in range(len(ids))]:
+            raise ParleyError(f"a ranking names every pane 1..{len(ids)} once, best first (= joins ties): "
+                              f"got {text!r}")
+        ranks = {ids[int(p) - 1]: rank for rank, g in enumerate(groups, 1) for p in g}
+        store.rank(self.comparison_id, ranks)
+        return ids[int(groups[0][0]) - 1]
+
+def parse_overrides(text: str) -> dict:
+    """`temperature=0.3 top_k=20` as Settings fields with their types."""
+    from dataclasses import fields
+    types = {f.name: f.type for f in fields(Settings)}
+    out = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(sorted(types))})")
+        try:
+            out[name] = float(value) if types[name] in (float, "float") else int(value)
+        except ValueError:
+            raise ParleyError(f"{item!r}: {name} takes a number") from None
+    return out

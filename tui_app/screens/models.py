@@ -1,0 +1,69 @@
+"""The models screen: pick the model to chat with, or add a directory."""
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label, ListItem, ListView
+
+from engine.errors import ParleyError
+
+
+class ModelsScreen(ModalScreen):
+    """The models Parley knows: pick one (it becomes the default), or add a directory."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    DEFAULT_CSS = """
+    ModelsScreen { align: center middle; }
+    #models-box { width: 80%; height: 70%; border: solid $primary; background: $surface; padding: 0 1; }
+    """
+
+    def compose(self):
+        with Vertical(id="models-box"):
+            yield Label("Models: Enter picks one (it becomes the default)")
+            yield ListView(id="model-list")
+            yield Input(placeholder="add: NAME /path/to/model-directory", id="add-model")
+
+    async def on_mount(self) -> None:
+        await self.refresh_models()
+        self.query_one("#model-list").focus()
+
+    async def refresh_models(self) -> None:
+        from engine.registry import known_models
+        view = self.query_one("#model-list", ListView)
+        await view.clear()
+        for name, path in known_models().items():
+            mark = "● " if name == self.app.model_name else "  "
+            await view.append(ListItem(Label(f"{mark}{name}  {path}", markup=False), name=name))
+
+    @on(ListView.Selected, "#model-list")
+    def pick(self, event: ListView.Selected) -> None:
+        self.app.switch_model(event.item.name)
+        self.dismiss(event.item.name)
+
+    @on(Input.Submitted, "#add-model")
+    def add(self, event: Input.Submitted) -> None:
+        parts = event.value.strip().split(maxsplit=1)
+        if len(parts) != 2:
+            self.app.notify("type a name, a space, then the model directory", severity="error")
+            return
+        self.validate_and_add(*parts)
+
+    @work(thread=True, group="models")
+    def validate_and_add(self, name: str, path: str) -> None:
+        from engine.chat import open_model
+        try:
+            open_model(path, device="cpu")   # the engine's own checks: files, type, tensors
+        except ParleyError as e:
+            self.app.call_from_thread(self.app.notify, str(e), title="not added", severity="error", timeout=20)
+            return
+        self.app.call_from_thread(self.added, name, path)
+
+    async def added(self, name: str, path: str) -> None:
+        try:
+            self.app.store.add_model(name, path)
+        except ParleyError as e:
+            self.app.notify(str(e), severity="error")
+            return
+        self.query_one("#add-model", Input).value = ""
+        self.app.notify(f"added {name}")
+        await self.refresh_models()
