@@ -108,6 +108,22 @@ def test_ranking_of_four_with_a_tie_gives_five_pairs(store):
     assert groups[0]["prompt"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there!"}]
 
 
+def test_rankings_grouped_by_prompt(store):
+    c, u, a = chat(store)
+    b = store.add_message(c, "assistant", "B", u, make_current=False)
+    store.rank(store.create_comparison(c, u, [a, b]), {a: 1, b: 2})
+    store.rank(store.create_comparison(c, u, [b, a]), {a: 1, b: 1}, annotator="friend")
+    other_user = store.add_message(c, "user", "And you?", a)
+    d = store.add_message(c, "assistant", "D", other_user)
+    e = store.add_message(c, "assistant", "E", other_user)
+    store.vote(store.create_comparison(c, other_user, [d, e]), "best", best=e)
+    groups = store.rankings_by_prompt()
+    assert [len(g["rankings"]) for g in groups] == [2, 1]
+    assert groups[0]["prompt"][-1] == {"role": "user", "content": "Hello there!"}
+    assert [(x["content"], x["rank"]) for x in groups[1]["rankings"][0]["candidates"]] == [("D", 2), ("E", 1)]
+    assert groups[0]["rankings"][1]["annotator"] == "friend"
+
+
 def test_votes_and_flags(store):
     c, u, a = chat(store)
     b = store.add_message(c, "assistant", "B", u, make_current=False)

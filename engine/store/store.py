@@ -375,6 +375,20 @@ class Store:
             groups.setdefault(key, {"prompt": pair["prompt"], "pairs": []})["pairs"].append(pair)
         return list(groups.values())
 
+    def rankings_by_prompt(self) -> list[dict]:
+        """Rankings grouped by the context they rank replies to: {"prompt", "rankings": [ranking with
+        its candidates' texts]}, oldest first."""
+        groups: dict[tuple, dict] = {}
+        for r in self.rankings():
+            comparison = self.comparison(r["comparison_id"])
+            key = (comparison["conversation_id"], comparison["parent_id"])
+            if key not in groups:
+                groups[key] = {"prompt": self.prompt_messages(*key), "rankings": []}
+            r["candidates"] = [{"id": m["id"], "content": m["content"], "model": m["model"],
+                                "rank": r["ranks"][m["id"]]} for m in comparison["candidates"]]
+            groups[key]["rankings"].append(r)
+        return list(groups.values())
+
     def prompt_messages(self, conversation_id: str, parent_id: str | None) -> list[dict]:
         """The context a reply answers, as chat messages: the system prompt, then the thread."""
         conversation = self.conversation(conversation_id)
