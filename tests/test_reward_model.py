@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine import ParleyError
-from engine.rlhf.reward_model import load_reward_model, preference_groups, train_reward_model
+from engine.rlhf.prefs import preference_groups
+from engine.rlhf.reward_model import load_reward_model, train_reward_model
 from engine.store import Store
 from engine.train.tokenizer import train_tokenizer
 from engine.train.trainer import TrainConfig, train

@@ -6,9 +6,6 @@ content and end-of-turn marker) given the prompt. The result is saved as a norma
 registered in the app.
 """
 import copy
-import json
-import os
-import random
 from pathlib import Path
 
 import torch
@@ -16,9 +13,8 @@ import torch.nn.functional as F
 
 import engine
 from engine import data
-from engine.errors import ParleyError
 from engine.rlhf.losses import dpo_loss
-from engine.rlhf.reward_model import preference_groups
+from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, split_by_prompt
 
 
 def sequence_logprobs(model, tokenizer, prompt: list[dict], replies: list[str], max_len: int) -> torch.Tensor:
@@ -67,22 +63,12 @@ def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: i
     reference = copy.deepcopy(lm.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
-    groups = preference_groups(prefs, store)
-    if not groups:
-        raise ParleyError(f"no preference pairs in {prefs}: rank some candidates in the app first")
-    train = [g for g in groups if not data.held_out(json.dumps(g["prompt"], sort_keys=True))]
-    heldout = [g for g in groups if data.held_out(json.dumps(g["prompt"], sort_keys=True))] or train
+    train, heldout = split_by_prompt(preference_groups(prefs, store))
     model = lm.model.train()   # dropout-free models: train() changes nothing but intent
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    run = store.start_run("dpo", {"policy": policy, "prefs": prefs, "beta": beta, "max_steps": max_steps, "lr": lr,
-                                  "seed": seed}, base_model=policy, pid=os.getpid()) if store is not None else None
-    rng, order = random.Random(seed), []
-    try:
-        for step in range(max_steps):
-            if not order:
-                order = list(range(len(train)))
-                rng.shuffle(order)
-            batch = [train[order.pop()] for _ in range(min(prompts_per_step, len(order)))]
+    config = {"policy": policy, "prefs": prefs, "beta": beta, "max_steps": max_steps, "lr": lr, "seed": seed}
+    with recorded_run(store, "dpo", config, policy) as run:
+        for step, batch in zip(range(max_steps), prompt_batches(train, prompts_per_step, seed)):
             loss, accuracy, margin = batch_terms(model, reference, lm.tokenizer, batch, beta, max_len)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -95,16 +81,11 @@ def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: i
                 values.update(eval_reward_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
                 print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out reward accuracy "
                       f"{values['eval_reward_accuracy']:.3f}  margin {values['eval_margin']:.4f}", flush=True)
-            if run:
-                store.log_metrics(run, step + 1, values)
+            run.log(step + 1, values)
         model.eval()
         lm.save(out)
-        if run:
+        run.output = str(out)
+        if store is not None:
             from engine.train.trainer import register
-            store.end_run(run, "finished", output_model=str(out))
             register(store, Path(out))
-    except BaseException as e:
-        if run:
-            store.end_run(run, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
-        raise
     return lm

@@ -9,22 +9,20 @@ shifted so that replies sampled from the base (SFT) policy score 0 on average.
 The directory is saved in transformers' ...ForSequenceClassification layout (the backbone's
 tensors, minus lm_head, plus `score.weight`), with Parley's offset in config.json.
 """
-import json
 import math
-import os
-import random
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import engine
-from engine import checkpoint, data
+from engine import checkpoint
 from engine.device import pick_device
 from engine.errors import ParleyError
 from engine.files import atomic_dir, write_json
 from engine.models import family
 from engine.rlhf.losses import reward_model_loss
+from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, split_by_prompt
 from engine.tokenizer import Tokenizer
 
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
@@ -122,55 +120,21 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
     return RewardLM(model.eval(), Tokenizer.from_dir(path), config)
 
 
-# -- preference data ---------------------------------------------------------------------------------
-def preference_groups(source: str, store=None) -> list[dict]:
-    """[{"prompt": messages, "pairs": [(chosen, rejected), ...]}], one per prompt.
-
-    `source` is "store" (the user's rankings) or a TRL-format JSONL file, checked line by line."""
-    if source == "store":
-        if store is None:
-            from engine.store import Store
-            store = Store()
-        return [{"prompt": g["prompt"], "pairs": [(p["chosen"], p["rejected"]) for p in g["pairs"]]}
-                for g in store.pairs_by_prompt()]
-    from engine.store.exchange import _check_pref, read_jsonl
-    groups: dict[str, dict] = {}
-    for number, row, error in read_jsonl(source):
-        error = error or _check_pref(row)
-        if error:
-            raise ParleyError(f"{source}:{number}: {error}")
-        key = json.dumps(row["_prompt"], sort_keys=True)
-        groups.setdefault(key, {"prompt": row["_prompt"], "pairs": []})["pairs"].append((row["_chosen"],
-                                                                                            row["_rejected"]))
-    return list(groups.values())
-
-
 # -- training ----------------------------------------------------------------------------------------
 def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr: float = 5e-4,
                        prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 50,
                        max_len: int = 256, normalise_samples: int = 32, store=None) -> RewardLM:
     torch.manual_seed(seed)
     lm = engine.load(base, device=device, dtype="float32")
-    groups = preference_groups(prefs, store)
-    if not groups:
-        raise ParleyError(f"no preference pairs in {prefs}: rank some candidates in the app first")
-    train = [g for g in groups if not data.held_out(json.dumps(g["prompt"], sort_keys=True))]
-    heldout = [g for g in groups if data.held_out(json.dumps(g["prompt"], sort_keys=True))] or train
+    train, heldout = split_by_prompt(preference_groups(prefs, store))
     model = RewardModel(lm.model).to(lm.device)
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
     rm = RewardLM(model, lm.tokenizer, dict(lm.config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    run = store.start_run("rm", {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed},
-                          base_model=base, pid=os.getpid()) if store is not None else None
-    rng = random.Random(seed)
-    order = []
-    try:
-        for step in range(max_steps):
-            if not order:
-                order = list(range(len(train)))
-                rng.shuffle(order)
-            batch = [train[order.pop()] for _ in range(min(prompts_per_step, len(order)))]
+    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed}
+    with recorded_run(store, "rm", config, base) as run:
+        for step, batch in zip(range(max_steps), prompt_batches(train, prompts_per_step, seed)):
             loss, accuracy, margin = pair_loss(rm, batch, max_len)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,17 +149,11 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
                 print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out accuracy "
                       f"{values['eval_accuracy']:.3f}  margin {values['eval_margin']:.3f}", flush=True)
-            if run:
-                store.log_metrics(run, step + 1, values)
+            run.log(step + 1, values)
         model.eval()
         model.offset = sampled_mean(lm, rm, [g["prompt"] for g in train[:normalise_samples]], seed, max_len)
         rm.save(out)
-        if run:
-            store.end_run(run, "finished", output_model=str(out))
-    except BaseException as e:
-        if run:
-            store.end_run(run, "cancelled" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e))
-        raise
+        run.output = str(out)
     return rm
 
 

@@ -1,0 +1,78 @@
+"""Preference data for RLHF, and the bookkeeping its trainers share."""
+import contextlib
+import json
+import os
+import random
+
+from engine import data
+from engine.errors import ParleyError
+
+
+def preference_groups(source: str, store=None) -> list[dict]:
+    """[{"prompt": messages, "pairs": [(chosen, rejected), ...]}], one per prompt.
+
+    `source` is "store" (the user's rankings) or a TRL-format JSONL file, checked line by line."""
+    if source == "store":
+        if store is None:
+            from engine.store import Store
+            store = Store()
+        groups = [{"prompt": g["prompt"], "pairs": [(p["chosen"], p["rejected"]) for p in g["pairs"]]}
+                  for g in store.pairs_by_prompt()]
+    else:
+        from engine.store.exchange import _check_pref, read_jsonl
+        by_prompt: dict[str, dict] = {}
+        for number, row, error in read_jsonl(source):
+            error = error or _check_pref(row)
+            if error:
+                raise ParleyError(f"{source}:{number}: {error}")
+            key = json.dumps(row["_prompt"], sort_keys=True)
+            by_prompt.setdefault(key, {"prompt": row["_prompt"], "pairs": []})["pairs"].append(
+                (row["_chosen"], row["_rejected"]))
+        groups = list(by_prompt.values())
+    if not groups:
+        raise ParleyError(f"no preference pairs in {source}: rank some candidates in the app first")
+    return groups
+
+
+def split_by_prompt(groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by the fixed split of data.held_out on the prompt; held-out is never empty."""
+    def key(g):
+        return json.dumps(g["prompt"], sort_keys=True)
+    train = [g for g in groups if not data.held_out(key(g))]
+    heldout = [g for g in groups if data.held_out(key(g))]
+    return train or groups, heldout or train or groups
+
+
+def prompt_batches(groups: list[dict], per_step: int, seed: int):
+    """Batches of whole prompts (all their pairs together), in seeded epochs, forever."""
+    rng, order = random.Random(seed), []
+    while True:
+        if not order:
+            order = list(range(len(groups)))
+            rng.shuffle(order)
+        yield [groups[order.pop()] for _ in range(min(per_step, len(order)))]
+
+
+class Run:
+    def __init__(self, store, run_id):
+        self.store, self.id, self.output = store, run_id, None
+
+    def log(self, step: int, values: dict) -> None:
+        if self.id:
+            self.store.log_metrics(self.id, step, values)
+
+
+@contextlib.contextmanager
+def recorded_run(store, kind: str, config: dict, base_model: str):
+    """A run in the store (if any): finished with `run.output` set, cancelled on Ctrl+C or
+    SIGTERM, failed with the error otherwise."""
+    run = Run(store, store.start_run(kind, config, base_model=base_model, pid=os.getpid()) if store else None)
+    try:
+        yield run
+    except BaseException as e:
+        if run.id:
+            cancelled = isinstance(e, KeyboardInterrupt)
+            store.end_run(run.id, "cancelled" if cancelled else "failed", error=None if cancelled else str(e))
+        raise
+    if run.id:
+        store.end_run(run.id, "finished", output_model=run.output)
