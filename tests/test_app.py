@@ -87,7 +87,7 @@ async def test_markup_looking_text_is_shown_literally(app):
 async def test_escape_stops_and_the_partial_reply_is_kept(app):
     async with app.run_test(size=(160, 50)) as pilot:
         set_setting(app.screen, "max_new_tokens", 2000)
-        set_setting(app.screen, "top_k", 0)
+        set_setting(app.screen, "min_new_tokens", 2000)   # only Esc can end it
         await send(pilot, "Tell me a long story")
         await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
         await pilot.press("escape")
@@ -118,12 +118,16 @@ async def test_regenerate_and_branch_navigation(app):
 @sync
 async def test_settings_change_mid_stream_applies_to_the_rest(app):
     async with app.run_test(size=(160, 50)) as pilot:
-        set_setting(app.screen, "max_new_tokens", 400)
+        set_setting(app.screen, "max_new_tokens", 2000)
+        set_setting(app.screen, "min_new_tokens", 2000)   # the reply cannot end before the change
         await send(pilot, "Go on")
         await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
         set_setting(app.screen, "temperature", 0.25)
+        await pilot.pause(0.5)
+        await pilot.press("escape")
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete", 60)
-        assert replies(app.store)[0]["settings"]["temperature"] == 0.25
+        reply = replies(app.store)[0]
+        assert reply["settings"]["temperature"] == 0.25 and reply["finish_reason"] == "cancelled"
 
 
 @sync

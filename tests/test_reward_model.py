@@ -115,3 +115,28 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
         before = sequence_logprobs(engine.load(base / "sft", device="cpu").model,
                                    engine.load(base / "sft").tokenizer, prompt, replies, 64)
     assert (after[0] - after[1]) > (before[0] - before[1])
+
+
+def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, tmp_path):
+    import engine
+    from engine.rlhf.ppo import mean_reward, train_ppo
+    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60, lr=3e-3,
+                       device="cpu", eval_every=60, normalise_samples=8)
+    rm = load_reward_model(tmp_path / "rm", device="cpu")
+    prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(200)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:150]))
+    heldout = prompts[150:]   # never seen in PPO
+    before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
+    with Store(tmp_path / "parley.db") as store:
+        train_ppo(str(base / "sft"), str(tmp_path / "rm"), str(tmp_path / "ppo"), prompts=str(tmp_path / "prompts.jsonl"),
+                  max_steps=12, batch_size=16, minibatch_size=8, lr=3e-4, beta=0.05, max_new_tokens=16, device="cpu",
+                  store=store)
+        run = store.runs()[0]
+        kls = [m["value"] for m in store.metrics(run["id"], "kl")]
+        names = {m["name"] for m in store.metrics(run["id"])}
+        assert run["kind"] == "ppo" and run["status"] == "finished" and store.model("ppo") is not None
+    assert names >= {"reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length"}
+    after = mean_reward(engine.load(tmp_path / "ppo", device="cpu"), rm, heldout, seed=7)
+    print(f"held-out mean reward {before:.3f} -> {after:.3f}; KL per step {[round(k, 2) for k in kls]}")
+    assert after > before + 0.5
+    assert max(kls) < 8.0

@@ -86,7 +86,7 @@ class PromptArea(TextArea):
 
 
 NUMBER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-                 "presence_penalty", "no_repeat_ngram_size", "num_beams", "max_new_tokens", "seed")
+                 "presence_penalty", "no_repeat_ngram_size", "num_beams", "max_new_tokens", "min_new_tokens", "seed")
 
 
 class SettingsPanel(VerticalScroll):
