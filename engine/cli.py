@@ -151,6 +151,18 @@ def cmd_train(args) -> None:
             train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, device=args.device,
                       store=None if args.no_store else store, **extra)
         return
+    if args.mode == "ppo":
+        from engine.rlhf.ppo import train_ppo
+        from engine.store import Store
+        if not args.policy or not args.reward_model:
+            raise ParleyError("parley train ppo needs --policy MODEL and --reward-model DIR")
+        signal.signal(signal.SIGTERM, _interrupt)
+        names = ("max_steps", "seed", "lr", "beta", "target_kl", "ptx_coef", "ema", "batch_size")
+        extra = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        with Store() as store:
+            train_ppo(str(resolve_model(args.policy)), args.reward_model, args.out, prompts=args.prompts,
+                      ptx_data=args.data, device=args.device, store=None if args.no_store else store, **extra)
+        return
     if args.mode == "rm":
         from engine.rlhf.reward_model import train_reward_model
         from engine.store import Store
@@ -230,7 +242,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo"])
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo", "ppo"])
     p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
@@ -241,7 +253,12 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="start from this model directory")
     p.add_argument("--base", help="rm: the backbone model (a directory or known name)")
     p.add_argument("--policy", help="dpo: the policy to fine-tune (also the frozen reference)")
-    p.add_argument("--beta", type=float, help="dpo: the KL strength beta (default 0.1)")
+    p.add_argument("--beta", type=float, help="dpo/ppo: the KL strength beta (0.1 for DPO, 0.05 for PPO)")
+    p.add_argument("--reward-model", help="ppo: the reward model directory")
+    p.add_argument("--prompts", help="ppo: JSONL of {\"prompt\": messages or text}; default: the store's chats")
+    p.add_argument("--target-kl", type=float, help="ppo: adapt beta towards this KL per reply")
+    p.add_argument("--ptx-coef", type=float, help="ppo: weight of the pretraining loss on --data (PPO-ptx)")
+    p.add_argument("--ema", type=float, help="ppo: keep and save an EMA of the policy with this decay")
     p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
     p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
     p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")
