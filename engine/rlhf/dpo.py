@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import engine
 from engine import data
 from engine.rlhf.losses import dpo_loss
-from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, split_by_prompt
+from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, right_pad, split_by_prompt
 
 
 def sequence_logprobs(model, tokenizer, prompt: list[dict], replies: list[str], max_len: int) -> torch.Tensor:
@@ -24,15 +24,9 @@ def sequence_logprobs(model, tokenizer, prompt: list[dict], replies: list[str], 
         ids, mask = data.encode(tokenizer, prompt + [{"role": "assistant", "content": reply}], assistant_only=True)
         rows.append(ids[-max_len:])
         masks.append(mask[-max_len:])
-    width = max(len(r) for r in rows)
     device = next(model.parameters()).device
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    loss_mask = torch.zeros(len(rows), width, device=device)
-    pad_mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        ids[i, :len(r)] = torch.tensor(r)
-        loss_mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
-        pad_mask[i, :len(r)] = True
+    ids, pad_mask = right_pad(rows, 0, device)
+    loss_mask = right_pad(masks, 0, device)[0].float()
     logits = model(ids[:, :-1], pad_mask=pad_mask[:, :-1]).float()
     logp = torch.gather(F.log_softmax(logits, dim=-1), 2, ids[:, 1:, None])[..., 0]
     return (logp * loss_mask[:, 1:]).sum(1)

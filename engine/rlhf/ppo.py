@@ -30,7 +30,7 @@ from engine import data
 from engine.errors import ParleyError
 from engine.generate import generate
 from engine.rlhf.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from engine.rlhf.prefs import recorded_run
+from engine.rlhf.prefs import recorded_run, right_pad
 from engine.rlhf.reward_model import RewardModel, load_reward_model
 from engine.sampling import Settings
 
@@ -120,7 +120,6 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
     train = [p for p in all_prompts if not data.held_out(json.dumps(p, sort_keys=True))] or all_prompts
     ptx = ptx_rows(lm, ptx_data) if ptx_coef else None
     kl_control = AdaptiveKL(beta, target_kl)
-    eos_ids = lm.eos_token_ids
     config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "batch_size": batch_size,
               "lr": lr, "beta": beta, "target_kl": target_kl, "temperature": temperature, "seed": seed}
     with recorded_run(store, "ppo", config, policy) as run:
@@ -200,15 +199,11 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
 
 def pad_rows(rows, prompt_lengths, pad_id, device):
     """Right-padded ids, the non-pad mask, and the mask of response tokens as targets [B, T-1]."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    pad_mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    response = torch.zeros(len(rows), width - 1)
+    ids, pad_mask = right_pad(rows, pad_id, device)
+    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
     for i, (r, n) in enumerate(zip(rows, prompt_lengths)):
-        ids[i, :len(r)] = torch.tensor(r)
-        pad_mask[i, :len(r)] = True
         response[i, n - 1:len(r) - 1] = 1.0   # target positions n..len-1 are predicted at n-1..len-2
-    return ids.to(device), pad_mask.to(device), response.to(device)
+    return ids, pad_mask, response
 
 
 def ptx_rows(lm, source: str | None) -> list[torch.Tensor]:

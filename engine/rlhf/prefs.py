@@ -4,6 +4,8 @@ import json
 import os
 import random
 
+import torch
+
 from engine import data
 from engine.errors import ParleyError
 
@@ -32,6 +34,17 @@ def preference_groups(source: str, store=None) -> list[dict]:
     if not groups:
         raise ParleyError(f"no preference pairs in {source}: rank some candidates in the app first")
     return groups
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right into [batch, longest], and the mask of real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids.to(device), mask.to(device)
 
 
 def split_by_prompt(groups: list[dict]) -> tuple[list[dict], list[dict]]:

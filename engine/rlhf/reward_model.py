@@ -22,7 +22,7 @@ from engine.errors import ParleyError
 from engine.files import atomic_dir, write_json
 from engine.models import family
 from engine.rlhf.losses import reward_model_loss
-from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, split_by_prompt
+from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, right_pad, split_by_prompt
 from engine.tokenizer import Tokenizer
 
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
@@ -63,13 +63,7 @@ class RewardLM:
         return ids[-max_len:]   # a long context loses its oldest tokens, never the response's end
 
     def batch(self, rows: list[list[int]]):
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = True
-        return ids.to(self.device), mask.to(self.device)
+        return right_pad(rows, self.pad_id, self.device)
 
     def rewards(self, pairs: list[tuple[list[dict], str]], max_len: int = 512, batch_size: int = 16) -> list[float]:
         out = []
