@@ -130,9 +130,11 @@ def _interrupt(signum, frame):
 def cmd_train(args) -> None:
     from dataclasses import fields
 
-    from engine.registry import resolve_model
     from engine.train import tokenizer as tokenizer_training
     from engine.train.trainer import TrainConfig, train
+    # The app cancels a run with SIGTERM (SIGINT may be ignored in a process it starts): both end
+    # the run as "cancelled", after the last complete step.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.mode == "tokenizer":
         tokenizer_training.main(args)
         return
@@ -140,43 +142,9 @@ def cmd_train(args) -> None:
         from engine.train import ngram
         ngram.main(args)
         return
-    if args.mode == "dpo":
-        from engine.rlhf.dpo import train_dpo
-        from engine.store import Store
-        if not args.policy or not args.prefs:
-            raise ParleyError("parley train dpo needs --policy MODEL and --prefs store|FILE.jsonl")
-        signal.signal(signal.SIGTERM, _interrupt)
-        extra = {k: getattr(args, k) for k in ("max_steps", "seed", "lr", "beta") if getattr(args, k) is not None}
-        with Store() as store:
-            train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, device=args.device,
-                      store=None if args.no_store else store, **extra)
+    if args.mode in RLHF_MODES:
+        cmd_train_rlhf(args)
         return
-    if args.mode == "ppo":
-        from engine.rlhf.ppo import train_ppo
-        from engine.store import Store
-        if not args.policy or not args.reward_model:
-            raise ParleyError("parley train ppo needs --policy MODEL and --reward-model DIR")
-        signal.signal(signal.SIGTERM, _interrupt)
-        names = ("max_steps", "seed", "lr", "beta", "target_kl", "ptx_coef", "ema", "batch_size")
-        extra = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-        with Store() as store:
-            train_ppo(str(resolve_model(args.policy)), args.reward_model, args.out, prompts=args.prompts,
-                      ptx_data=args.data, device=args.device, store=None if args.no_store else store, **extra)
-        return
-    if args.mode == "rm":
-        from engine.rlhf.reward_model import train_reward_model
-        from engine.store import Store
-        if not args.base or not args.prefs:
-            raise ParleyError("parley train rm needs --base MODEL and --prefs store|FILE.jsonl")
-        signal.signal(signal.SIGTERM, _interrupt)
-        extra = {k: getattr(args, k) for k in ("max_steps", "seed", "lr") if getattr(args, k) is not None}
-        with Store() as store:
-            train_reward_model(str(resolve_model(args.base)), args.prefs, args.out, device=args.device,
-                               store=None if args.no_store else store, **extra)
-        return
-    # The app cancels a run with SIGTERM (SIGINT may be ignored in a process it starts): both end
-    # the run as "cancelled", after the last complete step.
-    signal.signal(signal.SIGTERM, _interrupt)
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(mode=args.mode, **{k: v for k, v in vars(args).items() if k in names and v is not None
                                             and k != "mode"})
@@ -186,6 +154,35 @@ def cmd_train(args) -> None:
         from engine.store import Store
         with Store() as store:
             train(config, store)
+
+
+RLHF_MODES = {  # mode: (required options with how to write them, optional options passed through)
+    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"}, ("max_steps", "seed", "lr")),
+    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, ("max_steps", "seed", "lr", "beta")),
+    "ppo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
+            ("max_steps", "seed", "lr", "beta", "target_kl", "ptx_coef", "ema", "batch_size")),
+}
+
+
+def cmd_train_rlhf(args) -> None:
+    from engine.registry import resolve_model
+    from engine.store import Store
+    required, optional = RLHF_MODES[args.mode]
+    if not all(getattr(args, name) for name in required):
+        raise ParleyError(f"parley train {args.mode} needs {' and '.join(required.values())}")
+    options = {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
+    with Store() as store:
+        options.update(device=args.device, store=None if args.no_store else store)
+        if args.mode == "rm":
+            from engine.rlhf.reward_model import train_reward_model
+            train_reward_model(str(resolve_model(args.base)), args.prefs, args.out, **options)
+        elif args.mode == "dpo":
+            from engine.rlhf.dpo import train_dpo
+            train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, **options)
+        else:
+            from engine.rlhf.ppo import train_ppo
+            train_ppo(str(resolve_model(args.policy)), args.reward_model, args.out, prompts=args.prompts,
+                      ptx_data=args.data, **options)
 
 
 def cmd_score(args) -> None:
