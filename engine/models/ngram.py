@@ -269,7 +269,7 @@ class NGramNetwork(torch.nn.Module):
         return self.anchor
 
     def new_cache(self, batch: int, max_len: int) -> "NGramCache":
-        return NGramCache(batch, self.ngram.order - 1, self.ngram.bos)
+        return NGramCache(batch, self.ngram.order - 1)
 
     def forward(self, idx: torch.Tensor, cache=None, pad_mask=None, last_only: bool = False) -> torch.Tensor:
         rows = idx.tolist()
@@ -288,8 +288,7 @@ class NGramNetwork(torch.nn.Module):
 
 
 class NGramCache:
-    def __init__(self, batch: int, keep: int, bos: int):
-        self.bos = bos
+    def __init__(self, batch: int, keep: int):
         self.histories = [[] for _ in range(batch)]
         self.keep = keep
 

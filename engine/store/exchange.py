@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.errors import ParleyError
 from engine.files import atomic_write_text
-from engine.store.store import ROLES, Store, new_id, now
+from engine.store.store import ROLES, Store, now
 
 MAX_LINE = 16 * 2**20
 FORMATS = {"conversations": ("jsonl", "trl"), "prefs": ("jsonl", "trl"), "rankings": ("jsonl",)}
@@ -267,5 +267,5 @@ def _write_prefs(store: Store, rows: list[dict], path: str) -> dict:
             ids.append(replies[(text, model)])
         comparison = store.create_comparison(cid, parent, ids)
         store.rank(comparison, {ids[0]: 1, ids[1]: 2}, row.get("annotator") or f"import:{Path(path).name}",
-                   created_at=row.get("created_at"), ranking_id=new_id())
+                   created_at=row.get("created_at"))
     return {"pairs": len(rows), "prompts": len(contexts)}
