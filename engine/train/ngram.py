@@ -4,6 +4,7 @@ from engine.errors import ParleyError
 from engine.lm import LM
 from engine.models.ngram import NGramLM, NGramNetwork
 from engine.tokenizer import Tokenizer
+from engine.train.tokenizer import stop_ids
 
 
 def train_ngram(tokenizer_dir: str, source: str | None, order: int, method: str, k: float = 1.0) -> LM:
@@ -14,8 +15,7 @@ def train_ngram(tokenizer_dir: str, source: str | None, order: int, method: str,
     bos = tokenizer.token_id(tokenizer.special_tokens.get("bos_token"))
     bos = bos if bos is not None else tokenizer.eos_token_id
     ngram = NGramLM(order, tokenizer.vocab_size, bos, method, k).fit(data.encode(tokenizer, x)[0] for x in train)
-    eos = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")) if i is not None]
-    return LM(NGramNetwork(ngram), tokenizer, ngram.config(), {"eos_token_id": eos})
+    return LM(NGramNetwork(ngram), tokenizer, ngram.config(), {"eos_token_id": stop_ids(tokenizer)})
 
 
 def main(args) -> None:

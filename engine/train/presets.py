@@ -6,6 +6,7 @@ import torch
 from engine.errors import ParleyError
 from engine.lm import LM
 from engine.models import llama
+from engine.train.tokenizer import stop_ids
 
 PRESETS = {
     # for tests: trains in seconds
@@ -30,7 +31,7 @@ def new_lm(preset: str, tokenizer, seed: int) -> LM:
     model = llama.Llama(config)
     init_weights(model, config.num_hidden_layers)
     hf = config.to_hf()
-    eos = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")) if i is not None]
+    eos = stop_ids(tokenizer)
     hf.update(eos_token_id=eos[0] if eos else None, pad_token_id=tokenizer.pad_token_id)
     return LM(model, tokenizer, hf, {"eos_token_id": eos})
 

@@ -15,6 +15,11 @@ CHATML = ("{{ bos_token }}{% for message in messages %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """The ids that end a reply of a model trained on this tokenizer: end of turn, end of text."""
+    return [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|endoftext|>")) if i is not None]
+
+
 def texts(examples) -> list[str]:
     """The plain text of training examples: every message's content, or the text line."""
     out = []
