@@ -156,11 +156,12 @@ def cmd_train(args) -> None:
             train(config, store)
 
 
+COMMON = ("max_steps", "seed", "lr", "save_every", "resume")
 RLHF_MODES = {  # mode: (required options with how to write them, optional options passed through)
-    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"}, ("max_steps", "seed", "lr")),
-    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, ("max_steps", "seed", "lr", "beta")),
+    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every")),
+    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every", "beta")),
     "ppo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
-            ("max_steps", "seed", "lr", "beta", "target_kl", "ptx_coef", "ema", "batch_size")),
+            (*COMMON, "beta", "target_kl", "ptx_coef", "ema", "batch_size")),
 }
 
 
@@ -172,7 +173,8 @@ def cmd_train_rlhf(args) -> None:
         raise ParleyError(f"parley train {args.mode} needs {' and '.join(required.values())}")
     options = {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
     with Store() as store:
-        options.update(device=args.device, store=None if args.no_store else store)
+        # under torchrun only the first process records the run
+        options.update(device=args.device, store=None if args.no_store or os.environ.get("RANK", "0") != "0" else store)
         if args.mode == "rm":
             from engine.rlhf.reward_model import train_reward_model
             train_reward_model(str(resolve_model(args.base)), args.prefs, args.out, **options)

@@ -30,3 +30,15 @@ def resolve_model(name: str | None) -> Path:
     names = ", ".join(sorted(known)) or "none yet"
     raise ParleyError(f"no model directory or known model named {name!r}: pass a Hugging Face-format directory, "
                       f"or one of the known names ({names})")
+
+
+def register(store, out: str | Path) -> None:
+    """Make the trained model selectable in the app, under its directory's name."""
+    out = Path(out)
+    name, n = out.name, 1
+    while store.model(name) is not None:
+        if Path(store.model(name)["path"]) == out.resolve():
+            return
+        n += 1
+        name = f"{out.name}-{n}"
+    store.add_model(name, out.resolve(), kind="trained")

@@ -1,7 +1,10 @@
 """The reward model learns a hidden preference rule from pairs, saves, loads and scores."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -117,18 +120,24 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
     assert (after[0] - after[1]) > (before[0] - before[1])
 
 
-def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, tmp_path):
+@pytest.fixture(scope="module")
+def reward_dir(base):
+    """A reward model trained on the hidden rule, and the PPO prompts file beside it."""
+    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(base / "rm"), max_steps=60, lr=3e-3,
+                       device="cpu", eval_every=60, normalise_samples=8)
+    prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150)]
+    (base / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return base / "rm"
+
+
+def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, reward_dir, tmp_path):
     import engine
     from engine.rlhf.ppo import mean_reward, train_ppo
-    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60, lr=3e-3,
-                       device="cpu", eval_every=60, normalise_samples=8)
-    rm = load_reward_model(tmp_path / "rm", device="cpu")
-    prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(200)]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:150]))
-    heldout = prompts[150:]   # never seen in PPO
+    rm = load_reward_model(reward_dir, device="cpu")
+    heldout = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150, 200)]
     before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
     with Store(tmp_path / "parley.db") as store:
-        train_ppo(str(base / "sft"), str(tmp_path / "rm"), str(tmp_path / "ppo"), prompts=str(tmp_path / "prompts.jsonl"),
+        train_ppo(str(base / "sft"), str(reward_dir), str(tmp_path / "ppo"), prompts=str(base / "prompts.jsonl"),
                   max_steps=12, batch_size=16, minibatch_size=8, lr=3e-4, beta=0.05, max_new_tokens=16, device="cpu",
                   store=store)
         run = store.runs()[0]
@@ -140,3 +149,66 @@ def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, tmp_path):
     print(f"held-out mean reward {before:.3f} -> {after:.3f}; KL per step {[round(k, 2) for k in kls]}")
     assert after > before + 0.5
     assert max(kls) < 8.0
+
+
+def rlhf_args(mode, base, reward_dir):
+    common = ["--max-steps", 6, "--save-every", 2, "--seed", 1, "--device", "cpu", "--lr", 1e-3]
+    return {"rm": ["train", "rm", "--base", base / "sft", "--prefs", base / "prefs.jsonl", "--eval-every", 3],
+            "dpo": ["train", "dpo", "--policy", base / "sft", "--prefs", base / "prefs.jsonl", "--eval-every", 3],
+            "ppo": ["train", "ppo", "--policy", base / "sft", "--reward-model", reward_dir, "--prompts",
+                    base / "prompts.jsonl", "--batch-size", 4, "--target-kl", 1.0, "--ema", 0.9],
+            }[mode] + common
+
+
+def parley(*args, home, torchrun=False):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "tui_app", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PARLEY_HOME": str(home)})
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+    return load_file(directory / "model.safetensors"), json.loads((directory / "config.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo"])
+def test_rlhf_run_resumes_after_sigkill_to_the_same_weights(base, reward_dir, tmp_path, mode):
+    args = rlhf_args(mode, base, reward_dir)
+    whole = parley(*args, "--out", tmp_path / "whole", home=tmp_path / "home-whole")
+    assert whole.wait() == 0, whole.stderr.read()
+
+    cut = parley(*args, "--out", tmp_path / "cut", home=tmp_path / "home-cut")
+    while not (tmp_path / "cut" / "checkpoints" / "step-000002").exists() and cut.poll() is None:
+        time.sleep(0.005)
+    cut.send_signal(signal.SIGKILL)
+    assert cut.wait() == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "config.json").exists()
+    resumed = parley(*args, "--out", tmp_path / "cut", "--resume", home=tmp_path / "home-cut")
+    assert resumed.wait() == 0, resumed.stderr.read()
+
+    (a, config_a), (b, config_b) = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # bit for bit
+    assert config_a == config_b
+    with Store(tmp_path / "home-cut" / "parley.db") as store:
+        [run] = store.runs()
+        assert run["status"] == "finished" and [m["step"] for m in store.metrics(run["id"], "loss" if mode != "ppo"
+                                                                                  else "reward")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo"])
+def test_rlhf_run_under_torchrun_matches_one_process(base, reward_dir, tmp_path, mode):
+    args = rlhf_args(mode, base, reward_dir) + ["--max-steps", 3]
+    one = parley(*args, "--out", tmp_path / "one", home=tmp_path / "home-one")
+    two = parley(*args, "--out", tmp_path / "two", home=tmp_path / "home-two", torchrun=True)
+    assert one.wait() == 0, one.stderr.read()
+    assert two.wait() == 0, two.stderr.read()
+    (a, _), (b, _) = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # Adam turns rounding noise in near-zero gradients into steps of up to lr x 1e-2 = 1e-5 each;
+    # a process that missed the other's gradients would be off by about lr = 1e-3.
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+    curves = []
+    for home in ("home-one", "home-two"):
+        with Store(tmp_path / home / "parley.db") as store:
+            [run] = store.runs()    # the second process records nothing
+            curves.append([m["value"] for m in store.metrics(run["id"], "loss" if mode != "ppo" else "reward")])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4, abs=1e-6)

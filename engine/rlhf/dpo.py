@@ -6,7 +6,7 @@ content and end-of-turn marker) given the prompt. The result is saved as a norma
 registered in the app.
 """
 import copy
-from pathlib import Path
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import engine
 from engine import data
 from engine.rlhf.losses import dpo_loss
-from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, right_pad, split_by_prompt
+from engine.rlhf.prefs import preference_groups, prompt_batches, right_pad, split_by_prompt
+from engine.rlhf.run import Run
+from engine.train import distributed
 
 
 def sequence_logprobs(model, tokenizer, prompt: list[dict], replies: list[str], max_len: int) -> torch.Tensor:
@@ -33,6 +35,7 @@ def sequence_logprobs(model, tokenizer, prompt: list[dict], replies: list[str], 
 
 
 def batch_terms(policy, reference, tokenizer, groups, beta: float, max_len: int):
+    """(loss averaged over prompts, chosen rewards, rejected rewards) of whole prompts."""
     losses, chosen_rewards, rejected_rewards = [], [], []
     for g in groups:
         chosen, rejected = [c for c, _ in g["pairs"]], [r for _, r in g["pairs"]]
@@ -45,41 +48,45 @@ def batch_terms(policy, reference, tokenizer, groups, beta: float, max_len: int)
         losses.append(loss)       # a prompt's pairs are averaged first: each prompt weighs the same
         chosen_rewards.append(cr)
         rejected_rewards.append(rj)
-    cr, rj = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
-    return torch.stack(losses).mean(), (cr > rj).float().mean(), (cr - rj).mean()
+    return torch.stack(losses).mean(), torch.cat(chosen_rewards), torch.cat(rejected_rewards)
 
 
 def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: int = 100, lr: float = 5e-5,
-              prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 25, max_len: int = 256,
-              store=None):
+              prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 25, save_every: int = 50,
+              resume: bool = False, max_len: int = 256, store=None):
+    config = {"policy": policy, "prefs": prefs, "beta": beta, "max_steps": max_steps, "lr": lr, "seed": seed}
+    run = Run("dpo", config, policy, out, store, device, resume, save_every)
     torch.manual_seed(seed)
-    lm = engine.load(policy, device=device, dtype="float32")
+    lm = engine.load(policy, device=run.device, dtype="float32")
     reference = copy.deepcopy(lm.model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     train, heldout = split_by_prompt(preference_groups(prefs, store))
     model = lm.model.train()   # dropout-free models: train() changes nothing but intent
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    config = {"policy": policy, "prefs": prefs, "beta": beta, "max_steps": max_steps, "lr": lr, "seed": seed}
-    with recorded_run(store, "dpo", config, policy) as run:
-        for step, batch in zip(range(max_steps), prompt_batches(train, prompts_per_step, seed)):
-            loss, accuracy, margin = batch_terms(model, reference, lm.tokenizer, batch, beta, max_len)
+    start = run.restore(optimizer, {"policy": model}).get("step", 0)
+    batches = islice(prompt_batches(train, prompts_per_step, seed), start, max_steps)
+    with run:
+        for step, batch in enumerate(batches, start):
+            mine = run.share(batch)
+            loss, chosen, rejected = batch_terms(model, reference, lm.tokenizer, mine, beta, max_len)
+            share = len(mine) / len(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
+            distributed.sum_gradients(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            values = {"loss": loss.item(), "reward_accuracy": accuracy.item(), "margin": margin.item()}
-            if (step + 1) % eval_every == 0 or step + 1 == max_steps:
+            totals = distributed.sum_values([loss.item() * share, (chosen > rejected).sum().item(),
+                                             (chosen - rejected).sum().item(), len(chosen)], run.device)
+            values = {"loss": totals[0], "reward_accuracy": totals[1] / totals[3], "margin": totals[2] / totals[3]}
+            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
                 with torch.no_grad():
-                    _, eval_accuracy, eval_margin = batch_terms(model, reference, lm.tokenizer, heldout, beta, max_len)
-                values.update(eval_reward_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
+                    _, chosen, rejected = batch_terms(model, reference, lm.tokenizer, heldout, beta, max_len)
+                values.update(eval_reward_accuracy=(chosen > rejected).float().mean().item(),
+                              eval_margin=(chosen - rejected).mean().item())
                 print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out reward accuracy "
                       f"{values['eval_reward_accuracy']:.3f}  margin {values['eval_margin']:.4f}", flush=True)
-            run.log(step + 1, values)
+            run.end_step(step + 1, max_steps, values, optimizer, {"policy": model})
         model.eval()
-        lm.save(out)
-        run.output = str(out)
-        if store is not None:
-            from engine.train.trainer import register
-            register(store, Path(out))
+        run.save(lm.write)
     return lm

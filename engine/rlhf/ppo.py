@@ -20,7 +20,6 @@ whitened advantages, value clipping), since they reproduce OpenAI's original cod
 import copy
 import json
 import random
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +29,11 @@ from engine import data
 from engine.errors import ParleyError
 from engine.generate import generate
 from engine.rlhf.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from engine.rlhf.prefs import recorded_run, right_pad
+from engine.rlhf.prefs import right_pad
 from engine.rlhf.reward_model import RewardModel, load_reward_model
+from engine.rlhf.run import Run
 from engine.sampling import Settings
+from engine.train import distributed
 
 
 def load_prompts(source: str | None, store=None) -> list[list[dict]]:
@@ -95,10 +96,13 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
               critic_lr: float | None = None, beta: float = 0.05, target_kl: float | None = None,
               temperature: float = 1.0, max_new_tokens: int = 32, missing_eos_penalty: float = 1.0,
               score_clip: float = 10.0, clip: float = 0.2, vf_coef: float = 0.1, ptx_coef: float = 0.0,
-              ptx_data: str | None = None, ema: float | None = None, seed: int = 0, device=None, store=None):
+              ptx_data: str | None = None, ema: float | None = None, seed: int = 0, device=None,
+              save_every: int = 10, resume: bool = False, store=None):
+    config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "batch_size": batch_size,
+              "lr": lr, "beta": beta, "target_kl": target_kl, "temperature": temperature, "seed": seed}
+    run = Run("ppo", config, policy, out, store, device, resume, save_every)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    lm = engine.load(policy, device=device, dtype="float32")
+    lm = engine.load(policy, device=run.device, dtype="float32")
     rm = load_reward_model(reward_model, device=lm.device)
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
         raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "
@@ -114,35 +118,35 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
     critic.offset = 0.0
     actor = lm.model.train()
     average = copy.deepcopy(actor).eval() if ema else None
+    trained = list(actor.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW([{"params": actor.parameters(), "lr": lr},
                                    {"params": critic.parameters(), "lr": critic_lr or lr * 10}], weight_decay=0.0)
     all_prompts = load_prompts(prompts, store)
     train = [p for p in all_prompts if not data.held_out(json.dumps(p, sort_keys=True))] or all_prompts
     ptx = ptx_rows(lm, ptx_data) if ptx_coef else None
-    kl_control = AdaptiveKL(beta, target_kl)
-    config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "batch_size": batch_size,
-              "lr": lr, "beta": beta, "target_kl": target_kl, "temperature": temperature, "seed": seed}
-    with recorded_run(store, "ppo", config, policy) as run:
-        for step in range(max_steps):
+    modules = {"actor": actor, "critic": critic, **({"ema": average} if average is not None else {})}
+    state = run.restore(optimizer, modules)
+    kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
+    with run:
+        for step in range(state.get("step", 0), max_steps):
+            rng = random.Random(seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
             batch = [rng.choice(train) for _ in range(batch_size)]
-            # 1. rollout
+            # 1. rollout: each process samples its share, then every process holds the whole batch
             actor.eval()
-            rows, prompt_lengths, ended, texts = [], [], [], []
-            for i, prompt in enumerate(batch):
-                ids = lm.tokenizer.encode_chat(prompt)[-(lm.max_context - max_new_tokens - 1):]
+            mine = []
+            for i in run.share(list(range(batch_size))):
+                ids = lm.tokenizer.encode_chat(batch[i])[-(lm.max_context - max_new_tokens - 1):]
                 reply = generate(lm, ids, Settings(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
                                                    max_new_tokens=max_new_tokens, seed=seed * 100003 + step * 997 + i),
                                  top_alternatives=0)[0]
-                rows.append(ids + reply.token_ids)
-                prompt_lengths.append(len(ids))
-                ended.append(reply.finish_reason == "eos")
-                texts.append((prompt, reply.text))
+                mine.append((i, ids + reply.token_ids, len(ids), reply.finish_reason == "eos", reply.text))
+            _, rows, prompt_lengths, ended, texts = zip(*sorted(distributed.gather(mine)))
             actor.train()
             ids, pad_mask, response_mask = pad_rows(rows, prompt_lengths, lm.tokenizer.pad_token_id or 0, lm.device)
-            # 2. score and per-token rewards
+            # 2. score and per-token rewards (every process computes the same, rather than send tensors)
             with torch.no_grad():
                 # scored as text, exactly as the reward model was trained (prompt + reply + end of turn)
-                score = torch.tensor(rm.rewards(texts), device=lm.device)
+                score = torch.tensor(rm.rewards(list(zip(batch, texts))), device=lm.device)
                 score = score - missing_eos_penalty * (~torch.tensor(ended, device=lm.device)).float()
                 score = score.clamp(-score_clip, score_clip)
                 old_logprobs, _ = response_logprobs(actor, ids, pad_mask, response_mask, temperature)
@@ -152,24 +156,29 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
                 advantages, returns = gae(rewards, old_values, response_mask, gamma=1.0, lam=0.95)
                 advantages = whiten(advantages, response_mask) * response_mask
             kl = ((old_logprobs - ref_logprobs) * response_mask).sum(1).mean().item()
-            # 4. PPO epochs over minibatches
-            stats = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": [], "entropy": []}
+            # 4. PPO epochs over minibatches; a process's share of a minibatch weighs by its tokens
+            stats = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy"), 0.0)
+            updates = 0
             for _ in range(ppo_epochs):
                 order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                for start in range(0, batch_size, minibatch_size):
-                    mb = order[start:start + minibatch_size].to(lm.device)
+                for first in range(0, batch_size, minibatch_size):
+                    minibatch = order[first:first + minibatch_size].tolist()
+                    mb = torch.tensor(run.share(minibatch), device=lm.device)
+                    share = (response_mask[mb].sum() / response_mask[minibatch].sum().clamp(min=1)).item()
                     logprobs, entropy = response_logprobs(actor, ids[mb], pad_mask[mb], response_mask[mb], temperature)
                     values = values_of(critic, ids[mb], pad_mask[mb], response_mask[mb])
                     pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb],
                                                                         response_mask[mb], clip)
                     vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], response_mask[mb], clip)
-                    loss = pg_loss + vf_coef * vf_loss
+                    loss = (pg_loss + vf_coef * vf_loss) * share
                     if ptx is not None:
                         x = ptx[rng.randrange(len(ptx))][None].to(lm.device)
-                        loss = loss + ptx_coef * F.cross_entropy(actor(x[:, :-1]).float().flatten(0, 1), x[0, 1:])
+                        if run.rank == 0:   # one pretraining row per minibatch, whatever the number of processes
+                            loss = loss + ptx_coef * F.cross_entropy(actor(x[:, :-1]).float().flatten(0, 1), x[0, 1:])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(list(actor.parameters()) + list(critic.parameters()), 1.0)
+                    distributed.sum_gradients(trained)
+                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
                     optimizer.step()
                     if average is not None:
                         with torch.no_grad():
@@ -178,22 +187,21 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
                     for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
                                         ("clip_fraction", clip_fraction),
                                         ("entropy", masked_mean(entropy, response_mask[mb]))):
-                        stats[name].append(value.item())
+                        stats[name] += value.item() * share
+                    updates += 1
             kl_control.update(kl, batch_size)
+            totals = distributed.sum_values(list(stats.values()), run.device)
             values = {"reward": score.mean().item(), "kl": kl, "beta": kl_control.beta,
                       "response_length": response_mask.sum(1).float().mean().item(),
-                      **{k: sum(v) / len(v) for k, v in stats.items()}}
-            print(f"step {step + 1}/{max_steps}  reward {values['reward']:.3f}  kl {values['kl']:.3f}  "
-                  f"entropy {values['entropy']:.3f}  clip {values['clip_fraction']:.2f}", flush=True)
-            run.log(step + 1, values)
+                      **{name: total / updates for name, total in zip(stats, totals)}}
+            if run.rank == 0:
+                print(f"step {step + 1}/{max_steps}  reward {values['reward']:.3f}  kl {values['kl']:.3f}  "
+                      f"entropy {values['entropy']:.3f}  clip {values['clip_fraction']:.2f}", flush=True)
+            run.end_step(step + 1, max_steps, values, optimizer, modules, {"beta": kl_control.beta})
         if average is not None:
             lm.model = average
         lm.model.eval()
-        lm.save(out)
-        run.output = str(out)
-        if store is not None:
-            from engine.train.trainer import register
-            register(store, Path(out))
+        run.save(lm.write)
     return lm
 
 

@@ -1,7 +1,5 @@
-"""Preference data for RLHF, and the bookkeeping its trainers share."""
-import contextlib
+"""Preference data for RLHF: pairs grouped by prompt, split, padded and batched."""
 import json
-import os
 import random
 
 import torch
@@ -57,35 +55,14 @@ def split_by_prompt(groups: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def prompt_batches(groups: list[dict], per_step: int, seed: int):
-    """Batches of whole prompts (all their pairs together), in seeded epochs, forever."""
+    """Batches of `per_step` whole prompts (all their pairs together), read from seeded
+    permutations one epoch after another, forever."""
     rng, order = random.Random(seed), []
     while True:
-        if not order:
-            order = list(range(len(groups)))
-            rng.shuffle(order)
-        yield [groups[order.pop()] for _ in range(min(per_step, len(order)))]
-
-
-class Run:
-    def __init__(self, store, run_id):
-        self.store, self.id, self.output = store, run_id, None
-
-    def log(self, step: int, values: dict) -> None:
-        if self.id:
-            self.store.log_metrics(self.id, step, values)
-
-
-@contextlib.contextmanager
-def recorded_run(store, kind: str, config: dict, base_model: str):
-    """A run in the store (if any): finished with `run.output` set, cancelled on Ctrl+C or
-    SIGTERM, failed with the error otherwise."""
-    run = Run(store, store.start_run(kind, config, base_model=base_model, pid=os.getpid()) if store else None)
-    try:
-        yield run
-    except BaseException as e:
-        if run.id:
-            cancelled = isinstance(e, KeyboardInterrupt)
-            store.end_run(run.id, "cancelled" if cancelled else "failed", error=None if cancelled else str(e))
-        raise
-    if run.id:
-        store.end_run(run.id, "finished", output_model=run.output)
+        batch = []
+        while len(batch) < per_step:
+            if not order:
+                order = list(range(len(groups)))
+                rng.shuffle(order)
+            batch.append(groups[order.pop()])
+        yield batch

@@ -10,6 +10,7 @@ The directory is saved in transformers' ...ForSequenceClassification layout (the
 tensors, minus lm_head, plus `score.weight`), with Parley's offset in config.json.
 """
 import math
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from engine.errors import ParleyError
 from engine.files import atomic_dir, write_json
 from engine.models import family
 from engine.rlhf.losses import reward_model_loss
-from engine.rlhf.prefs import preference_groups, prompt_batches, recorded_run, right_pad, split_by_prompt
+from engine.rlhf.prefs import preference_groups, prompt_batches, right_pad, split_by_prompt
+from engine.rlhf.run import Run
 from engine.tokenizer import Tokenizer
+from engine.train import distributed
 
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
                "mistral": "MistralForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
@@ -74,6 +77,10 @@ class RewardLM:
         return out
 
     def save(self, path: str | Path) -> None:
+        with atomic_dir(path) as tmp:
+            self.write(tmp)
+
+    def write(self, directory: Path) -> None:
         fam = family(self.config["model_type"])
         backbone = self.model.backbone
         state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("lm_head")}
@@ -81,10 +88,9 @@ class RewardLM:
         config = {**self.config, "architectures": [CLASSIFIERS[self.config["model_type"]]], "num_labels": 1,
                   "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": self.pad_id,
                   "parley_reward_offset": self.model.offset}
-        with atomic_dir(path) as tmp:
-            checkpoint.write_tensors(tmp, tensors)
-            write_json(tmp / "config.json", config)
-            self.tokenizer.save(tmp)
+        checkpoint.write_tensors(directory, tensors)
+        write_json(directory / "config.json", config)
+        self.tokenizer.save(directory)
 
 
 def load_reward_model(path: str | Path, device=None) -> RewardLM:
@@ -117,25 +123,35 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
 # -- training ----------------------------------------------------------------------------------------
 def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr: float = 5e-4,
                        prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 50,
-                       max_len: int = 256, normalise_samples: int = 32, store=None) -> RewardLM:
+                       save_every: int = 50, resume: bool = False, max_len: int = 256, normalise_samples: int = 32,
+                       store=None) -> RewardLM:
+    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed}
+    run = Run("rm", config, base, out, store, device, resume, save_every)
     torch.manual_seed(seed)
-    lm = engine.load(base, device=device, dtype="float32")
+    lm = engine.load(base, device=run.device, dtype="float32")
     train, heldout = split_by_prompt(preference_groups(prefs, store))
     model = RewardModel(lm.model).to(lm.device)
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
     rm = RewardLM(model, lm.tokenizer, dict(lm.config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed}
-    with recorded_run(store, "rm", config, base) as run:
-        for step, batch in zip(range(max_steps), prompt_batches(train, prompts_per_step, seed)):
-            loss, accuracy, margin = pair_loss(rm, batch, max_len)
+    start = run.restore(optimizer, {"reward_model": model}).get("step", 0)
+    batches = islice(prompt_batches(train, prompts_per_step, seed), start, max_steps)
+    with run:
+        for step, batch in enumerate(batches, start):
+            mine = run.share(batch)
+            loss, accuracy, margin = pair_loss(rm, mine, max_len)
+            share = len(mine) / len(batch)    # each prompt weighs the same, whichever process has it
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
+            distributed.sum_gradients(model.parameters())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            values = {"loss": loss.item(), "accuracy": accuracy.item(), "margin": margin.item()}
-            if (step + 1) % eval_every == 0 or step + 1 == max_steps:
+            pairs = sum(len(g["pairs"]) for g in mine)
+            totals = distributed.sum_values([loss.item() * share, accuracy.item() * pairs, margin.item() * pairs,
+                                             pairs], run.device)
+            values = {"loss": totals[0], "accuracy": totals[1] / totals[3], "margin": totals[2] / totals[3]}
+            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
                 model.eval()
                 with torch.no_grad():
                     _, eval_accuracy, eval_margin = pair_loss(rm, heldout, max_len)
@@ -143,11 +159,11 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
                 print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out accuracy "
                       f"{values['eval_accuracy']:.3f}  margin {values['eval_margin']:.3f}", flush=True)
-            run.log(step + 1, values)
+            run.end_step(step + 1, max_steps, values, optimizer, {"reward_model": model})
         model.eval()
-        model.offset = sampled_mean(lm, rm, [g["prompt"] for g in train[:normalise_samples]], seed, max_len)
-        rm.save(out)
-        run.output = str(out)
+        if run.rank == 0:
+            model.offset = sampled_mean(lm, rm, [g["prompt"] for g in train[:normalise_samples]], seed, max_len)
+        run.save(rm.write, model=False)
     return rm
 
 

@@ -411,6 +411,12 @@ class Store:
                                                                        now(), pid))
         return rid
 
+    def resume_run(self, run_id: str, pid: int | None = None) -> None:
+        """A run that continues from its checkpoint (after a crash or a cancel) is running again."""
+        with self.transaction():
+            self.conn.execute("UPDATE runs SET status = 'running', error = NULL, finished_at = NULL, pid = ? "
+                              "WHERE id = ?", (pid, run_id))
+
     def end_run(self, run_id: str, status: str, output_model: str | None = None, error: str | None = None) -> None:
         if status not in ("finished", "failed", "cancelled"):
             raise ParleyError(f"a run ends as finished, failed or cancelled, not {status!r}")

@@ -9,14 +9,12 @@
 - AdamW with weight decay on matrices only, linear warm-up then cosine decay to lr x
   min_lr_ratio, gradient clipping, bfloat16 autocast on CUDA (and on request on the CPU, where
   CPUs with AVX-512 bf16 train about twice as fast).
-- Checkpoints are Hugging Face model directories written atomically under OUT/checkpoints/,
-  with the optimizer and RNG state in safetensors beside them (never pickled); the last two are
-  kept. Only rank 0 writes checkpoints, metrics and the final model in OUT.
+- Checkpoints (engine.train.resume) are Hugging Face model directories under OUT/checkpoints/,
+  with the optimizer and RNG state beside them. Under torchrun (engine.train.distributed) only
+  rank 0 writes checkpoints, metrics and the final model in OUT.
 """
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -24,18 +22,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import engine
 from engine import data
-from engine.device import pick_device
 from engine.errors import ParleyError
-from engine.files import atomic_dir, write_json
 from engine.tokenizer import Tokenizer
+from engine.train import distributed
 from engine.train.presets import new_lm
+from engine.registry import register
+from engine.train.resume import checkpoints, newest_checkpoint, publish, read_state, restore, save_checkpoint
 
 
 @dataclass
@@ -104,55 +100,6 @@ class Batches:
         return torch.stack(out)
 
 
-# -- checkpoints ---------------------------------------------------------------------------------------
-def checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"))
-
-
-def save_checkpoint(lm, optimizer, out: Path, step: int, state: dict) -> None:
-    target = out / "checkpoints" / f"step-{step:06d}"
-    tensors = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    opt = optimizer.state_dict()
-    for index, values in opt["state"].items():
-        for name, value in values.items():
-            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    with atomic_dir(target) as tmp:
-        lm.write(tmp)
-        save_file(tensors, str(tmp / "trainer_state.safetensors"))
-        write_json(tmp / "trainer_state.json", {**state, "step": step, "param_groups": opt["param_groups"]})
-    for old in checkpoints(out)[:-2]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(out: Path, device, optimizer_factory):
-    """(lm, optimizer, state) from the newest checkpoint, or a clear error if it is damaged."""
-    found = checkpoints(out)
-    if not found:
-        raise ParleyError(f"--resume found no checkpoint in {out / 'checkpoints'}: start without --resume")
-    latest = found[-1]
-    try:
-        lm = engine.load(latest, device=device, dtype="float32")
-        state = json.loads((latest / "trainer_state.json").read_text())
-        tensors = load_file(latest / "trainer_state.safetensors")
-    except (ParleyError, SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        previous = f"delete it to resume from {found[-2].name}" if len(found) > 1 else "start again without --resume"
-        raise ParleyError(f"checkpoint {latest} is damaged ({e}): {previous}") from None
-    lm.model.train()
-    optimizer = optimizer_factory(lm.model)
-    opt_state = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            opt_state.setdefault(int(index), {})[key] = value.to(device) if key != "step" else value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return lm, optimizer, state
-
-
 def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
     # Weight decay on matrices only: not on norms, biases (or anything one-dimensional).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -163,26 +110,11 @@ def make_optimizer(model: torch.nn.Module, c: TrainConfig) -> torch.optim.AdamW:
 
 
 # -- the loop ------------------------------------------------------------------------------------------
-def setup_distributed(c: TrainConfig):
-    """(rank, world size, device): torchrun sets RANK and WORLD_SIZE; gloo on CPU, nccl on CUDA."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(c.device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(c.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def train(c: TrainConfig, store=None) -> Path:
     """Run training; returns the output directory. `store` records the run (rank 0 only)."""
     if c.mode not in ("pretrain", "sft"):
         raise ParleyError(f"unknown training mode {c.mode!r}: use pretrain or sft")
-    rank, world, device = setup_distributed(c)
+    rank, world, device = distributed.setup(c.device)
     if c.batch_size % (world * c.grad_accum):
         raise ParleyError(f"--batch-size {c.batch_size} must be divisible by processes x --grad-accum "
                           f"({world} x {c.grad_accum})")
@@ -191,7 +123,12 @@ def train(c: TrainConfig, store=None) -> Path:
     factory = lambda model: make_optimizer(model, c)  # noqa: E731
     state = {}
     if c.resume:
-        lm, optimizer, state = load_checkpoint(out, device, factory)
+        def read(directory):
+            return engine.load(directory, device=device, dtype="float32"), *read_state(directory)
+        lm, state, tensors = newest_checkpoint(out, read)
+        lm.model.train()
+        optimizer = factory(lm.model)
+        restore(optimizer, state, tensors, device)
     else:
         if c.model:
             lm = engine.load(c.model, device=device, dtype="float32")
@@ -217,15 +154,16 @@ def train(c: TrainConfig, store=None) -> Path:
     batches = Batches(len(ids), c.batch_size, c.seed)
 
     model = lm.model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(lm.model)
     if c.autocast not in ("auto", "bf16", "none"):
         raise ParleyError(f"--autocast {c.autocast!r}: use auto, bf16 or none")
     bf16 = c.autocast == "bf16" or (c.autocast == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     run_id = state.get("run_id")
-    if rank == 0 and store is not None and run_id is None:
-        run_id = store.start_run(c.mode, asdict(c), base_model=c.model or c.preset, pid=os.getpid())
+    if rank == 0 and store is not None:
+        if run_id is None:
+            run_id = store.start_run(c.mode, asdict(c), base_model=c.model or c.preset, pid=os.getpid())
+        else:
+            store.resume_run(run_id, pid=os.getpid())
     progress = Progress(c.max_steps, start) if rank == 0 else None
     try:
         for step in range(start, c.max_steps):
@@ -235,22 +173,19 @@ def train(c: TrainConfig, store=None) -> Path:
             count = mask[rows, 1:].sum().clamp(min=1)  # masked tokens in the whole global batch
             mine = rows[rank::world].chunk(c.grad_accum)
             loss_sum = torch.zeros((), device=device)
-            for k, chunk in enumerate(mine):
+            for chunk in mine:
                 x, y, m = ids[chunk, :-1].to(device), ids[chunk, 1:].to(device), mask[chunk, 1:].to(device)
-                sync = nullcontext() if world == 1 or k == len(mine) - 1 else model.no_sync()
-                with sync, autocast:
+                with autocast:
                     logits = model(x)
                     losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
                     total = (losses * m.flatten()).sum()
-                    # DDP averages gradients over processes; scaling by `world` makes that a sum.
-                    (total * world / count).backward()
+                    (total / count).backward()
                 loss_sum += total.detach()
+            distributed.sum_gradients(model.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), c.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            loss = (loss_sum / count).item()
+            loss = distributed.sum_values([loss_sum.item()], device)[0] / count.item()
             if rank == 0:
                 values = {"loss": loss, "lr": lr_at(step, c), "grad_norm": float(grad_norm),
                           "tokens_per_s": progress.tick(c.batch_size * seq_len)}
@@ -261,7 +196,7 @@ def train(c: TrainConfig, store=None) -> Path:
                 if store is not None:
                     store.log_metrics(run_id, step + 1, values)
                 if (step + 1) % c.save_every == 0 or step + 1 == c.max_steps:
-                    save_checkpoint(lm, optimizer, out, step + 1, {"run_id": run_id, "config": asdict(c)})
+                    save_checkpoint(out, step + 1, optimizer, {"run_id": run_id, "config": asdict(c)}, lm=lm)
         if rank == 0:
             publish(out, checkpoints(out)[-1])
             if store is not None:
@@ -274,8 +209,7 @@ def train(c: TrainConfig, store=None) -> Path:
             store.end_run(run_id, "cancelled" if cancelled else "failed", error=None if cancelled else str(e))
         raise
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        distributed.teardown()
     return out
 
 
@@ -293,28 +227,6 @@ def evaluate_rows(model, ids, mask, batch_size, device, autocast) -> float:
         count += m.sum().item()
     model.train()
     return total / max(count, 1)
-
-
-def publish(out: Path, checkpoint: Path) -> None:
-    """Copy the final checkpoint's model files into OUT, each atomically, config.json last: OUT
-    loads as a model only once it is whole."""
-    files = sorted((p for p in checkpoint.iterdir() if not p.name.startswith("trainer_state")),
-                   key=lambda p: p.name == "config.json")
-    for f in files:
-        tmp = out / f".{f.name}.tmp"
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, out / f.name)
-
-
-def register(store, out: Path) -> None:
-    """Make the trained model selectable in the app, under its directory's name."""
-    name, n = out.name, 1
-    while store.model(name) is not None:
-        if Path(store.model(name)["path"]) == out.resolve():
-            return
-        n += 1
-        name = f"{out.name}-{n}"
-    store.add_model(name, out.resolve(), kind="trained")
 
 
 class Progress:
