@@ -197,18 +197,20 @@ def cmd_eval(args) -> None:
     import engine
     from engine import data
     from engine.registry import resolve_model
-    from engine.train.evaluate import evaluate
-    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    from engine.train.evaluate import compare, table
+    names = args.model or ["default"]
+    models = {name: engine.load(resolve_model(name), device=args.device, dtype=args.dtype) for name in names}
     _, heldout = data.load(args.data)
     if not heldout:
         raise ParleyError(f"{args.data} has no held-out examples (the split keeps about 1 in 20): use a larger file")
-    result = evaluate(lm, heldout, args.max_examples)
+    rows = compare(models, heldout, args.max_examples)
     if args.json:
-        print(json.dumps(result))
+        for row in rows:
+            print(json.dumps(row))
     else:
-        print(f"held-out {result['examples']} examples, {result['tokens']} tokens, {result['words']} words")
-        print(f"loss per token {result['loss_per_token']:.4f}   perplexity per token {result['ppl_per_token']:.2f}"
-              f"   per word {result['ppl_per_word']:.2f}")
+        print(f"held-out: {rows[0]['examples']} examples, {rows[0]['words']} words "
+              f"(tokens differ by tokenizer; per-word perplexity compares across them)")
+        print(table(rows))
 
 
 def build_parser(app=None) -> argparse.ArgumentParser:
@@ -274,7 +276,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, per token and per word")
-    p.add_argument("--model", help="a model directory or known name (default: the shipped model)")
+    p.add_argument("--model", action="append", help="a model directory or known name (default: the shipped "
+                   "model); repeat it to compare several models in one table")
     p.add_argument("--data", help="chitchat (default), a .jsonl of conversations or a .txt")
     p.add_argument("--max-examples", type=int)
     add_model_options(p)

@@ -66,7 +66,8 @@ CASES = {
     "pickled weights only": (pickled_only, r"only pickled PyTorch weights \(pytorch_model\.bin\).*never unpickles.*"
                                            r"safe_serialization=True"),
     "unsupported model type": (lambda p: edit_config(p, model_type="bert"),
-                               r"model_type 'bert' is not supported: use one of gpt2, llama, mistral, qwen2 \(or ngram, Parley.s own\)"),
+                               r"model_type 'bert' is not supported: use one of gpt2, llama, mistral, qwen2 "
+                               r"\(or Parley.s own: ngram, parley_gpt, parley_nnlm, parley_rnn\)"),
     "config missing a field": (lambda p: drop_config_key(p, "hidden_size"),
                                r"lacks 'hidden_size'"),
     "unknown tensor name": (rename_tensor, r"tensor 'model\.layers\.0\.mlp\.gate\.weight' is not part of the model"),

@@ -7,44 +7,47 @@ padding (`valid`) and how many real tokens came before (`seen`, the next positio
 import torch
 
 
-def causal_mask(key_valid: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
-    """Boolean attention mask [batch, 1, queries, keys] for queries in slots start..keys-1."""
+def causal_mask(key_valid: torch.Tensor, start: int, rule=None) -> torch.Tensor:
+    """Boolean attention mask [batch, 1, queries, keys] for queries in slots start..keys-1.
+
+    `rule(i, j)` (engine.models.patterns) restricts attention further, on token positions: a
+    row's positions count its real tokens, so left padding does not shift a pattern."""
     n_keys = key_valid.shape[1]
     q = torch.arange(start, n_keys, device=key_valid.device)[:, None]
     k = torch.arange(n_keys, device=key_valid.device)[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (k > q - window)
-    mask = allowed[None] & key_valid[:, None, :]
+    mask = (k <= q)[None] & key_valid[:, None, :]
+    if rule is not None:
+        positions = key_valid.long().cumsum(1) - 1
+        mask = mask & rule(positions[:, start:, None], positions[:, None, :])
     # A padding query attends to itself, so that no row of the mask is empty (SDPA would give NaN).
     mask = mask | (k == q)[None]
     return mask[:, None]
 
 
-def positions_and_mask(pad_mask: torch.Tensor | None, seq_len: int, device, window: int | None = None):
+def positions_and_mask(pad_mask: torch.Tensor | None, seq_len: int, device, rule=None):
     """Position ids and attention mask for a forward pass without a cache.
 
-    With no padding and no window the mask is None, and attention uses SDPA's built-in causal path.
+    With no padding and dense attention the mask is None, and attention uses SDPA's causal path.
     """
     if pad_mask is None:
         positions = torch.arange(seq_len, device=device)[None]
-        if window is None or seq_len <= window:
+        if rule is None:
             return positions, None
         pad_mask = torch.ones(1, seq_len, dtype=torch.bool, device=device)
     pad_mask = pad_mask.bool()
     positions = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
-    return positions, causal_mask(pad_mask, 0, window)
+    return positions, causal_mask(pad_mask, 0, rule)
 
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device, window: int | None = None):
+                 dtype: torch.dtype, device, rule=None):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
-        self.window = window
+        self.rule = rule  # the attention pattern, None for dense
         self.length = 0  # slots filled so far, the same for every row
         self.start = 0   # first slot of the tokens now being written
         self.padded = False
@@ -75,8 +78,8 @@ class KVCache:
         positions = self.seen[:, None] + pad_mask.long().cumsum(1) - 1
         self.seen += pad_mask.sum(1)
         self.start, self.length = start, end
-        needs_mask = self.padded or n_new > 1 or (self.window is not None and end > self.window)
-        mask = causal_mask(self.valid[:, :end], start, self.window) if needs_mask else None
+        needs_mask = self.padded or n_new > 1 or self.rule is not None
+        mask = causal_mask(self.valid[:, :end], start, self.rule) if needs_mask else None
         return positions.clamp(min=0), mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):

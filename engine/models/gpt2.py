@@ -1,4 +1,5 @@
-"""GPT-2 (Radford et al. 2019) and its distilled and resized variants.
+"""GPT-2 (Radford et al. 2019) and its distilled and resized variants, and Parley's own GPT-style
+models with sparse attention patterns (engine.models.patterns).
 
 Pre-norm blocks with LayerNorm, learned absolute positions, a tanh-GELU MLP and an lm_head tied
 to the token embeddings. Hugging Face stores the projections as Conv1D ([in, out]); this module
@@ -11,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ParleyError
+from engine.models import patterns
 from engine.models.cache import KVCache, positions_and_mask
 from engine.models.linear import Linear
 
-MODEL_TYPES = ("gpt2",)
+MODEL_TYPES = ("gpt2", "parley_gpt")
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -34,6 +36,11 @@ class GPT2Config:
     n_inner: int | None = None
     activation_function: str = "gelu_new"
     layer_norm_epsilon: float = 1e-5
+    # Parley's own variants (engine.models.patterns): a sparse pattern makes the model_type
+    # parley_gpt, so that transformers refuses it rather than run it with dense attention.
+    attention_pattern: str = "dense"
+    attention_window: int | None = None
+    attention_stride: int | None = None
     model_type: str = "gpt2"
 
     @classmethod
@@ -45,15 +52,26 @@ class GPT2Config:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(flag):
                 raise ParleyError(f"config.json: gpt2 with {flag}=true is not supported: set it to false")
-        return cls(vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", 1024), n_embd=hf["n_embd"],
-                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
-                   activation_function=act, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        config = cls(vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", 1024), n_embd=hf["n_embd"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=hf.get("n_inner"),
+                     activation_function=act, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                     attention_pattern=hf.get("attention_pattern", "dense"),
+                     attention_window=hf.get("attention_window"), attention_stride=hf.get("attention_stride"))
+        config.rule()   # checks the pattern's settings
+        return config
+
+    def rule(self):
+        return patterns.rule(self.attention_pattern, self.attention_window, self.attention_stride)
 
     def to_hf(self) -> dict:
-        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
-                    n_positions=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
-                    n_inner=self.n_inner, activation_function=self.activation_function,
-                    layer_norm_epsilon=self.layer_norm_epsilon, tie_word_embeddings=True)
+        hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=self.vocab_size,
+                  n_positions=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer, n_head=self.n_head,
+                  n_inner=self.n_inner, activation_function=self.activation_function,
+                  layer_norm_epsilon=self.layer_norm_epsilon, tie_word_embeddings=True)
+        if self.attention_pattern != "dense":
+            hf.update(model_type="parley_gpt", architectures=["ParleyGPT"], attention_pattern=self.attention_pattern,
+                      attention_window=self.attention_window, attention_stride=self.attention_stride)
+        return hf
 
 
 class Attention(nn.Module):
@@ -110,6 +128,7 @@ class GPT2(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.rule = config.rule()
         self.tie_weights()
 
     tied_keys = ["lm_head.weight"]
@@ -120,7 +139,7 @@ class GPT2(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layer, batch, c.n_head, c.n_embd // c.n_head, max_len,
-                       self.lm_head.weight.dtype, self.lm_head.weight.device)
+                       self.lm_head.weight.dtype, self.lm_head.weight.device, self.rule)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -132,7 +151,7 @@ class GPT2(nn.Module):
                       pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states [batch, seq, hidden] (what lm_head and reward heads read)."""
         if cache is None:
-            positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device)
+            positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device, self.rule)
         else:
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ParleyError
-from engine.models import rope
+from engine.models import patterns, rope
 from engine.models.cache import KVCache, positions_and_mask
 from engine.models.linear import Linear
 
@@ -163,6 +163,7 @@ class Llama(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rule = patterns.rule("local", window=config.sliding_window) if config.sliding_window else None
         # Made on the CPU even when the model is built on the meta device; .to(device) moves it.
         self.register_buffer("inv_freq", rope.inv_frequencies(config.head_dim, config.rope_theta,
                                                                config.rope_scaling), persistent=False)
@@ -179,7 +180,7 @@ class Llama(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len,
-                       self.lm_head.weight.dtype, self.lm_head.weight.device, c.sliding_window)
+                       self.lm_head.weight.dtype, self.lm_head.weight.device, self.rule)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -191,7 +192,7 @@ class Llama(nn.Module):
                       pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states [batch, seq, hidden] (what lm_head and reward heads read)."""
         if cache is None:
-            positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device, self.config.sliding_window)
+            positions, mask = positions_and_mask(pad_mask, idx.shape[1], idx.device, self.rule)
         else:
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.model.embed_tokens(idx)

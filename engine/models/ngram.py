@@ -3,7 +3,8 @@
 Smoothing methods:
   mle         maximum likelihood, c(hw) / c(h)
   add_k       (c(hw) + k) / (c(h) + k V); Laplace when k = 1
-  katz        Good-Turing discounted counts (for counts up to 5) with Katz back-off
+  katz        Good-Turing discounted counts (for counts up to 5) with Katz back-off (a context with
+              only larger counts reserves Witten-Bell's estimate for unseen continuations)
   kneser_ney  interpolated modified Kneser-Ney: three discounts per order (D1, D2, D3+), lower
               orders on continuation counts, the unigram level interpolated with uniform
 
@@ -128,12 +129,20 @@ class NGramLM:
                                      keys % V)
             _, kept = _group_sum(contexts, discounted)
             _, lower_seen = _group_sum(contexts, lower)
+            # A context whose continuations were all seen more than KATZ_MAX times keeps all its
+            # mass, which would make every unseen continuation impossible: it reserves Witten-
+            # Bell's estimate, distinct continuations / (count + distinct), and scales the rest.
+            distinct = self.ctx[n - 1][5]
+            starved = 1 - kept < 1e-9
+            reserve = distinct / (total + distinct)
+            left = np.where(starved, reserve, 1 - kept)
+            seen_scale = np.where(starved, (1 - reserve) / kept, 1.0)
             # A context that has seen every token the lower order gives mass to has nowhere to
             # put its left-over mass: its discounted estimates are renormalised instead.
             room = 1 - lower_seen > 1e-9
-            alpha = np.where(room, (1 - kept) / np.where(room, 1 - lower_seen, 1), 0.0)
+            alpha = np.where(room, left / np.where(room, 1 - lower_seen, 1), 0.0)
             self.alpha.append(np.maximum(alpha, 0.0))  # rounding must not make a probability negative
-            self.scale.append(np.where(room, 1.0, 1 / kept))
+            self.scale.append(np.where(room, seen_scale, 1 / kept))
 
     def _katz_discount(self, n: int, c: np.ndarray) -> np.ndarray:
         table = self.discounts[n - 1]
@@ -225,11 +234,15 @@ class NGramLM:
 def _kn_discounts(nr) -> tuple[float, float, float]:
     """Chen & Goodman's estimates of D1, D2, D3+ from the counts-of-counts n1..n4."""
     n1, n2, n3, n4 = (float(nr[i]) for i in (1, 2, 3, 4))
+    # Ney's absolute discount; with no singletons at all it would be 0 and leave nothing for
+    # unseen continuations, so 0.5 stands in.
+    y = n1 / (n1 + 2 * n2) if n1 > 0 else 0.5
     if min(n1, n2, n3, n4) == 0:  # too little data for the estimate: plain absolute discounting
-        d = n1 / (n1 + 2 * n2) if n1 + n2 > 0 else 0.5
-        return d, d, d
-    y = n1 / (n1 + 2 * n2)
-    return 1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3
+        return y, y, y
+    estimates = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
+    # Skewed counts-of-counts can put an estimate outside (0, r], where it would make
+    # probabilities negative or zero: such a D_r falls back to the absolute discount y.
+    return tuple(d if 0 < d <= r else y for r, d in zip((1, 2, 3), estimates))
 
 
 def _katz_discounts(nr) -> np.ndarray:

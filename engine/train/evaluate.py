@@ -1,4 +1,5 @@
-"""`parley eval`: held-out loss and perplexity, per token and per word.
+"""`parley eval`: held-out loss and perplexity, per token and per word, of one model or of
+several in one table.
 
 Per-word perplexity divides the same total log-loss by the number of words (whitespace-separated,
 plus one end-of-turn per message or line), so models with different tokenizers compare fairly.
@@ -6,6 +7,8 @@ Every token after the first of each example is scored once; long examples are re
 the model's context, each window starting with the last token of the one before.
 """
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +43,51 @@ def evaluate(lm, examples, max_examples: int | None = None) -> dict:
     return {"examples": len(examples[:max_examples]), "tokens": tokens, "words": n_words,
             "loss_per_token": total / tokens, "ppl_per_token": math.exp(total / tokens),
             "ppl_per_word": math.exp(total / n_words)}
+
+
+def describe(config: dict) -> str:
+    """A model's family in a few words, from its config.json."""
+    kind = config.get("model_type")
+    if kind == "ngram":
+        k = f", k={config['k']:g}" if config["smoothing"] == "add_k" else ""
+        return f"{config['order']}-gram {config['smoothing']}{k}"
+    if kind == "parley_nnlm":
+        return f"NNLM n={config['context'] + 1}" + (" +direct" if config.get("direct") else "")
+    if kind == "parley_rnn":
+        return f"{config['cell'].upper()} x{config['num_layers']}"
+    if kind == "parley_gpt":
+        sizes = ", ".join(f"{name} {config[f'attention_{name}']}" for name in ("window", "stride")
+                          if config.get(f"attention_{name}"))
+        return f"GPT {config['attention_pattern']} ({sizes})"
+    return {"gpt2": "GPT dense", "llama": "Llama"}.get(kind, kind)
+
+
+def size_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def compare(models: dict, examples, max_examples: int | None = None) -> list[dict]:
+    """`evaluate` for each loaded model of {name: lm}, with its family, size and evaluation time."""
+    rows = []
+    for name, lm in models.items():
+        start = time.perf_counter()
+        result = evaluate(lm, examples, max_examples)
+        ngram = getattr(lm.model, "ngram", None)
+        rows.append({"model": name, "family": describe(lm.config),
+                     "parameters": sum(len(k) for k in ngram.keys) if ngram is not None else lm.num_parameters(),
+                     "bytes": size_on_disk(lm.path) if lm.path else None, **result,
+                     "eval_seconds": time.perf_counter() - start})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows of `compare` as an aligned text table, best per-word perplexity first."""
+    head = ("model", "family", "params", "MB", "ppl/token", "ppl/word")
+    lines = [head]
+    for r in sorted(rows, key=lambda r: r["ppl_per_word"]):
+        params = f"{r['parameters'] / 1e6:.2f}M" + (" n-grams" if "gram" in r["family"] else "")
+        size = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] is not None else "-"
+        lines.append((r["model"], r["family"], params, size, f"{r['ppl_per_token']:.2f}", f"{r['ppl_per_word']:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in lines)
