@@ -66,13 +66,17 @@ class ReplyEvent:
 
 @dataclass
 class Replies:
-    """Generate candidates for the reply after `parent_id`; see the module docstring."""
+    """Generate candidates for the reply after `parent_id`; see the module docstring.
+
+    `models` gives a candidate a model of its own, as (lm, name), where None keeps `lm`: the
+    candidates of each model run as one batch, and the batches stream together."""
     lm: object
     store: object
     conversation_id: str
     parent_id: str | None
     settings: list[Settings]
     model_name: str | None = None
+    models: list | None = None
     dropped_turns: int = 0
     message_ids: list[str] = field(default_factory=list)
     comparison_id: str | None = None
@@ -81,29 +85,63 @@ class Replies:
         messages = self.store.prompt_messages(self.conversation_id, self.parent_id)
         if not messages or messages[-1]["role"] == "assistant":
             raise ParleyError("a reply needs a user message to answer: write one first")
-        ids, self.dropped_turns = prompt_ids(self.lm, messages, max(s.max_new_tokens for s in self.settings))
-        self.prompt_tokens = len(ids)
-        self.generation = Generation(self.lm, ids, self.settings)
-        self.settings = self.generation.settings   # with the seeds drawn for unseeded candidates
-        for s in self.settings:
-            self.message_ids.append(self.store.start_reply(self.conversation_id, self.parent_id, self.model_name,
+        chosen = [m or (self.lm, self.model_name) for m in (self.models or [None] * len(self.settings))]
+        # one Generation per model, each with its candidates' global numbers
+        self.groups: list[tuple[Generation, list[int]]] = []
+        self.prompt_tokens: dict[int, int] = {}
+        for lm in {id(lm): lm for lm, _ in chosen}.values():
+            members = [i for i, (m, _) in enumerate(chosen) if m is lm]
+            settings = [self.settings[i] for i in members]
+            ids, dropped = prompt_ids(lm, messages, max(s.max_new_tokens for s in settings))
+            self.dropped_turns = max(self.dropped_turns, dropped)
+            generation = Generation(lm, ids, settings)
+            for i, s in zip(members, generation.settings):   # with the seeds drawn for unseeded candidates
+                self.settings[i] = s
+                self.prompt_tokens[i] = len(ids)
+            self.groups.append((generation, members))
+        for s, (_, name) in zip(self.settings, chosen):
+            self.message_ids.append(self.store.start_reply(self.conversation_id, self.parent_id, name,
                                                            s.to_dict(), make_current=False))
         if len(self.message_ids) > 1:
             self.comparison_id = self.store.create_comparison(self.conversation_id, self.parent_id,
                                                               self.message_ids)
         self.store.set_current_leaf(self.conversation_id, self.message_ids[0])
 
+    def _find(self, candidate: int) -> tuple[Generation, int]:
+        for generation, members in self.groups:
+            if candidate in members:
+                return generation, members.index(candidate)
+        raise ParleyError(f"there is no candidate {candidate}")
+
     def cancel(self, candidate: int | None = None) -> None:
-        self.generation.cancel(candidate)
+        if candidate is None:
+            for generation, _ in self.groups:
+                generation.cancel()
+        else:
+            generation, local = self._find(candidate)
+            generation.cancel(local)
 
     def update(self, candidate: int, settings: Settings) -> None:
-        self.generation.update(candidate, settings)
+        generation, local = self._find(candidate)
+        generation.update(local, settings)
+
+    def events(self):
+        """(candidate, event) from every model's generation, taken in turn."""
+        running = [(iter(generation), members) for generation, members in self.groups]
+        while running:
+            for item in list(running):
+                stream, members = item
+                event = next(stream, None)
+                if event is None:
+                    running.remove(item)
+                else:
+                    yield members[event.candidate], event
 
     def __iter__(self):
         texts = [""] * len(self.settings)
         saved = [time.monotonic()] * len(self.settings)
-        for event in self.generation:
-            c, mid = event.candidate, self.message_ids[event.candidate]
+        for c, event in self.events():
+            mid = self.message_ids[c]
             if isinstance(event, Token):
                 texts[c] += event.text
                 if time.monotonic() - saved[c] > SAVE_EVERY_S:
@@ -111,7 +149,7 @@ class Replies:
                     saved[c] = time.monotonic()
                 yield ReplyEvent(c, mid, token=event, text=texts[c])
             else:
-                self.store.finish_reply(mid, event.text, event.finish_reason, prompt_tokens=self.prompt_tokens,
+                self.store.finish_reply(mid, event.text, event.finish_reason, prompt_tokens=self.prompt_tokens[c],
                                         completion_tokens=len(event.token_ids), timings=event.timings,
                                         settings=event.settings.to_dict())
                 yield ReplyEvent(c, mid, finished=event, text=event.text)

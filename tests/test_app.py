@@ -156,6 +156,29 @@ async def test_compare_and_rank_writes_pairs(app):
 
 
 @sync
+async def test_a_compare_pane_can_run_another_model(app, checkpoints):
+    other, _ = checkpoints("llama_gqa_untied")
+    async with app.run_test(size=(200, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 4)
+        await send(pilot, "Hi")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen))
+        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+        first = app.screen.comparison_id
+        box = app.screen.query_one("#pane-settings-1", Input)
+        box.value = f"model={other} temperature=0"
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen.comparison_id not in (None, first) and app.screen.replies is None)
+        candidates = app.store.comparison(app.screen.comparison_id)["candidates"]
+        await until(pilot, lambda: all(app.store.message(m["id"])["status"] == "complete" for m in candidates))
+        assert [m["model"] for m in candidates] == [app.model_name, str(other)]
+        labels = [str(label.render()) for label in app.screen.query(".pane-title")]
+        assert str(other) in labels[1] and app.model_name in labels[0]
+
+
+@sync
 async def test_message_sent_before_the_model_loads_waits(app):
     app.model_ready.clear()
     original = app.load_model
@@ -309,7 +332,8 @@ async def test_conversation_settings_and_saved_presets(app):
 def test_pane_overrides_parse_and_refuse_nonsense():
     from engine import ParleyError
     from tui_app.screens import parse_overrides
-    assert parse_overrides("temperature=0.3 top_k=20") == {"temperature": 0.3, "top_k": 20}
+    assert parse_overrides("temperature=0.3 top_k=20") == ({"temperature": 0.3, "top_k": 20}, None)
+    assert parse_overrides("model=other top_p=0.5") == ({"top_p": 0.5}, "other")
     with pytest.raises(ParleyError, match="write name=value"):
         parse_overrides("warmth=3")
     with pytest.raises(ParleyError, match="top_k takes a number"):

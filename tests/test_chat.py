@@ -76,3 +76,21 @@ def test_reply_needs_a_user_message(setup):
     a = store.add_message(c, "assistant", "Hi.")
     with pytest.raises(ParleyError, match="needs a user message"):
         Replies(lm, store, c, a, [Settings()])
+
+
+def test_a_candidate_can_have_a_model_of_its_own(setup, checkpoints):
+    from engine.generate import generate
+    lm, store, c, u = setup
+    other = engine.load(checkpoints("llama_gqa_untied")[0], device="cpu")
+    settings = Settings(**GREEDY, max_new_tokens=6, min_new_tokens=6)
+    replies = Replies(lm, store, c, u, [settings, settings, settings], model_name="tiny",
+                      models=[None, (other, "other"), None])
+    events = list(replies)
+    texts = {e.candidate: e.finished.text for e in events if e.finished}
+    messages = store.prompt_messages(c, u)
+    alone = {name: generate(m, prompt_ids(m, messages, 6)[0], settings)[0].text for name, m in (("tiny", lm),
+                                                                                              ("other", other))}
+    assert texts == {0: alone["tiny"], 1: alone["other"], 2: alone["tiny"]}
+    assert [store.message(m)["model"] for m in replies.message_ids] == ["tiny", "other", "tiny"]
+    assert {e.candidate for e in events[:6] if e.token} == {0, 1, 2}   # the two models stream together
+    assert store.comparison(replies.comparison_id)["candidates"][1]["model"] == "other"

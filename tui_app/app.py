@@ -45,6 +45,7 @@ class ParleyApp(App):
         self.model_name = model or self.store.preference("last_model") or "default"
         self.device = device
         self.lm = None
+        self.other_models = {}   # name: model, for compare panes with a model of their own
         self.model_ready = threading.Event()
         self.settings = Settings()
         self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
@@ -68,6 +69,15 @@ class ParleyApp(App):
             finally:
                 self.model_ready.set()
         self.run_worker(work, thread=True, group="model")
+
+    def other_model(self, name: str):
+        """Another model for a compare pane, loaded once (call it from a worker thread)."""
+        from engine.chat import open_model
+        if name == self.model_name:
+            return self.lm
+        if name not in self.other_models:
+            self.other_models[name] = open_model(name, self.device)[0]
+        return self.other_models[name]
 
     def switch_model(self, name: str) -> None:
         """Load another model; messages sent meanwhile wait for it."""

@@ -6,8 +6,9 @@ from engine.errors import ParleyError
 from engine.store import Store
 
 
-def stream_replies(screen, conversation_id, parent_id, settings, started, on_event) -> None:
+def stream_replies(screen, conversation_id, parent_id, settings, started, on_event, models=None) -> None:
     """In a worker thread: wait for the model, generate, and hand every event to the UI thread.
+    `models` ({candidate: model name}) gives candidates another model than the chat's.
     `screen.replies` is the running generation (for stop and live settings), None when done."""
     app = screen.app
     app.model_ready.wait()   # a message sent while the model loads waits for it
@@ -15,7 +16,9 @@ def stream_replies(screen, conversation_id, parent_id, settings, started, on_eve
         return
     with Store(app.store.path) as store:   # SQLite connections are per thread
         try:
-            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name)
+            own = [(app.other_model(models[i]), models[i]) if models and models.get(i) else None
+                   for i in range(len(settings))]
+            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name, own)
         except ParleyError as e:
             app.call_from_thread(app.notify, str(e), severity="error")
             return

@@ -40,6 +40,7 @@ class CompareScreen(Screen):
         self.conversation_id, self.parent_id, self.base = conversation_id, parent_id, base
         self.n = panes
         self.overrides: dict[int, dict] = {}
+        self.models: dict[int, str] = {}   # panes with a model of their own
         self.replies: Replies | None = None
         self.message_ids: list[str] = []
         self.comparison_id: str | None = None
@@ -58,8 +59,12 @@ class CompareScreen(Screen):
     async def pane_settings_changed(self, event: Input.Submitted) -> None:
         i = int(event.input.id.removeprefix("pane-settings-"))
         try:
-            self.overrides[i] = parse_overrides(event.value)
+            self.overrides[i], model = parse_overrides(event.value)
             self.pane_settings()
+            if model:
+                self.models[i] = model
+            else:
+                self.models.pop(i, None)
         except ParleyError as e:
             self.overrides.pop(i, None)
             self.app.notify(str(e), severity="error")
@@ -83,9 +88,13 @@ class CompareScreen(Screen):
         panes = self.query_one("#panes", Horizontal)
         await panes.remove_children()
         for i, s in enumerate(self.pane_settings()):
-            pane = Vertical(Label(f"{chr(65 + i)}  temperature {s.temperature}", markup=False),
-                            Input(" ".join(f"{k}={v}" for k, v in self.overrides.get(i, {}).items()),
-                                  placeholder="e.g. temperature=0.3 top_k=20 (Enter runs again)",
+            model = self.models.get(i, self.app.model_name)
+            typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(i, {}).items()]
+                             + ([f"model={self.models[i]}"] if i in self.models else []))
+            pane = Vertical(Label(f"{chr(65 + i)}  {model}  temperature {s.temperature}", markup=False,
+                                  classes="pane-title"),
+                            Input(typed,
+                                  placeholder="e.g. temperature=0.3 top_k=20 model=NAME (Enter runs again)",
                                   id=f"pane-settings-{i}", classes="pane-settings"),
                             VerticalScroll(id=f"body-{i}"),
                             Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
@@ -95,7 +104,8 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare")
     def run_panes(self, settings: list[Settings]) -> None:
-        stream_replies(self, self.conversation_id, self.parent_id, settings, self.mount_views, self.pane_event)
+        stream_replies(self, self.conversation_id, self.parent_id, settings, self.mount_views, self.pane_event,
+                       self.models)
 
     async def mount_views(self, replies: Replies, messages: list[dict]) -> None:
         self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
@@ -168,17 +178,21 @@ class CompareScreen(Screen):
         store.rank(self.comparison_id, ranks)
         return ids[int(groups[0][0]) - 1]
 
-def parse_overrides(text: str) -> dict:
-    """`temperature=0.3 top_k=20` as Settings fields with their types."""
+def parse_overrides(text: str) -> tuple[dict, str | None]:
+    """`temperature=0.3 top_k=20 model=NAME` as Settings fields with their types, and the model."""
     from dataclasses import fields
     types = {f.name: f.type for f in fields(Settings)}
-    out = {}
+    out, model = {}, None
     for item in text.split():
         name, _, value = item.partition("=")
+        if name == "model" and value:
+            model = value
+            continue
         if name not in types or not value:
-            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(sorted(types))})")
+            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(sorted(types))}) "
+                              "or model=NAME")
         try:
             out[name] = float(value) if types[name] in (float, "float") else int(value)
         except ValueError:
             raise ParleyError(f"{item!r}: {name} takes a number") from None
-    return out
+    return out, model

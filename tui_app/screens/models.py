@@ -28,12 +28,13 @@ class ModelsScreen(ModalScreen):
         self.query_one("#model-list").focus()
 
     async def refresh_models(self) -> None:
-        from engine.registry import known_models
+        from engine.registry import BUILTIN, known_models
         view = self.query_one("#model-list", ListView)
         await view.clear()
         for name, path in known_models().items():
             mark = "● " if name == self.app.model_name else "  "
-            await view.append(ListItem(Label(f"{mark}{name}  {path}", markup=False), name=name))
+            where = "shipped with Parley" if BUILTIN.get(name) == path else str(path)
+            await view.append(ListItem(Label(f"{mark}{name}  {where}", markup=False), name=name))
 
     @on(ListView.Selected, "#model-list")
     def pick(self, event: ListView.Selected) -> None:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Trains every model family on chitchat with the shipped model's tokenizer and the same split,
+# for the same number of steps, then prints `parley eval`'s table for all of them (README, "Model
+# families"). Usage: benchmarks/train_families.sh [OUT_DIR] [STEPS]   (default: families 400)
+set -euo pipefail
+out=${1:-families}
+steps=${2:-400}
+parley="${PARLEY:-.venv/bin/parley}"
+tok=assets/default-model
+mkdir -p "$out"
+declare -A lr=([nnlm]=1e-3 [rnn]=2e-3 [gru]=3e-3 [lstm]=3e-3 [gpt]=1e-3 [gpt-local]=1e-3 [gpt-dilated]=1e-3
+               [gpt-strided]=1e-3 [gpt-fixed]=1e-3)
+for preset in nnlm rnn gru lstm gpt gpt-local gpt-dilated gpt-strided gpt-fixed; do
+  start=$(date +%s)
+  "$parley" train pretrain --preset "$preset" --tokenizer "$tok" --out "$out/$preset" --max-steps "$steps" \
+    --batch-size 16 --seq-len 256 --lr "${lr[$preset]}" --warmup-steps 40 --eval-every "$steps" --save-every "$steps" \
+    --no-store 2>&1 | tail -1
+  echo "$preset: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
+done
+for smoothing in add_k katz kneser_ney; do
+  start=$(date +%s)
+  "$parley" train ngram --order 3 --smoothing "$smoothing" --tokenizer "$tok" --out "$out/3gram-$smoothing"
+  echo "3gram-$smoothing: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
+done
+models=()
+for m in "$out"/*/; do models+=(--model "$m"); done
+"$parley" eval "${models[@]}"
