@@ -130,15 +130,21 @@ async def test_settings_change_mid_stream_applies_to_the_rest(app):
         assert reply["settings"]["temperature"] == 0.25 and reply["finish_reason"] == "cancelled"
 
 
+async def open_compare(pilot, max_new_tokens):
+    """Send a message, wait for its reply, and open the compare view on it with its panes done."""
+    app = pilot.app
+    set_setting(app.screen, "max_new_tokens", max_new_tokens)
+    await send(pilot, "Hi")
+    await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+    await pilot.press("ctrl+o")
+    await until(pilot, lambda: isinstance(app.screen, CompareScreen))
+    await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+
+
 @sync
 async def test_compare_and_rank_writes_pairs(app):
     async with app.run_test(size=(200, 50)) as pilot:
-        set_setting(app.screen, "max_new_tokens", 5)
-        await send(pilot, "Hi")
-        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
-        await pilot.press("ctrl+o")
-        await until(pilot, lambda: isinstance(app.screen, CompareScreen))
-        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+        await open_compare(pilot, max_new_tokens=5)
         await pilot.press("ctrl+up")   # three panes
         await until(pilot, lambda: app.screen.n == 3 and app.screen.comparison_id and app.screen.replies is None)
         await until(pilot, lambda: len(app.store.comparison(app.screen.comparison_id)["candidates"]) == 3
@@ -159,12 +165,7 @@ async def test_compare_and_rank_writes_pairs(app):
 async def test_a_compare_pane_can_run_another_model(app, checkpoints):
     other, _ = checkpoints("llama_gqa_untied")
     async with app.run_test(size=(200, 50)) as pilot:
-        set_setting(app.screen, "max_new_tokens", 4)
-        await send(pilot, "Hi")
-        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
-        await pilot.press("ctrl+o")
-        await until(pilot, lambda: isinstance(app.screen, CompareScreen))
-        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+        await open_compare(pilot, max_new_tokens=4)
         first = app.screen.comparison_id
         box = app.screen.query_one("#pane-settings-1", Input)
         box.value = f"model={other} temperature=0"
