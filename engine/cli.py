@@ -317,4 +317,7 @@ def main(argv: list[str] | None = None, app=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # the reader went away (`parley generate … | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
