@@ -2,6 +2,7 @@
 # Trains every model family on chitchat with the shipped model's tokenizer and the same split,
 # for the same number of steps, then prints `parley eval`'s table for all of them (README, "Model
 # families"). Usage: benchmarks/train_families.sh [OUT_DIR] [STEPS]   (default: families 400)
+# A model already in OUT_DIR is kept, so an interrupted run goes on where it stopped.
 set -euo pipefail
 out=${1:-families}
 steps=${2:-400}
@@ -11,6 +12,7 @@ mkdir -p "$out"
 declare -A lr=([nnlm]=1e-3 [rnn]=2e-3 [gru]=3e-3 [lstm]=3e-3 [gpt]=1e-3 [gpt-local]=1e-3 [gpt-dilated]=1e-3
                [gpt-strided]=1e-3 [gpt-fixed]=1e-3)
 for preset in nnlm rnn gru lstm gpt gpt-local gpt-dilated gpt-strided gpt-fixed; do
+  [ -f "$out/$preset/config.json" ] && continue   # trained by an earlier run of this script
   start=$(date +%s)
   "$parley" train pretrain --preset "$preset" --tokenizer "$tok" --out "$out/$preset" --max-steps "$steps" \
     --batch-size 16 --seq-len 256 --lr "${lr[$preset]}" --warmup-steps 40 --eval-every "$steps" --save-every "$steps" \
@@ -18,6 +20,7 @@ for preset in nnlm rnn gru lstm gpt gpt-local gpt-dilated gpt-strided gpt-fixed;
   echo "$preset: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
 done
 for smoothing in add_k katz kneser_ney; do
+  [ -f "$out/3gram-$smoothing/config.json" ] && continue
   start=$(date +%s)
   "$parley" train ngram --order 3 --smoothing "$smoothing" --tokenizer "$tok" --out "$out/3gram-$smoothing"
   echo "3gram-$smoothing: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"

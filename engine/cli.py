@@ -261,7 +261,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--ptx-coef", type=float, help="ppo: weight of the pretraining loss on --data (PPO-ptx)")
     p.add_argument("--ema", type=float, help="ppo: keep and save an EMA of the policy with this decay")
     p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
-    p.add_argument("--preset", help="start from a fresh model of this size (tiny, chat-6m, chat-25m, smollm2-135m)")
+    p.add_argument("--preset", help="start from a fresh model of a preset family and size (chat-6m, nnlm, lstm, "
+                   "gpt-fixed, ...: a wrong name lists them all)")
     p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")
     for flag, kind in (("--max-steps", int), ("--seed", int), ("--batch-size", int), ("--grad-accum", int),
                        ("--seq-len", int), ("--lr", float), ("--warmup-steps", int), ("--eval-every", int),
