@@ -108,6 +108,20 @@ def test_expected_order_on_a_small_corpus():
     assert scores["add_k"] > scores["katz"] > scores["kneser_ney"]
 
 
+def test_skewed_counts_never_make_a_continuation_impossible():
+    # Every bigram is seen twice or more (no singletons) and context 1 is always followed by 2, more
+    # than KATZ_MAX times: Katz keeps no mass there and KN's absolute discount would be 0 without
+    # the fallbacks, which would give the unseen bigram (1 3) probability 0 (infinite perplexity).
+    corpus = [[1, 2]] * 8 + [[3, 4]] * 2 + [[4, 3]] * 2
+    for method in ("katz", "kneser_ney"):
+        lm = NGramLM(2, 5, 0, method).fit(corpus)
+        assert p(lm, [1], 3) > 0, method
+        assert lm.distribution([1]).sum() == pytest.approx(1.0), method
+    katz = NGramLM(2, 5, 0, "katz").fit(corpus)
+    # Witten-Bell's reserve for context 1: 1 distinct continuation / (8 + 1), shared by the rest
+    assert 1 - p(katz, [1], 2) == pytest.approx(1 / 9)
+
+
 def test_save_load_and_decode(tmp_path):
     from engine.train.ngram import train_ngram
     from engine.train.tokenizer import train_tokenizer
