@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import engine
 from engine import data
 from engine.errors import ParleyError
+from engine.registry import register
 from engine.tokenizer import Tokenizer
 from engine.train import distributed
 from engine.train.presets import new_lm
-from engine.registry import register
 from engine.train.resume import checkpoints, newest_checkpoint, publish, read_state, restore, save_checkpoint
 
 
