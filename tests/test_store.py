@@ -355,3 +355,23 @@ def test_cli_export_and_import(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{nope\n")
     bad = parley("import", "prefs", str(tmp_path / "bad.jsonl"))
     assert bad.returncode == 1 and bad.stderr.startswith(f"parley: error: {tmp_path / 'bad.jsonl'}:1: invalid JSON")
+
+
+def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    # torchrun's processes all open the store at start-up; each must find it whole, none may fail
+    script = textwrap.dedent("""
+        import sys, time
+        from engine.store import Store
+        while time.time() < float(sys.argv[2]):
+            pass
+        Store(sys.argv[1]).close()
+    """)
+    for attempt in range(3):
+        path = tmp_path / f"parley-{attempt}.db"
+        start = f"{__import__('time').time() + 2.0}"
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(path), start], stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+        for proc in procs:
+            assert proc.wait() == 0, proc.stderr.read()
+        with Store(path) as store:
+            assert schema.version(store.conn) == schema.LATEST

@@ -122,13 +122,16 @@ def version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection, upto: int = LATEST) -> None:
-    """Apply the missing migrations up to `upto`, each atomically (the connection is in autocommit)."""
+    """Apply the missing migrations up to `upto`, each atomically (the connection is in autocommit).
+    The version is read again under the write lock: processes that open a new database at the same
+    moment (torchrun's) apply each migration once."""
     for number in range(version(conn) + 1, upto + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _statements(MIGRATIONS[number - 1]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
+            if version(conn) < number:
+                for statement in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -42,7 +42,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode = WAL")
+            _use_wal(conn)
         except sqlite3.DatabaseError as e:
             raise ParleyError(f"{self.path} is not a usable SQLite database ({e}): move it aside and start again")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -448,6 +448,19 @@ class Store:
         where, params = ("AND name = ?", [run_id, name]) if name else ("", [run_id])
         return list(self.db.query(f"SELECT step, name, value FROM metrics WHERE run_id = ? {where} "
                                   "ORDER BY step, name", params))
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. On a new database another process may be switching it at the same moment,
+    and SQLite then answers "locked" at once rather than wait: try again for a while."""
+    for attempt in range(200):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 199:
+                raise
+            time.sleep(0.05)
 
 
 def _json(value) -> str | None:
