@@ -71,11 +71,7 @@ def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: i
             mine = run.share(batch)
             loss, chosen, rejected = batch_terms(model, reference, lm.tokenizer, mine, beta, max_len)
             share = len(mine) / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share).backward()
-            distributed.sum_gradients(model.parameters())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            run.update(optimizer, loss * share, model.parameters())
             totals = distributed.sum_values([loss.item() * share, (chosen > rejected).sum().item(),
                                              (chosen - rejected).sum().item(), len(chosen)], run.device)
             values = {"loss": totals[0], "reward_accuracy": totals[1] / totals[3], "margin": totals[2] / totals[3]}

@@ -175,11 +175,7 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
                         x = ptx[rng.randrange(len(ptx))][None].to(lm.device)
                         if run.rank == 0:   # one pretraining row per minibatch, whatever the number of processes
                             loss = loss + ptx_coef * F.cross_entropy(actor(x[:, :-1]).float().flatten(0, 1), x[0, 1:])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.sum_gradients(trained)
-                    torch.nn.utils.clip_grad_norm_(trained, 1.0)
-                    optimizer.step()
+                    run.update(optimizer, loss, trained)
                     if average is not None:
                         with torch.no_grad():
                             for a, p in zip(average.parameters(), actor.parameters()):

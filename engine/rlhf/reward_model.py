@@ -142,11 +142,7 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
             mine = run.share(batch)
             loss, accuracy, margin = pair_loss(rm, mine, max_len)
             share = len(mine) / len(batch)    # each prompt weighs the same, whichever process has it
-            optimizer.zero_grad(set_to_none=True)
-            (loss * share).backward()
-            distributed.sum_gradients(model.parameters())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            run.update(optimizer, loss * share, model.parameters())
             pairs = sum(len(g["pairs"]) for g in mine)
             totals = distributed.sum_values([loss.item() * share, accuracy.item() * pairs, margin.item() * pairs,
                                              pairs], run.device)

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from engine.errors import ParleyError
 from engine.registry import register
 from engine.train import distributed
@@ -63,6 +65,16 @@ class Run:
             raise ParleyError(f"a batch of {len(items)} cannot be shared by {self.world} processes: "
                               "make the batch larger or start fewer processes")
         return items[self.rank::self.world]
+
+    def update(self, optimizer, loss, parameters) -> None:
+        """One optimizer step on this process's (share-weighted) loss: gradients summed over the
+        processes, then clipped to norm 1, so every process makes the same update."""
+        parameters = list(parameters)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.sum_gradients(parameters)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
 
     def end_step(self, step: int, max_steps: int, values: dict, optimizer, modules: dict, state: dict | None = None):
         """Record a finished step; write a checkpoint every save_every steps and at the end."""
