@@ -179,6 +179,18 @@ async def test_a_compare_pane_can_run_another_model(app, checkpoints):
         assert str(other) in labels[1] and app.model_name in labels[0]
 
 
+def status(app):
+    return str(app.screen.query_one("#status").render())
+
+
+@sync
+async def test_status_line_says_when_the_model_is_ready(app, tmp_path):
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: status(app).startswith("ready: "))
+        app.switch_model(str(tmp_path / "missing"))
+        await until(pilot, lambda: status(app).startswith("no model: "))
+
+
 @sync
 async def test_message_sent_before_the_model_loads_waits(app):
     app.model_ready.clear()
@@ -188,7 +200,7 @@ async def test_message_sent_before_the_model_loads_waits(app):
         set_setting(app.screen, "max_new_tokens", 3)
         await send(pilot, "Are you there?")
         await pilot.pause(0.3)
-        assert "waiting for the model" in str(app.screen.query_one("#status").render())
+        assert "waiting for the model" in status(app)
         assert replies(app.store) == []
         original()
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")

@@ -18,9 +18,14 @@ def app(tmp_path, monkeypatch):
 
 
 async def loaded(pilot):
-    while not pilot.app.model_ready.is_set():
+    """Wait on what the screen shows, not on a clock: a busy machine takes longer to load."""
+    while not str(pilot.app.screen.query_one("#status").render()).startswith("ready: "):
         await pilot.pause(0.05)
-    await pilot.pause(0.3)
+    for widget in pilot.app.screen.query("Input, TextArea"):
+        widget.cursor_blink = False   # a blinking cursor is drawn or not depending on the moment
+    await pilot.app.workers.wait_for_complete()
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
 
 
 def test_chat_screen(app, snap_compare):

@@ -83,16 +83,21 @@ class ParleyApp(App):
         """Load another model; messages sent meanwhile wait for it."""
         self.model_ready.clear()
         self.lm, self.model_name = None, name
-        self.screen.query_one("#status").update(f"loading {name}…") if self.screen.query("#status") else None
+        self.set_status(f"loading {name}…")
         self.load_model()
 
     def model_loaded(self, info) -> None:
         self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"
         self.store.set_preference("last_model", self.model_name)
-        for status in self.query("#status"):
-            status.update(f"ready: {info.name} ({info.max_context} tokens of context)")
+        self.set_status(f"ready: {info.name} ({info.max_context} tokens of context)")
 
     def model_failed(self, message: str) -> None:
         self.notify(message, title="model not loaded", severity="error", timeout=30)
-        for status in self.query("#status"):
-            status.update(f"no model: {message}")
+        self.set_status(f"no model: {message}")
+
+    def set_status(self, text: str) -> None:
+        """Show text on the status line of every open screen that has one (app.query sees only the
+        default screen, not the pushed ones)."""
+        for screen in self.screen_stack:
+            for status in screen.query("#status"):
+                status.update(text)
