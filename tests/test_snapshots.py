@@ -17,24 +17,28 @@ def app(tmp_path, monkeypatch):
     return ParleyApp(model="default", store=store, device="cpu")
 
 
-async def loaded(pilot):
-    """Wait on what the screen shows, not on a clock: a busy machine takes longer to load."""
-    while not str(pilot.app.screen.query_one("#status").render()).startswith("ready: "):
-        await pilot.pause(0.05)
-    for widget in pilot.app.screen.query("Input, TextArea"):
-        widget.cursor_blink = False   # a blinking cursor is drawn or not depending on the moment
-    await pilot.app.workers.wait_for_complete()
-    await pilot.wait_for_scheduled_animations()
-    await pilot.pause()
+def settled(*keys):
+    """Before the snapshot: wait on what the screen shows, not on a clock (a busy machine loads
+    slower), press the keys, let the workers finish, and take the focus away (a focused widget's
+    blinking cursor is drawn or not depending on the moment)."""
+    async def run(pilot):
+        while not str(pilot.app.screen.query_one("#status").render()).startswith("ready: "):
+            await pilot.pause(0.05)
+        await pilot.press(*keys)
+        await pilot.app.workers.wait_for_complete()
+        await pilot.wait_for_scheduled_animations()
+        pilot.app.screen.set_focus(None)
+        await pilot.pause()
+    return run
 
 
 def test_chat_screen(app, snap_compare):
-    assert snap_compare(app, terminal_size=(120, 36), run_before=loaded)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settled())
 
 
 def test_models_screen(app, snap_compare):
-    assert snap_compare(app, terminal_size=(120, 36), press=["ctrl+l"], run_before=loaded)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settled("ctrl+l"))
 
 
 def test_training_screen(app, snap_compare):
-    assert snap_compare(app, terminal_size=(120, 36), press=["ctrl+b"], run_before=loaded)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settled("ctrl+b"))

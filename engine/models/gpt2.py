@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.errors import ParleyError
 from engine.models import patterns
+from engine.models.attention import attention
 from engine.models.cache import KVCache, positions_and_mask
 from engine.models.linear import Linear
 
@@ -87,8 +88,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        is_causal = mask is None and cache is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = attention(q, k, v, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

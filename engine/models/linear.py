@@ -1,36 +1,83 @@
 """nn.Linear with a decoding path on the CPU that is faster and batch-invariant.
 
-Decoding multiplies one to a few rows by every weight matrix. With torch 2.13's MKL on x86, the
-product written as W @ x^T in tiles of two or three rows is 2-3x faster than F.linear's x @ W^T,
-and a row's result is then bitwise the same whatever else shares the batch: a candidate's
-tokens do not depend on the other candidates beside it (tests/test_generate.py checks this).
-Wider tiles switch MKL to kernels that round differently, so wider batches go tile by tile.
-bfloat16 and float16 products go through oneDNN, which is already fast and batch-invariant for
-these shapes, so they keep F.linear.
+Decoding multiplies one to a few rows by every weight matrix, so its speed is the speed of
+reading the weights. On x86 with torch 2.13, F.linear sends float32 to MKL, whose kernels for one
+row, two or three rows and four or more round differently (a candidate's tokens would depend on
+how many others share its batch) and read the weights at 5-12 GB/s; bfloat16 goes to oneDNN
+with the weights in their plain layout, at about 10 GB/s. oneDNN's linear with the weights packed
+in its own blocked layout (`torch.ops.mkldnn._linear_pointwise`, what torch.compile uses on the
+CPU) reads them at 15-30 GB/s, and gives a row the same bits in any batch of 2 to 16 rows; one
+row rounds differently and 2-3 rows run slower than 4, so smaller batches are padded to 4 rows.
+Layers that read the same input (a Llama block's q/k/v, gate/up) run as one product on their
+stacked weights: fewer, larger products read faster.
+
+The packed copy sits beside the weights (a second copy in memory, made on first use) and is made
+again whenever a weight changes. tests/test_decoding_kernels.py checks the bits row by row, and
+tests/test_generate.py that a candidate gets the same tokens alone and in a batch.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TILE = 3          # rows per product; a lone row is doubled, since MKL treats one row differently
-MAX_ROWS = 16     # above this (prefill, training) the plain product is faster
+MAX_ROWS = 16     # above this (prefill, training) F.linear is as fast
+MIN_ROWS = 4      # fewer rows are padded to this many
+
+
+class PackedWeight:
+    """The weights (stacked by rows) and biases of some layers, with weights packed for oneDNN."""
+
+    def __init__(self):
+        self.key, self.weight, self.bias = None, None, None
+
+    def __deepcopy__(self, memo):
+        return PackedWeight()   # a oneDNN tensor cannot be copied (the RLHF reference models); pack anew
+
+    def get(self, layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        # An optimizer step or load_state_dict bumps a version; .to() and .data = … move the data.
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if key != self.key:
+            stacked = torch.cat([layer.weight.detach() for layer in layers])
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, MIN_ROWS)
+            biases = [layer.bias for layer in layers]
+            self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            self.key = key
+        return self.weight, self.bias
+
+
+_onednn_dtypes = None   # the dtypes oneDNN runs natively here, found on first use
+
+
+def _onednn_decodes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    global _onednn_dtypes
+    if _onednn_dtypes is None:
+        available = torch.backends.mkldnn.is_available()
+        _onednn_dtypes = ({torch.float32} if available else set()) | (
+            {torch.bfloat16} if available and torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
+    return (x.device.type == "cpu" and x.dtype in _onednn_dtypes and x.dtype == weight.dtype
+            and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
+
+
+def linears(x: torch.Tensor, *layers: "Linear") -> list[torch.Tensor]:
+    """x through layers that all read it; on the decoding path, as one product."""
+    if not _onednn_decodes(x, layers[0].weight):
+        return [F.linear(x, layer.weight, layer.bias) for layer in layers]
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, -1)
+    if rows == 1:
+        flat = flat.expand(MIN_ROWS, -1).contiguous()
+    elif rows < MIN_ROWS:
+        flat = torch.cat([flat, flat[:1].expand(MIN_ROWS - rows, -1)])
+    weight, bias = layers[0].packed.get(layers)
+    y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")[:rows]
+    y = y.view(*x.shape[:-1], -1)
+    return list(y.split([layer.out_features for layer in layers], dim=-1)) if len(layers) > 1 else [y]
 
 
 class Linear(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed = PackedWeight()   # for the decoding path, of this layer or a group it leads
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > MAX_ROWS
-                or torch.is_grad_enabled()):
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, -1)
-        tiles = []
-        for start in range(0, rows, TILE):
-            tile = flat[start:start + TILE]
-            n = len(tile)
-            if n == 1:
-                tile = tile.expand(2, -1).contiguous()
-            tiles.append((self.weight @ tile.T)[:, :n])
-        y = torch.cat(tiles, dim=1).T if len(tiles) > 1 else tiles[0].T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return linears(x, self)[0]

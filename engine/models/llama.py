@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from engine.errors import ParleyError
 from engine.models import patterns, rope
+from engine.models.attention import attention
 from engine.models.cache import KVCache, positions_and_mask
-from engine.models.linear import Linear
+from engine.models.linear import Linear, linears
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -101,9 +102,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32 whatever the model's dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -117,15 +116,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (y.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+                   for y in linears(x, self.q_proj, self.k_proj, self.v_proj))
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        is_causal = mask is None and cache is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=k.shape[1] != q.shape[1])
+        y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -137,7 +133,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

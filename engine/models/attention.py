@@ -1,0 +1,26 @@
+"""Scaled dot-product attention for the Transformer decoders, batch-invariant when decoding on the CPU.
+
+PyTorch's CPU flash-attention kernel shares out its work between threads by batch size, so with
+two or more threads a row's output depends on how many rows are in the batch: a candidate's
+tokens would change when another candidate runs beside it. A decoding step (one query per row)
+on the CPU therefore runs as plain batched products, which treat every (row, head) alike; they
+are tiny next to the weight products. Softmax runs in float32, as in transformers' eager attention.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [batch, heads, queries, dim] over k, v [batch, kv_heads, keys, dim]; `mask` [batch, 1,
+    queries, keys] is True where attention is allowed. No mask means causal (or one query that
+    sees every key). Query heads share kv heads in groups (grouped-query attention)."""
+    B, H, T, D = q.shape
+    if q.device.type != "cpu" or T != 1 or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                              enable_gqa=k.shape[1] != H)
+    kv_heads = k.shape[1]
+    scores = (q.reshape(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2)) * D ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (weights @ v).reshape(B, H, T, D)

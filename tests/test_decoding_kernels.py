@@ -1,0 +1,101 @@
+"""The CPU decoding path: oneDNN products on packed weights and the plain attention step.
+
+Each must give a row the same bits whatever else is in its batch (so a candidate's tokens do not
+depend on the candidates beside it), agree with the reference ops, and follow the weights when
+they change."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.models.attention import attention
+from engine.models.linear import Linear, linears
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    # batch-variance comes from sharing work between threads, so test with more than one
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 96), (768, 3072), (320, 64)])
+def test_a_row_gets_the_same_bits_in_any_batch(dtype, shape):
+    torch.manual_seed(0)
+    layer = Linear(shape[1], shape[0]).to(dtype)
+    x = torch.randn(16, shape[1], dtype=dtype)
+    with torch.no_grad():
+        alone = [layer(x[i:i + 1]) for i in range(16)]
+        for rows in range(2, 17):
+            batch = layer(x[:rows])
+            for i in range(rows):
+                assert torch.equal(batch[i], alone[i][0]), (rows, i)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(layer(x[:3]), F.linear(x[:3], layer.weight, layer.bias),
+                                   atol=tolerance * 10, rtol=tolerance)
+
+
+def test_layers_that_share_an_input_run_as_one_product():
+    torch.manual_seed(0)
+    q, k, v = Linear(32, 48), Linear(32, 16), Linear(32, 16)
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        together = linears(x, q, k, v)
+        for layer, out in zip((q, k, v), together):
+            torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
+
+
+def test_the_packed_copy_follows_the_weights():
+    torch.manual_seed(0)
+    layer = Linear(32, 32)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        layer(x)
+    # an optimizer step changes the weights in place
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(4, 32)).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.load_state_dict({"weight": torch.randn(32, 32), "bias": torch.zeros(32)})
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.to(torch.bfloat16)
+        torch.testing.assert_close(layer(x.bfloat16()), F.linear(x.bfloat16(), layer.weight, layer.bias))
+
+
+def test_a_model_with_packed_weights_can_be_deep_copied():
+    layer = Linear(16, 16)
+    with torch.no_grad():
+        layer(torch.randn(1, 16))
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+        assert torch.equal(twin(torch.randn(1, 16)), twin.bias.expand(1, -1))
+        assert layer.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("L", [61, 100])   # lengths where SDPA's CPU kernel is not batch-invariant
+def test_decoding_attention_is_batch_invariant_and_equals_sdpa(dtype, heads, kv_heads, L):
+    torch.manual_seed(0)
+    B, D = 8, 16
+    q, k, v = torch.randn(B, heads, 1, D, dtype=dtype), torch.randn(B, kv_heads, L, D, dtype=dtype), \
+        torch.randn(B, kv_heads, L, D, dtype=dtype)
+    mask = torch.rand(B, 1, 1, L) > 0.3
+    mask[..., -1] = True
+    with torch.no_grad():
+        for m in (None, mask):
+            full = attention(q, k, v, m)
+            for rows in (1, 3, 5):
+                part = attention(q[B - rows:].clone(), k[B - rows:].clone(), v[B - rows:].clone(),
+                                 None if m is None else m[B - rows:])
+                assert torch.equal(part, full[B - rows:])
+            reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                                       enable_gqa=heads != kv_heads)
+            tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(full.float(), reference, atol=tolerance, rtol=tolerance)
