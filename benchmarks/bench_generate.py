@@ -8,6 +8,8 @@ For GPT-2-124M and SmolLM2-135M shapes it prints, for float32 and bfloat16:
   - the fraction of the memory-bandwidth limit Parley reaches: weight bytes read per token x
     tokens/s / the copy bandwidth measured here (bytes read + written per second).
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
+Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
+shared machine slows Parley and transformers alike.
 """
 import argparse
 import sys
@@ -66,10 +68,17 @@ def copy_bandwidth(device) -> float:
     return 5 * 2 * src.numel() * src.element_size() / best_time(copy, 5)
 
 
-def decode_rate(run, n: int, repeats: int) -> float:
-    """Tokens per second of decoding alone: the one-token run's time (prefill) is subtracted."""
-    run(1)
-    return (n - 1) / (best_time(lambda: run(n), repeats) - best_time(lambda: run(1), repeats))
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """Best time of each function, run in turns so that a slow spell of a shared machine hits all."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def bench(name: str, path: Path, dtype: str, device, n: int, repeats: int, bandwidth: float) -> dict:
@@ -90,9 +99,11 @@ def bench(name: str, path: Path, dtype: str, device, n: int, repeats: int, bandw
                          min_new_tokens=k, pad_token_id=0)
         sync()
 
-    ours, theirs = decode_rate(parley, n, repeats), decode_rate(transformers, n, repeats)
-    one = best_time(lambda: parley(n, 1), repeats)
-    four = best_time(lambda: parley(n, 4), repeats)
+    # decode rate = (n - 1) / (time for n new tokens - time for 1): the prefill cancels out
+    t = interleaved_best({"ours": lambda: parley(n), "ours_1": lambda: parley(1), "four": lambda: parley(n, 4),
+                          "theirs": lambda: transformers(n), "theirs_1": lambda: transformers(1)}, repeats)
+    ours, theirs = (n - 1) / (t["ours"] - t["ours_1"]), (n - 1) / (t["theirs"] - t["theirs_1"])
+    one, four = t["ours"], t["four"]
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     return dict(model=name, dtype=dtype, parley=ours, transformers=theirs, speedup=ours / theirs,
                 side_by_side=four / one, bandwidth_fraction=weight_bytes * ours / bandwidth)
@@ -102,7 +113,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
     args = parser.parse_args()

@@ -4,7 +4,8 @@ PyTorch's CPU flash-attention kernel shares out its work between threads by batc
 two or more threads a row's output depends on how many rows are in the batch: a candidate's
 tokens would change when another candidate runs beside it. A decoding step (one query per row)
 on the CPU therefore runs as plain batched products, which treat every (row, head) alike; they
-are tiny next to the weight products. Softmax runs in float32, as in transformers' eager attention.
+are tiny next to the weight products. They run in the cache's dtype, float32 on the CPU (see
+cache.py); softmax runs in float32 anyway, as in transformers' eager attention.
 """
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     sees every key). Query heads share kv heads in groups (grouped-query attention)."""
     B, H, T, D = q.shape
     if q.device.type != "cpu" or T != 1 or torch.is_grad_enabled():
+        k, v = k.to(q.dtype), v.to(q.dtype)   # the KV cache on the CPU is float32 whatever the model
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                               enable_gqa=k.shape[1] != H)
     kv_heads = k.shape[1]
-    scores = (q.reshape(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2)) * D ** -0.5
+    scores = (q.to(k.dtype).reshape(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2)) * D ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return (weights @ v).reshape(B, H, T, D)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    return (weights @ v).reshape(B, H, T, D).to(q.dtype)

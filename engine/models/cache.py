@@ -43,6 +43,10 @@ class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device, rule=None):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        if torch.device(device).type == "cpu":
+            # Decoding attention on the CPU runs in float32 (engine/models/attention.py): bfloat16
+            # batched products there cost ~4x float32 ones, more than a float32 cache's extra bytes.
+            dtype = torch.float32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
