@@ -34,7 +34,7 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
     """cos and sin [batch, 1, seq, head_dim] for position ids [batch, seq], computed in float32.
 
     The first half of sin is negated: rotating (x1, x2) is x * cos + (x2, x1) * (-sin, sin), so
-    `apply` is a roll and three products instead of two slices, a negation and a concatenation."""
+    `apply` is a roll, two products and a sum, not two slices, a negation and a concatenation too."""
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     sin = angles.sin()
