@@ -99,3 +99,12 @@ def test_decoding_attention_is_batch_invariant_and_equals_sdpa(dtype, heads, kv_
                                                        enable_gqa=heads != kv_heads)
             tolerance = 1e-5 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(full.float(), reference, atol=tolerance, rtol=tolerance)
+
+
+def test_without_onednn_the_plain_product_runs(monkeypatch):
+    from engine.models import linear
+    monkeypatch.setattr(linear, "_onednn_dtypes", set())   # what _probe_onednn finds on a CPU without it
+    layer, x = Linear(16, 8), torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer.packed.weight is None

@@ -45,15 +45,35 @@ class PackedWeight:
         return self.weight, self.bias
 
 
-_onednn_dtypes = None   # the dtypes oneDNN runs natively here, found on first use
+_onednn_dtypes = None   # the dtypes this machine's oneDNN runs natively, found on first use
+
+
+def _probe_onednn() -> set:
+    """The dtypes for which packed products run here and agree with F.linear: builds for other
+    CPUs (ARM, no bfloat16 instructions) may lack the ops or emulate them slowly."""
+    if not torch.backends.mkldnn.is_available():
+        return set()
+    dtypes = {torch.float32}
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.add(torch.bfloat16)
+    working = set()
+    for dtype in dtypes:
+        w, x = torch.randn(8, 16, dtype=dtype), torch.randn(MIN_ROWS, 16, dtype=dtype)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, MIN_ROWS)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        except (RuntimeError, NotImplementedError):
+            continue
+        if torch.allclose(y.float(), F.linear(x, w).float(), atol=0.1, rtol=0.05):
+            working.add(dtype)
+    return working
 
 
 def _onednn_decodes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     global _onednn_dtypes
     if _onednn_dtypes is None:
-        available = torch.backends.mkldnn.is_available()
-        _onednn_dtypes = ({torch.float32} if available else set()) | (
-            {torch.bfloat16} if available and torch.ops.mkldnn._is_mkldnn_bf16_supported() else set())
+        with torch.no_grad():
+            _onednn_dtypes = _probe_onednn()
     return (x.device.type == "cpu" and x.dtype in _onednn_dtypes and x.dtype == weight.dtype
             and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
 
