@@ -108,3 +108,13 @@ def test_without_onednn_the_plain_product_runs(monkeypatch):
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer.packed.weight is None
+
+
+def test_the_probe_finds_onednn_here_and_leaves_the_random_stream_alone():
+    from engine.models import linear
+    torch.manual_seed(7)
+    found = linear._probe_onednn()
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
+    assert torch.float32 in found   # CI's x86 CPU runs the packed path
