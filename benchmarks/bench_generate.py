@@ -45,13 +45,17 @@ def build(shape: dict, path: Path):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """Best time of each function, run in turns so that a slow spell of a shared machine hits all."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def copy_bandwidth(device) -> float:
@@ -64,21 +68,7 @@ def copy_bandwidth(device) -> float:
         for _ in range(5):
             dst.copy_(src)
         sync()
-    copy()
-    return 5 * 2 * src.numel() * src.element_size() / best_time(copy, 5)
-
-
-def interleaved_best(fns: dict, repeats: int) -> dict:
-    """Best time of each function, run in turns so that a slow spell of a shared machine hits all."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return 5 * 2 * src.numel() * src.element_size() / interleaved_best({"copy": copy}, 5)["copy"]
 
 
 def bench(name: str, path: Path, dtype: str, device, n: int, repeats: int, bandwidth: float) -> dict:
