@@ -98,7 +98,7 @@ class Generation:
         device, n_prompt = lm.device, len(self.prompt)
         width = n_prompt + max(s.max_new_tokens for s in self.settings)
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             cache = model.new_cache(1, width)
             logits = model(self.prompt[None], cache=cache, last_only=True)[:, -1].float()
         self.prefill_s = time.perf_counter() - started
@@ -106,7 +106,7 @@ class Generation:
 
         # One row per sampled candidate, num_beams rows per beam candidate, all from the one prefill.
         cand = torch.tensor([c for c, s in enumerate(self.settings) for _ in range(s.num_beams)], device=device)
-        with torch.no_grad():
+        with torch.inference_mode():
             cache.select_rows(torch.zeros(len(cand), dtype=torch.long, device=device))
         batch = _Batch.start(cand, self.prompt, logits, width, self.settings)
         beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
@@ -132,7 +132,7 @@ class Generation:
                 self.settings = [self._updates.pop(c, s) for c, s in enumerate(self.settings)]
                 batch = batch.take(torch.arange(len(batch.cand), device=device), self.settings)
 
-            with torch.no_grad():
+            with torch.inference_mode():
                 rows = batch.rows
                 logprobs = batch.logits.log_softmax(dim=-1)
                 # Beams rank by log-probability, so their processors see log-probs, as in transformers.
@@ -147,6 +147,8 @@ class Generation:
             order = torch.arange(len(batch.cand), device=device)  # where each row's cache comes from
             keep = torch.ones(len(batch.cand), dtype=torch.bool, device=device)
             events, cand_list = [], batch.cand.tolist()
+            if beams:
+                chosen = chosen.clone()   # made in inference mode, so not writable outside it
             for c, search in beams.items():
                 idx = torch.tensor([i for i, rc in enumerate(cand_list) if rc == c], dtype=torch.long, device=device)
                 if len(idx):
@@ -184,7 +186,7 @@ class Generation:
                 order, batch, chosen = order[keep], batch.take(keep.nonzero()[:, 0]), chosen[keep]
             if not len(batch.cand):
                 break
-            with torch.no_grad():
+            with torch.inference_mode():
                 if beams or len(order) != cache.batch:
                     cache.select_rows(order)
                 batch.logits = model(chosen[:, None], cache=cache)[:, -1].float()

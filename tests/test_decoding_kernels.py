@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.attention import attention
-from engine.models.linear import Linear, linears
+from engine.models.linear import Linear, fused_linear
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def test_layers_that_share_an_input_run_as_one_product():
     q, k, v = Linear(32, 48), Linear(32, 16), Linear(32, 16)
     x = torch.randn(3, 1, 32)
     with torch.no_grad():
-        together = linears(x, q, k, v)
+        together = fused_linear(x, q, k, v).split([48, 16, 16], dim=-1)
         for layer, out in zip((q, k, v), together):
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias))
 
@@ -96,7 +96,7 @@ def test_decoding_attention_is_batch_invariant_and_equals_sdpa(dtype, heads, kv_
                                  None if m is None else m[B - rows:])
                 assert torch.equal(part, full[B - rows:])
             reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
-                                                       enable_gqa=heads != kv_heads)
+                                                       enable_gqa=heads != kv_heads).transpose(1, 2).reshape(B, 1, -1)
             tolerance = 1e-5 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(full.float(), reference, atol=tolerance, rtol=tolerance)
 

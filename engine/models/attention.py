@@ -14,15 +14,20 @@ import torch.nn.functional as F
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q [batch, heads, queries, dim] over k, v [batch, kv_heads, keys, dim]; `mask` [batch, 1,
     queries, keys] is True where attention is allowed. No mask means causal (or one query that
-    sees every key). Query heads share kv heads in groups (grouped-query attention)."""
+    sees every key). Query heads share kv heads in groups (grouped-query attention).
+    Returns [batch, queries, heads * dim], the heads side by side for the output projection."""
     B, H, T, D = q.shape
     if q.device.type != "cpu" or T != 1 or torch.is_grad_enabled():
         k, v = k.to(q.dtype), v.to(q.dtype)   # the KV cache on the CPU is float32 whatever the model
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                              enable_gqa=k.shape[1] != H)
-    kv_heads = k.shape[1]
-    scores = (q.to(k.dtype).reshape(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2)) * D ** -0.5
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=k.shape[1] != H)
+        return y.transpose(1, 2).reshape(B, T, H * D)
+    # [batch * kv_heads, group, dim] against [batch * kv_heads, keys, dim]: bmm on views, no copies
+    kv_heads, keys = k.shape[1], k.shape[2]
+    scores = torch.bmm(q.to(k.dtype).reshape(B * kv_heads, H // kv_heads, D),
+                       k.reshape(B * kv_heads, keys, D).transpose(1, 2)) * D ** -0.5
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.view(B, kv_heads * H // kv_heads, keys).masked_fill(~mask[:, 0], float("-inf"))
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-    return (weights @ v).reshape(B, H, T, D).to(q.dtype)
+    return torch.bmm(weights.view(B * kv_heads, H // kv_heads, keys),
+                     v.reshape(B * kv_heads, keys, D)).view(B, T, H * D).to(q.dtype)

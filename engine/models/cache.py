@@ -49,6 +49,7 @@ class KVCache:
             dtype = torch.float32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layers = self._layer_views()
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.rule = rule  # the attention pattern, None for dense
@@ -88,13 +89,19 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys and values of one layer; return all keys and values so far."""
-        self.k[layer, :, :, self.start:self.length] = k
-        self.v[layer, :, :, self.start:self.length] = v
-        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+        keys, values = self.layers[layer]
+        keys.narrow(2, self.start, self.length - self.start).copy_(k)
+        values.narrow(2, self.start, self.length - self.start).copy_(v)
+        return keys.narrow(2, 0, self.length), values.narrow(2, 0, self.length)
+
+    def _layer_views(self) -> list:
+        """Each layer's (keys, values), as views made once rather than indexed at every step."""
+        return [(self.k[layer], self.v[layer]) for layer in range(self.k.shape[0])]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and repeat or reorder) rows: shares one prefilled prompt among candidates, or follows beams."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        self.layers = self._layer_views()
         self.valid = self.valid.index_select(0, rows)
         self.seen = self.seen.index_select(0, rows)

@@ -15,7 +15,7 @@ from engine.errors import ParleyError
 from engine.models import patterns
 from engine.models.attention import attention
 from engine.models.cache import KVCache, positions_and_mask
-from engine.models.linear import Linear
+from engine.models.linear import Linear, widen
 
 MODEL_TYPES = ("gpt2", "parley_gpt")
 ACTIVATIONS = {
@@ -83,13 +83,11 @@ class Attention(nn.Module):
         self.c_proj = Linear(c.n_embd, c.n_embd)
 
     def forward(self, x, mask, cache):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        B, T = cache.batch if cache is not None else x.shape[0], x.shape[1]   # x may be widened (linear.py)
+        q, k, v = self.c_attn(x)[:B].view(B, T, 3 * self.n_head, -1).transpose(1, 2).split(self.n_head, dim=1)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.c_proj(attention(q, k, v, mask))
 
 
 class MLP(nn.Module):
@@ -155,9 +153,11 @@ class GPT2(nn.Module):
         else:
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        if cache is not None:
+            x = widen(x)
         for block in self.transformer.h:
             x = block(x, mask, cache)
-        return self.transformer.ln_f(x)
+        return self.transformer.ln_f(x[:len(idx)])
 
 
 def state_from_hf(tensors: dict) -> dict:

@@ -33,9 +33,10 @@ class PackedWeight:
         return PackedWeight()   # a oneDNN tensor cannot be copied (the RLHF reference models); pack anew
 
     def get(self, layers) -> tuple[torch.Tensor, torch.Tensor | None]:
-        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         # An optimizer step or load_state_dict bumps a version; .to() and .data = … move the data.
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        # (_parameters, not layer.weight: a module's attribute lookup costs more than all the rest)
+        key = [(p.data_ptr(), p._version, p.dtype) for layer in layers for p in layer._parameters.values()
+               if p is not None]
         if key != self.key:
             stacked = torch.cat([layer.weight.detach() for layer in layers])
             self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, MIN_ROWS)
@@ -71,29 +72,43 @@ def _probe_onednn() -> set:
     return working
 
 
-def _onednn_decodes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_decodes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     global _onednn_dtypes
     if _onednn_dtypes is None:
         with torch.no_grad():
             _onednn_dtypes = _probe_onednn()
-    return (x.device.type == "cpu" and x.dtype in _onednn_dtypes and x.dtype == weight.dtype
+    return (x.is_cpu and x.dtype in _onednn_dtypes and x.dtype == weight_dtype
             and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
 
 
-def linears(x: torch.Tensor, *layers: "Linear") -> list[torch.Tensor]:
-    """x through layers that all read it; on the decoding path, as one product."""
-    if not _onednn_decodes(x, layers[0].weight):
-        return [F.linear(x, layer.weight, layer.bias) for layer in layers]
-    rows = x.numel() // x.shape[-1]
-    flat = x.reshape(rows, -1)
-    if rows == 1:
-        flat = flat.expand(MIN_ROWS, -1).contiguous()
-    elif rows < MIN_ROWS:
-        flat = torch.cat([flat, flat[:1].expand(MIN_ROWS - rows, -1)])
+def fused_linear(x: torch.Tensor, *layers: "Linear") -> torch.Tensor:
+    """x through layers that all read it, their outputs side by side in the last dimension; on the
+    decoding path, as one product."""
+    if not _onednn_decodes(x, layers[0].weight.dtype):
+        if len(layers) == 1:
+            return F.linear(x, layers[0].weight, layers[0].bias)
+        return torch.cat([F.linear(x, layer.weight, layer.bias) for layer in layers], dim=-1)
     weight, bias = layers[0].packed.get(layers)
-    y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")[:rows]
-    y = y.view(*x.shape[:-1], -1)
-    return list(y.split([layer.out_features for layer in layers], dim=-1)) if len(layers) > 1 else [y]
+
+    def product(rows):
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:   # as four alike: oneDNN reads an expanded row in place
+        return product(x.expand(MIN_ROWS, *x.shape[1:]))[:1]
+    if rows < MIN_ROWS:
+        flat = x.reshape(rows, -1)
+        return product(torch.cat([flat, flat[:1].expand(MIN_ROWS - rows, -1)]))[:rows].view(*x.shape[:-1], -1)
+    return product(x)
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """A lone decoding row [1, 1, hidden] as MIN_ROWS alike when the products take the oneDNN path.
+
+    Carried through a model's layers, the row then reaches every product already padded (instead of
+    being padded and cut again at each); attention reads the real rows only (cache.batch)."""
+    if x.shape[0] * x.shape[1] == 1 and _onednn_decodes(x, x.dtype):
+        return x.expand(MIN_ROWS, -1, -1)
+    return x
 
 
 class Linear(nn.Linear):
@@ -102,4 +117,4 @@ class Linear(nn.Linear):
         self.packed = PackedWeight()   # for the decoding path, of this layer or a group it leads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linears(x, self)[0]
+        return fused_linear(x, self)

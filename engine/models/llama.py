@@ -13,7 +13,7 @@ from engine.errors import ParleyError
 from engine.models import patterns, rope
 from engine.models.attention import attention
 from engine.models.cache import KVCache, positions_and_mask
-from engine.models.linear import Linear, linears
+from engine.models.linear import Linear, fused_linear, widen
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -109,20 +109,21 @@ class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, layer: int):
         super().__init__()
         self.layer, self.head_dim = layer, c.head_dim
+        self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
 
     def forward(self, x, cos, sin, mask, cache):
-        B, T, _ = x.shape
-        q, k, v = (y.reshape(B, T, -1, self.head_dim).transpose(1, 2)
-                   for y in linears(x, self.q_proj, self.k_proj, self.v_proj))
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        B, T = cache.batch if cache is not None else x.shape[0], x.shape[1]   # x may be widened (linear.py)
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)[:B].view(B, T, H + 2 * KV, -1).transpose(1, 2)
+        qk = rope.apply(qkv[:, :H + KV], cos, sin)   # query and key heads turn alike: one rotation
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(attention(q, k, v, mask))
 
 
 class MLP(nn.Module):
@@ -133,7 +134,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        gate, up = linears(x, self.gate_proj, self.up_proj)
+        gate, up = fused_linear(x, self.gate_proj, self.up_proj).split(self.up_proj.out_features, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -194,9 +195,11 @@ class Llama(nn.Module):
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.model.embed_tokens(idx)
         cos, sin = rope.cos_sin(self.inv_freq, positions, x.dtype)
+        if cache is not None:
+            x = widen(x)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
-        return self.model.norm(x)
+        return self.model.norm(x[:len(idx)])
 
 
 def state_from_hf(tensors: dict) -> dict:
