@@ -1,12 +1,14 @@
 """Decoding speed: Parley against transformers.generate on the same random weights, in one run.
 
-    python benchmarks/bench_generate.py [--device cpu|cuda] [--new-tokens 64] [--repeats 3]
+    python benchmarks/bench_generate.py [--device cpu|cuda] [--new-tokens 64] [--repeats 5]
 
 For GPT-2-124M and SmolLM2-135M shapes it prints, for float32 and bfloat16:
   - decode tokens/s at batch 1 of Parley and of transformers, and their ratio;
   - the time of a 4-candidate side-by-side run divided by a 1-candidate run (Parley);
   - the fraction of the memory-bandwidth limit Parley reaches: weight bytes read per token x
-    tokens/s / the copy bandwidth measured here (bytes read + written per second).
+    tokens/s / the copy bandwidth measured here (bytes read + written per second);
+  - ATen operations per decoding step of each (counted once, after the timings): on the CPU a
+    thin model's step is as much per-operation overhead as weight reading.
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
 shared machine slows Parley and transformers alike.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,6 +59,29 @@ def interleaved_best(fns: dict, repeats: int) -> dict:
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations run under it: on the CPU each costs a few microseconds whatever
+    its size, which is half of a thin model's decoding step."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(run, n: int) -> float:
+    """Operations per decoding step, (ops for n new tokens - ops for 1) / (n - 1), as for the rate."""
+    counts = []
+    for k in (n, 1):
+        with OpCounter() as counter:
+            run(k)
+        counts.append(counter.count)
+    return (counts[0] - counts[1]) / (n - 1)
 
 
 def copy_bandwidth(device) -> float:
@@ -96,7 +122,8 @@ def bench(name: str, path: Path, dtype: str, device, n: int, repeats: int, bandw
     one, four = t["ours"], t["four"]
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     return dict(model=name, dtype=dtype, parley=ours, transformers=theirs, speedup=ours / theirs,
-                side_by_side=four / one, bandwidth_fraction=weight_bytes * ours / bandwidth)
+                side_by_side=four / one, bandwidth_fraction=weight_bytes * ours / bandwidth,
+                ops=(ops_per_step(parley, n), ops_per_step(transformers, n)))
 
 
 def main():
@@ -111,7 +138,8 @@ def main():
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"{args.new_tokens} new tokens after a 32-token prompt, best of {args.repeats}")
-    header = f"{'model':<14}{'dtype':<10}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}{'of BW':>7}"
+    header = (f"{'model':<14}{'dtype':<10}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}{'of BW':>7}"
+              f"{'ops/step parley, hf':>21}")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -120,7 +148,8 @@ def main():
             for dtype in args.dtypes:
                 r = bench(name, path, dtype, device, args.new_tokens, args.repeats, bandwidth)
                 print(f"{r['model']:<14}{r['dtype']:<10}{r['parley']:>13.1f}{r['transformers']:>10.1f}"
-                      f"{r['speedup']:>8.2f}x{r['side_by_side']:>7.2f}x{r['bandwidth_fraction']:>6.0%}", flush=True)
+                      f"{r['speedup']:>8.2f}x{r['side_by_side']:>7.2f}x{r['bandwidth_fraction']:>6.0%}"
+                      f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class Generation:
         device, n_prompt = lm.device, len(self.prompt)
         width = n_prompt + max(s.max_new_tokens for s in self.settings)
         started = time.perf_counter()
+        # Inference mode, not just no_grad: no autograd bookkeeping at all, ~10% off a CPU step.
+        # Its tensors cannot be written to outside it, so the blocks below cover all such writes.
         with torch.inference_mode():
             cache = model.new_cache(1, width)
             logits = model(self.prompt[None], cache=cache, last_only=True)[:, -1].float()

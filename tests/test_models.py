@@ -1,4 +1,6 @@
 """The decoders against transformers: same logits, same cached decoding, and round trips."""
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,6 +63,27 @@ def test_cached_decoding_equals_full_forward(checkpoints, name):
         alone = torch.cat([ids[row, width - n:], new[row]])[None]
         full = lm.logits(alone)[0, n - 1:]
         assert (cached[row] - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_lone_row_decodes_widened_with_the_same_bits(checkpoints, name, monkeypatch):
+    """One candidate decodes with its row widened to four once (linear.widen), not padded at every
+    product: the logits equal the full forward's, and bit for bit those of the unwidened path."""
+    path, _ = checkpoints(name)
+    lm = engine.load(path, device="cpu")
+    ids = torch.randint(1, lm.tokenizer.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+
+    def decode():
+        with torch.inference_mode():
+            cache = lm.model.new_cache(1, 9)
+            logits = [lm.model(ids[:, :5], cache=cache, last_only=True)]
+            logits += [lm.model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        return torch.cat(logits, dim=1)
+    widened = decode()
+    assert (widened - lm.logits(ids)[:, 4:]).abs().max().item() < 1e-4
+    model_module = sys.modules[type(lm.model).__module__]
+    monkeypatch.setattr(model_module, "widen", lambda x: x)
+    assert torch.equal(decode(), widened)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa_untied", "qwen2"])
