@@ -27,7 +27,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores = torch.bmm(q.to(k.dtype).reshape(B * kv_heads, H // kv_heads, D),
                        k.reshape(B * kv_heads, keys, D).transpose(1, 2)) * D ** -0.5
     if mask is not None:
-        scores = scores.view(B, kv_heads * H // kv_heads, keys).masked_fill(~mask[:, 0], float("-inf"))
+        scores = scores.view(B, H, keys).masked_fill(~mask[:, 0], float("-inf"))
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.bmm(weights.view(B * kv_heads, H // kv_heads, keys),
                      v.reshape(B * kv_heads, keys, D)).view(B, T, H * D).to(q.dtype)
