@@ -157,11 +157,18 @@ def cmd_train(args) -> None:
 
 
 COMMON = ("max_steps", "seed", "lr", "save_every", "resume")
+ONLINE = (*COMMON, "eval_every", "beta", "target_kl", "temperature", "max_new_tokens")
 RLHF_MODES = {  # mode: (required options with how to write them, optional options passed through)
-    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every")),
-    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every", "beta")),
+    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"},
+           (*COMMON, "eval_every", "max_len", "reward_scale")),
+    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every", "beta",
+                                                                                 "max_len")),
     "ppo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
-            (*COMMON, "beta", "target_kl", "ptx_coef", "ema", "batch_size")),
+            (*ONLINE, "ptx_coef", "ptx_batch", "ema", "batch_size", "lr_schedule", "gamma", "lam")),
+    "rloo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
+             (*ONLINE, "prompts_per_step", "replies", "epochs", "kl_estimator")),
+    "grpo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
+             (*ONLINE, "prompts_per_step", "replies", "epochs", "kl_estimator")),
 }
 
 
@@ -171,7 +178,9 @@ def cmd_train_rlhf(args) -> None:
     required, optional = RLHF_MODES[args.mode]
     if not all(getattr(args, name) for name in required):
         raise ParleyError(f"parley train {args.mode} needs {' and '.join(required.values())}")
-    options = {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
+    options = {name: getattr(args, name) for name in optional if getattr(args, name) not in (None, False)}
+    if "replies" in options:
+        options["k"] = options.pop("replies")
     with Store() as store:
         # under torchrun only the first process records the run
         options.update(device=args.device, store=None if args.no_store or os.environ.get("RANK", "0") != "0" else store)
@@ -181,10 +190,14 @@ def cmd_train_rlhf(args) -> None:
         elif args.mode == "dpo":
             from engine.rlhf.dpo import train_dpo
             train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, **options)
-        else:
+        elif args.mode == "ppo":
             from engine.rlhf.ppo import train_ppo
             train_ppo(str(resolve_model(args.policy)), args.reward_model, args.out, prompts=args.prompts,
                       ptx_data=args.data, **options)
+        else:
+            from engine.rlhf.group import train_group
+            train_group(args.mode, str(resolve_model(args.policy)), args.reward_model, args.out,
+                        prompts=args.prompts, **options)
 
 
 def cmd_score(args) -> None:
@@ -243,7 +256,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo", "ppo"])
+    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo", "ppo", "rloo", "grpo"])
     p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
@@ -253,13 +266,31 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, default=1.0, help="ngram: add-k's k (1 = Laplace)")
     p.add_argument("--model", help="start from this model directory")
     p.add_argument("--base", help="rm: the backbone model (a directory or known name)")
-    p.add_argument("--policy", help="dpo: the policy to fine-tune (also the frozen reference)")
-    p.add_argument("--beta", type=float, help="dpo/ppo: the KL strength beta (0.1 for DPO, 0.05 for PPO)")
-    p.add_argument("--reward-model", help="ppo: the reward model directory")
-    p.add_argument("--prompts", help="ppo: JSONL of {\"prompt\": messages or text}; default: the store's chats")
-    p.add_argument("--target-kl", type=float, help="ppo: adapt beta towards this KL per reply")
+    p.add_argument("--policy", help="dpo/ppo/rloo/grpo: the policy to fine-tune (also the frozen reference)")
+    p.add_argument("--beta", type=float, help="dpo/ppo/rloo/grpo: the KL strength beta (0.1 for DPO, 0.05 for PPO "
+                   "and RLOO, 0.04 for GRPO)")
+    p.add_argument("--reward-model", help="ppo/rloo/grpo: the reward model directory")
+    p.add_argument("--prompts", help="ppo/rloo/grpo: JSONL of {\"prompt\": messages or text}; default: the store's "
+                   "chats")
+    p.add_argument("--target-kl", type=float, help="ppo/rloo/grpo: adapt beta towards this KL per reply")
+    p.add_argument("--temperature", type=float, help="ppo/rloo/grpo: rollout temperature (1)")
+    p.add_argument("--max-new-tokens", type=int, help="ppo/rloo/grpo: reply length in rollouts (32)")
     p.add_argument("--ptx-coef", type=float, help="ppo: weight of the pretraining loss on --data (PPO-ptx)")
+    p.add_argument("--ptx-batch", type=int, help="ppo: pretraining rows per update for the ptx term (4)")
     p.add_argument("--ema", type=float, help="ppo: keep and save an EMA of the policy with this decay")
+    p.add_argument("--lr-schedule", choices=["constant", "linear"], help="ppo: learning rate constant or decaying "
+                   "linearly to 0")
+    p.add_argument("--gamma", type=float, help="ppo: discount (1)")
+    p.add_argument("--lam", type=float, help="ppo: GAE lambda (0.95)")
+    p.add_argument("--replies", type=int, help="rloo/grpo: replies sampled per prompt (4)")
+    p.add_argument("--prompts-per-step", type=int, help="rloo/grpo: prompts per step (8)")
+    p.add_argument("--epochs", type=int, help="rloo/grpo: passes over each rollout (1)")
+    p.add_argument("--kl-estimator", choices=["k1", "k3"], help="rloo/grpo: KL estimator (k1 for RLOO's reward, "
+                   "k3 for GRPO's loss)")
+    p.add_argument("--max-len", type=int, help="rm/dpo: tokens per prompt + reply (256); a pair whose reply alone "
+                   "is longer is skipped and counted")
+    p.add_argument("--reward-scale", action="store_true", help="rm: also scale rewards to standard deviation 1 on "
+                   "the base policy's samples")
     p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
     p.add_argument("--preset", help="start from a fresh model of a preset family and size (chat-6m, nnlm, lstm, "
                    "gpt-fixed, ...: a wrong name lists them all)")

@@ -1,10 +1,13 @@
 """Batched, streamed generation: several candidates with their own settings in one run.
 
-All candidates share one conversation. Its prompt is prefilled once; the KV cache rows are then
-repeated, one per sampled candidate and `num_beams` per beam-search candidate. Each step runs one
-forward pass for every live row, applies every row's own processors as tensors, and yields events:
-a `Token` per sampled row and step, and a `Finished` per candidate. Between steps the caller may
-cancel candidates or change their settings. Finished rows leave the batch, so the rest speed up.
+A run holds one prompt shared by all candidates (the chat, the compare view) or several prompts,
+each continued by its own candidates (`prompt_of`; RLHF rollouts, `generate_batch`). The prompts
+are prefilled once, together: left-padded to one width, padding masked, each row's positions
+counting its own tokens only. The cache rows are then repeated, one per sampled candidate and
+`num_beams` per beam-search candidate, from its prompt's row. Each step runs one forward pass for
+every live row, applies every row's own processors as tensors, and yields events: a `Token` per
+sampled row and step, and a `Finished` per candidate. Between steps the caller may cancel
+candidates or change their settings. Finished rows leave the batch, so the rest speed up.
 """
 import os
 import time
@@ -48,25 +51,46 @@ class Finished:
     settings: Settings
     timings: dict
     beams: list[dict] = field(default_factory=list)  # beam search: every returned sequence, best first
+    prompt: int = 0            # the index of the prompt it continues (0 when the run has one prompt)
 
 
 class Generation:
     """An iterator of `Token` and `Finished` events. See the module docstring."""
 
-    def __init__(self, lm, prompt_ids: list[int], settings: list[Settings], top_alternatives: int = 5):
-        if not prompt_ids:
-            raise ParleyError("the prompt is empty: give at least one token of context")
+    def __init__(self, lm, prompt_ids: list[int] | list[list[int]], settings: list[Settings],
+                 top_alternatives: int = 5, prompt_of: list[int] | None = None):
+        """`prompt_ids`: one prompt for every candidate, or several; then candidate c continues
+        prompt `prompt_of[c]` (by default prompt c, one candidate each)."""
+        several = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
+        prompts = [list(p) for p in prompt_ids] if several else [list(prompt_ids)]
         if not settings:
             raise ParleyError("no candidates to generate: give at least one settings object")
+        if prompt_of is None and not several:
+            prompt_of = [0] * len(settings)
+        elif prompt_of is None:
+            if len(prompts) != len(settings):
+                raise ParleyError(f"{len(prompts)} prompts for {len(settings)} candidates: give prompt_of "
+                                  "(the prompt of each candidate) or one candidate per prompt")
+            prompt_of = list(range(len(prompts)))
+        prompt_of = list(prompt_of)
+        if len(prompt_of) != len(settings) or not all(isinstance(p, int) and 0 <= p < len(prompts)
+                                                      for p in prompt_of):
+            raise ParleyError(f"prompt_of must name one prompt (0 to {len(prompts) - 1}) for each of the "
+                              f"{len(settings)} candidates; it is {prompt_of!r}")
+        for i, p in enumerate(prompts):
+            where = f"prompt {i}" if several else "the prompt"
+            if not p:
+                raise ParleyError(f"{where} is empty: give at least one token of context")
+            if lm.max_context - len(p) < 1:
+                raise ParleyError(f"{where} has {len(p)} tokens and the model's context holds "
+                                  f"{lm.max_context}: shorten the conversation")
         self.lm, self.top_n = lm, top_alternatives
-        self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-        room = lm.max_context - len(prompt_ids)
-        if room < 1:
-            raise ParleyError(f"the prompt has {len(prompt_ids)} tokens and the model's context holds "
-                              f"{lm.max_context}: shorten the conversation")
+        self.prompts, self.prompt_of = prompts, prompt_of
         # A candidate without a seed gets a random one, recorded in its settings so it can be replayed.
+        # Each candidate's room is its own prompt's, not the padded width's.
         self.settings = [replace(s.validate(), seed=s.seed if s.seed is not None else _random_seed(),
-                                 max_new_tokens=min(s.max_new_tokens, room)) for s in settings]
+                                 max_new_tokens=min(s.max_new_tokens, lm.max_context - len(prompts[p])))
+                         for s, p in zip(settings, prompt_of)]
         self.eos_ids = lm.eos_token_ids
         self._cancel: set[int] = set()
         self._updates: dict[int, Settings] = {}
@@ -95,22 +119,28 @@ class Generation:
     # -- the loop ----------------------------------------------------------------------------------
     def __iter__(self):
         lm, model, tok = self.lm, self.lm.model, self.lm.tokenizer
-        device, n_prompt = lm.device, len(self.prompt)
+        device = lm.device
+        # The prompts left-padded to one width, -1 at padding: what no-repeat n-grams read (-1 never
+        # matches a token), and the prefill's pad mask. One prompt needs no mask: today's fast path.
+        n_prompt = max(len(p) for p in self.prompts)
+        padded = torch.tensor([[-1] * (n_prompt - len(p)) + p for p in self.prompts], device=device)
+        pad_mask = padded >= 0 if len({len(p) for p in self.prompts}) > 1 else None
         width = n_prompt + max(s.max_new_tokens for s in self.settings)
         started = time.perf_counter()
         # Inference mode, not just no_grad: no autograd bookkeeping at all, ~10% off a CPU step.
         # Its tensors cannot be written to outside it, so the blocks below cover all such writes.
         with torch.inference_mode():
-            cache = model.new_cache(1, width)
-            logits = model(self.prompt[None], cache=cache, last_only=True)[:, -1].float()
+            cache = model.new_cache(len(self.prompts), width)
+            logits = model(padded.clamp(min=0), cache=cache, pad_mask=pad_mask, last_only=True)[:, -1].float()
         self.prefill_s = time.perf_counter() - started
         self._started = started
 
-        # One row per sampled candidate, num_beams rows per beam candidate, all from the one prefill.
+        # One row per sampled candidate, num_beams rows per beam candidate, each from its prompt's prefill.
         cand = torch.tensor([c for c, s in enumerate(self.settings) for _ in range(s.num_beams)], device=device)
+        source = torch.tensor(self.prompt_of, device=device)[cand]
         with torch.inference_mode():
-            cache.select_rows(torch.zeros(len(cand), dtype=torch.long, device=device))
-        batch = _Batch.start(cand, self.prompt, logits, width, self.settings)
+            cache.select_rows(source)
+        batch = _Batch.start(cand, padded[source], logits[source], width, self.settings)
         beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
         streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
                    if s.num_beams == 1}
@@ -196,7 +226,7 @@ class Generation:
     def _finish(self, c: int, reason: str, stream: "_Stream") -> "Finished":
         elapsed = time.perf_counter() - self._started - self.prefill_s
         return Finished(c, reason, "".join(stream.text), list(stream.decoder.ids), self.settings[c],
-                        _timings(self.prefill_s, elapsed, len(stream.decoder.ids)))
+                        _timings(self.prefill_s, elapsed, len(stream.decoder.ids)), prompt=self.prompt_of[c])
 
     def _alternatives(self, logprobs, scores):
         """The top tokens before and after each row's processors, as plain lists."""
@@ -214,7 +244,7 @@ class Generation:
         best = results[0]
         elapsed = time.perf_counter() - self._started - self.prefill_s
         return Finished(c, best["finish_reason"], best["text"], best["token_ids"], self.settings[c],
-                        _timings(self.prefill_s, elapsed, search.steps), results)
+                        _timings(self.prefill_s, elapsed, search.steps), results, self.prompt_of[c])
 
 
 class _Stream:
@@ -234,9 +264,9 @@ class _Stream:
 class _Batch:
     """Per-row state of the live rows; `take` re-indexes all of it at once (beams, finished rows)."""
     cand: torch.Tensor        # [rows] candidate of each row
-    seen: torch.Tensor        # [rows, vocab] tokens of the prompt (repetition penalty)
+    seen: torch.Tensor        # [rows, vocab] tokens of the row's prompt (repetition penalty)
     counts: torch.Tensor      # [rows, vocab] output token counts (frequency and presence penalties)
-    sequences: torch.Tensor   # [rows, width] prompt + output so far (no-repeat n-grams)
+    sequences: torch.Tensor   # [rows, width] left-padded prompt (-1 at padding) + output (no-repeat n-grams)
     seeds: torch.Tensor       # [rows]
     logits: torch.Tensor      # [rows, vocab] the next-token logits
     settings: list            # every candidate's settings
@@ -248,14 +278,15 @@ class _Batch:
             self.seeds = torch.tensor([s.seed for s in self.rows.settings], dtype=torch.long, device=self.cand.device)
 
     @classmethod
-    def start(cls, cand, prompt, logits, width, settings):
+    def start(cls, cand, prompts, logits, width, settings):
+        """`prompts` [rows, prompt width]: each row's left-padded prompt, -1 at padding."""
         n, vocab, device = len(cand), logits.shape[-1], cand.device
-        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-        seen[prompt] = True
+        seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompts.where(prompts >= 0, vocab), True)   # padding lands in the extra column
         sequences = torch.full((n, width), -1, dtype=torch.long, device=device)
-        sequences[:, :len(prompt)] = prompt
-        return cls(cand, seen.expand(n, -1), torch.zeros(n, vocab, dtype=torch.int32, device=device), sequences,
-                   None, logits.expand(n, -1), settings)
+        sequences[:, :prompts.shape[1]] = prompts
+        return cls(cand, seen[:, :vocab], torch.zeros(n, vocab, dtype=torch.int32, device=device), sequences,
+                   None, logits, settings)
 
     def take(self, index: torch.Tensor, settings: list | None = None) -> "_Batch":
         return _Batch(self.cand[index], self.seen[index], self.counts[index], self.sequences[index], None,
@@ -275,8 +306,37 @@ def _random_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def generate(lm, prompt_ids: list[int], settings: list[Settings] | Settings, **kwargs) -> list[Finished]:
+def generate(lm, prompt_ids: list[int] | list[list[int]], settings: list[Settings] | Settings,
+             **kwargs) -> list[Finished]:
     """Generate every candidate to the end (no streaming); results in candidate order."""
     if isinstance(settings, Settings):
         settings = [settings]
+    kwargs.setdefault("top_alternatives", 0)   # only Token events carry them
     return Generation(lm, prompt_ids, settings, **kwargs).run()
+
+
+def generate_batch(lm, prompts: list[list[int]], settings: list[list[Settings]], max_rows: int = 64,
+                   **kwargs) -> list[list[Finished]]:
+    """Candidates `settings[i]` for each prompt i, results in the same nested shape (`prompt` i,
+    `candidate` j within it): rollouts for RLHF. Whole prompts run together, as few Generations as
+    keep each within `max_rows` cache rows (a prompt with more rows than that runs alone)."""
+    if len(prompts) != len(settings):
+        raise ParleyError(f"{len(prompts)} prompts and {len(settings)} lists of settings: give one list per prompt")
+    chunks, rows = [[]], 0
+    for i, candidates in enumerate(settings):
+        need = sum(s.num_beams for s in candidates)
+        if not need:
+            continue
+        if chunks[-1] and rows + need > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(i)
+        rows += need
+    results: list[list[Finished]] = [[] for _ in prompts]
+    for chunk in filter(None, chunks):
+        flat = [(k, i, j) for k, i in enumerate(chunk) for j in range(len(settings[i]))]
+        done = generate(lm, [prompts[i] for i in chunk], [settings[i][j] for _, i, j in flat],
+                        prompt_of=[k for k, _, _ in flat], **kwargs)
+        for (_, i, j), f in zip(flat, done):
+            results[i].append(replace(f, prompt=i, candidate=j))
+    return results

@@ -72,9 +72,9 @@ def test_transformers_reads_the_reward_model(base, tmp_path):
                             device="cpu", normalise_samples=2)
     ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     prompt = [{"role": "user", "content": "hi"}]
-    ids = rm.encode(prompt, "Tea is nice today.", 64)
+    ids = rm.encode(prompt, "Tea is nice today.")
     with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0, 0].item() - rm.model.offset
+        expected = (ref(torch.tensor([ids])).logits[0, 0].item() - rm.model.offset) / rm.model.scale
     assert rm.rewards([(prompt, "Tea is nice today.")])[0] == pytest.approx(expected, abs=1e-4)
 
 
@@ -110,13 +110,13 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
     # the trained policy prefers the tea replies more than the reference does
     import engine
     from engine.rlhf.dpo import sequence_logprobs
+    from engine.rlhf.prefs import reply_ids
     prompt = [{"role": "user", "content": "What should I drink, friend number 5000?"}]
-    replies = ["Maybe a cup of tea?", "Maybe a cup of soda?"]
+    tokenizer = engine.load(base / "sft").tokenizer
+    rows = [reply_ids(tokenizer, prompt, reply) for reply in ["Maybe a cup of tea?", "Maybe a cup of soda?"]]
     with torch.no_grad():
-        after = sequence_logprobs(engine.load(tmp_path / "dpo", device="cpu").model,
-                                  engine.load(base / "sft").tokenizer, prompt, replies, 64)
-        before = sequence_logprobs(engine.load(base / "sft", device="cpu").model,
-                                   engine.load(base / "sft").tokenizer, prompt, replies, 64)
+        after = sequence_logprobs(engine.load(tmp_path / "dpo", device="cpu").model, rows, tokenizer.pad_token_id)
+        before = sequence_logprobs(engine.load(base / "sft", device="cpu").model, rows, tokenizer.pad_token_id)
     assert (after[0] - after[1]) > (before[0] - before[1])
 
 
@@ -144,11 +144,81 @@ def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, reward_dir
         kls = [m["value"] for m in store.metrics(run["id"], "kl")]
         names = {m["name"] for m in store.metrics(run["id"])}
         assert run["kind"] == "ppo" and run["status"] == "finished" and store.model("ppo") is not None
-    assert names >= {"reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length"}
+        approx_kl = [m["value"] for m in store.metrics(run["id"], "approx_kl")]
+    assert names >= {"reward", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss", "response_length",
+                     "heldout_reward", "heldout_kl", "heldout_length", "heldout_ref_ppl", "actor_grad_norm",
+                     "critic_grad_norm"}
+    assert max(approx_kl) > 0   # the ratio is the new policy's over the rollout's
     after = mean_reward(engine.load(tmp_path / "ppo", device="cpu"), rm, heldout, seed=7)
     print(f"held-out mean reward {before:.3f} -> {after:.3f}; KL per step {[round(k, 2) for k in kls]}")
     assert after > before + 0.5
     assert max(kls) < 8.0
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_rloo_and_grpo_raise_the_reward_of_fresh_samples(base, reward_dir, tmp_path, method):
+    import engine
+    from engine.rlhf.group import train_group
+    from engine.rlhf.ppo import mean_reward
+    rm = load_reward_model(reward_dir, device="cpu")
+    heldout = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150, 200)]
+    before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
+    with Store(tmp_path / "parley.db") as store:
+        train_group(method, str(base / "sft"), str(reward_dir), str(tmp_path / method), prompts=str(base / "prompts.jsonl"),
+                    max_steps=12, prompts_per_step=4, k=4, lr=3e-4, max_new_tokens=16, eval_every=6, device="cpu",
+                    store=store)
+        run = store.runs()[0]
+        names = {m["name"] for m in store.metrics(run["id"])}
+        kls = [m["value"] for m in store.metrics(run["id"], "kl")]
+        assert run["kind"] == method and run["status"] == "finished" and store.model(method) is not None
+    assert names >= {"reward", "kl", "response_length", "policy_loss", "heldout_reward", "heldout_kl",
+                     "heldout_length", "heldout_ref_ppl"}
+    after = mean_reward(engine.load(tmp_path / method, device="cpu"), rm, heldout, seed=7)
+    print(f"{method}: held-out mean reward {before:.3f} -> {after:.3f}; KL per step {[round(k, 2) for k in kls]}")
+    assert after > before + 0.5
+    assert max(kls) < 8.0
+
+
+def test_rewards_are_normalised_on_the_base_policys_own_samples(base, tmp_path):
+    """Mean 0 and standard deviation 1 on fresh samples of the SFT policy at the rollout settings
+    (not on samples of the backbone trained into a reward model, which are junk)."""
+    from engine.rlhf.rollout import Sampling, rollout, scores
+    import engine
+    rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60, lr=3e-3,
+                            device="cpu", eval_every=60, normalise_samples=48, reward_scale=True)
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["parley_reward_normalised_at"] == Sampling().to_dict() and config["parley_max_length"] == 256
+    assert config["parley_reward_scale"] == rm.model.scale != 1.0
+    prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(400, 464)]
+    fresh = scores(rm, rollout(engine.load(base / "sft", device="cpu"), prompts, 1, Sampling(), rm.max_len, seed=99))
+    print(f"fresh base samples: mean {fresh.mean().item():.3f}, std {fresh.std().item():.3f}; "
+          f"offset {rm.model.offset:.3f}, scale {rm.model.scale:.3f}")
+    assert abs(fresh.mean().item()) < 0.5 and 0.6 < fresh.std().item() < 1.6
+
+
+def test_ppo_ema_and_ptx_change_what_is_trained(base, reward_dir, tmp_path):
+    import engine
+    from engine.rlhf.ppo import train_ppo
+    common = dict(prompts=str(base / "prompts.jsonl"), max_steps=2, batch_size=4, minibatch_size=4, ppo_epochs=2,
+                  lr=1e-3, max_new_tokens=8, eval_every=100, device="cpu")
+    start = engine.load(base / "sft", device="cpu").model.state_dict()
+
+    def moved(name, **options):
+        with Store(tmp_path / f"{name}.db") as store:
+            train_ppo(str(base / "sft"), str(reward_dir), str(tmp_path / name), store=store, **common, **options)
+            metrics = {m["name"] for m in store.metrics(store.runs()[0]["id"])}
+        trained = engine.load(tmp_path / name, device="cpu").model.state_dict()
+        return sum((trained[k] - start[k]).norm().item() for k in start), trained, metrics
+
+    plain, plain_weights, plain_metrics = moved("plain")
+    averaged, _, _ = moved("ema", ema=0.7)
+    _, ptx_weights, ptx_metrics = moved("ptx", ptx_coef=1.0, ptx_data=str(base / "chat.jsonl"), ptx_batch=3)
+    # the EMA of the four iterates, not the last one, is saved: about 0.56 of the way for steps of one size
+    assert 0.2 * plain < averaged < 0.85 * plain
+    assert "ptx_loss" in ptx_metrics and "ptx_loss" not in plain_metrics
+    assert any(not torch.allclose(ptx_weights[k], plain_weights[k]) for k in start)
+    with Store(tmp_path / "ptx.db") as store:
+        assert min(m["value"] for m in store.metrics(store.runs()[0]["id"], "ptx_loss")) > 0
 
 
 def rlhf_args(mode, base, reward_dir):
@@ -156,7 +226,11 @@ def rlhf_args(mode, base, reward_dir):
     return {"rm": ["train", "rm", "--base", base / "sft", "--prefs", base / "prefs.jsonl", "--eval-every", 3],
             "dpo": ["train", "dpo", "--policy", base / "sft", "--prefs", base / "prefs.jsonl", "--eval-every", 3],
             "ppo": ["train", "ppo", "--policy", base / "sft", "--reward-model", reward_dir, "--prompts",
-                    base / "prompts.jsonl", "--batch-size", 4, "--target-kl", 1.0, "--ema", 0.9],
+                    base / "prompts.jsonl", "--batch-size", 4, "--target-kl", 1.0, "--ema", 0.9, "--lr-schedule",
+                    "linear", "--max-new-tokens", 12],
+            **{method: ["train", method, "--policy", base / "sft", "--reward-model", reward_dir, "--prompts",
+                        base / "prompts.jsonl", "--prompts-per-step", 2, "--replies", 3, "--target-kl", 1.0,
+                        "--epochs", 2, "--max-new-tokens", 12, "--eval-every", 3] for method in ("rloo", "grpo")},
             }[mode] + common
 
 
@@ -171,7 +245,7 @@ def weights(directory):
     return load_file(directory / "model.safetensors"), json.loads((directory / "config.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo"])
+@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo", "grpo"])
 def test_rlhf_run_resumes_after_sigkill_to_the_same_weights(base, reward_dir, tmp_path, mode):
     args = rlhf_args(mode, base, reward_dir)
     whole = parley(*args, "--out", tmp_path / "whole", home=tmp_path / "home-whole")
@@ -191,11 +265,11 @@ def test_rlhf_run_resumes_after_sigkill_to_the_same_weights(base, reward_dir, tm
     assert config_a == config_b
     with Store(tmp_path / "home-cut" / "parley.db") as store:
         [run] = store.runs()
-        assert run["status"] == "finished" and [m["step"] for m in store.metrics(run["id"], "loss" if mode != "ppo"
+        assert run["status"] == "finished" and [m["step"] for m in store.metrics(run["id"], "loss" if mode in ("rm", "dpo")
                                                                                   else "reward")] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo"])
+@pytest.mark.parametrize("mode", ["rm", "dpo", "ppo", "rloo"])
 def test_rlhf_run_under_torchrun_matches_one_process(base, reward_dir, tmp_path, mode):
     args = rlhf_args(mode, base, reward_dir) + ["--max-steps", 3]
     one = parley(*args, "--out", tmp_path / "one", home=tmp_path / "home-one")
@@ -210,5 +284,5 @@ def test_rlhf_run_under_torchrun_matches_one_process(base, reward_dir, tmp_path,
     for home in ("home-one", "home-two"):
         with Store(tmp_path / home / "parley.db") as store:
             [run] = store.runs()    # the second process records nothing
-            curves.append([m["value"] for m in store.metrics(run["id"], "loss" if mode != "ppo" else "reward")])
+            curves.append([m["value"] for m in store.metrics(run["id"], "loss" if mode in ("rm", "dpo") else "reward")])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4, abs=1e-6)

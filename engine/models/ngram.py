@@ -286,15 +286,17 @@ class NGramNetwork(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor, cache=None, pad_mask=None, last_only: bool = False) -> torch.Tensor:
         rows = idx.tolist()
+        real = [[True] * idx.shape[1]] * len(rows) if pad_mask is None else pad_mask.bool().tolist()
+        # Padding never enters a history: a row's contexts are its real tokens only.
+        histories = [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(rows, real)]
         if cache is not None:
-            cache.push(rows)
-            histories = cache.histories
+            cache.push(histories)
+            out = [[self.ngram.distribution(history)] for history in cache.histories]
         else:
-            histories = rows
-        out = []
-        for history in histories:
-            steps = [len(history) - 1] if last_only or cache is not None else range(len(history))
-            out.append([self.ngram.distribution(history[:t + 1]) for t in steps])
+            out = []
+            for history, mask in zip(histories, real):
+                ends = np.cumsum(mask)   # real tokens up to each position (padding repeats the one before)
+                out.append([self.ngram.distribution(history[:end]) for end in (ends[-1:] if last_only else ends)])
         with np.errstate(divide="ignore"):
             logp = np.log(np.asarray(out))
         return torch.tensor(logp, dtype=torch.float32, device=idx.device)

@@ -1,71 +1,50 @@
 """`parley train ppo`: PPO against a reward model (InstructGPT; "The N Implementation Details of
 RLHF with PPO", Huang et al. 2022).
 
-Four networks: the policy (trained), a frozen reference copy of it, the critic (initialised from
-the reward model, trained) and the reward model (frozen). Each step:
+Four networks: the policy (trained), a frozen reference copy of it, the critic (a copy of the
+reward model, trained) and the reward model (frozen). Each step:
 
-1. rollout: sample one reply per prompt of the batch from the policy (temperature T);
-2. score: the reward model's score, minus `missing_eos_penalty` for replies that never reach
-   EOS, clipped to +-`score_clip`; per-token reward -beta (log pi - log pi_ref), plus the score at
-   the last token. beta is fixed, or adapted towards `target_kl` (Ziegler et al. 2019);
-3. GAE with gamma = 1, lambda = 0.95 on the critic's values; advantages whitened;
+1. rollout: one reply per prompt of the batch from the policy at temperature T, all prompts in
+   one batched generation (engine.rlhf.rollout);
+2. score: the reward model's normalised score (0 on average for the starting policy's samples at
+   these settings, re-measured here if the reward model was normalised at other ones), minus
+   `missing_eos_penalty` for replies that never reach EOS, clipped to +-`score_clip`; per-token
+   reward -beta (log pi - log pi_ref) plus the score at the last token. beta is fixed, or adapted
+   towards `target_kl` (Ziegler et al. 2019);
+3. GAE (gamma, lambda) on the critic's values, advantages whitened. The critic keeps the reward
+   model's normalisation, so its first values are on the scale of the rewards it predicts;
 4. `ppo_epochs` passes over minibatches: the clipped surrogate (epsilon 0.2), the clipped value
    loss (x `vf_coef`), and optionally InstructGPT's PPO-ptx term: `ptx_coef` x the language-model
-   loss on pretraining text. Log-probabilities always come from logits divided by T, as in the
-   rollout. An EMA of the policy can be kept and saved instead.
+   loss on `ptx_batch` pretraining rows per update. Actor and critic gradients are clipped
+   separately. Log-probabilities always come from logits divided by T, as in the rollout. The
+   learning rate is constant or decays linearly to 0; an EMA of the policy can be kept and saved.
 
-Where the two sources differ we follow the N Implementation Details (per-token KL in the reward,
-whitened advantages, value clipping), since they reproduce OpenAI's original code.
+Every `eval_every` steps the held-out reward, KL, reply length and reference perplexity of fresh
+samples are logged (engine.rlhf.rollout.held_out). Where the sources differ we follow the N
+Implementation Details (per-token KL in the reward, whitened advantages, value clipping), since
+they reproduce OpenAI's original code.
 """
 import copy
-import json
 import random
 
 import torch
 import torch.nn.functional as F
 
-import engine
 from engine import data
 from engine.errors import ParleyError
-from engine.generate import generate
-from engine.rlhf.losses import gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
+from engine.rlhf.logprobs import token_logprobs
+from engine.rlhf.losses import masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss
 from engine.rlhf.prefs import right_pad
-from engine.rlhf.reward_model import RewardModel, load_reward_model
+from engine.rlhf.reward_model import RewardModel
+from engine.rlhf.rollout import (Sampling, assemble, held_out, load_online, load_prompts, reward_normaliser, sample,
+                                 scores, split_prompts)
 from engine.rlhf.run import Run
-from engine.sampling import Settings
 from engine.train import distributed
 
 
-def load_prompts(source: str | None, store=None) -> list[list[dict]]:
-    """Prompts as message lists: from a JSONL file of {"prompt": messages or text}, or else from the
-    store's conversations (each thread up to its last user message)."""
-    prompts = []
-    if source:
-        from engine.store.exchange import read_jsonl
-        for number, row, error in read_jsonl(source):
-            prompt = row.get("prompt") if isinstance(row, dict) and not error else None
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if error or not isinstance(prompt, list) or not prompt or not all(
-                    isinstance(m, dict) and m.get("role") in data.ROLES and isinstance(m.get("content"), str)
-                    for m in prompt):
-                raise ParleyError(f"{source}:{number}: {error or 'needs prompt: a text or a list of messages'}")
-            prompts.append(prompt)
-    else:
-        if store is None:
-            raise ParleyError("without --prompts, prompts come from the store: chat in the app first")
-        for c in store.conversations():
-            thread = store.thread(c["id"])
-            users = [i for i, m in enumerate(thread) if m["role"] == "user"]
-            if users:
-                prompts.append(store.prompt_messages(c["id"], thread[users[-1]]["id"]))
-    if not prompts:
-        raise ParleyError("no prompts to train on: give --prompts FILE.jsonl or chat in the app first")
-    return prompts
-
-
 class AdaptiveKL:
-    """beta grows when the KL overshoots the target and shrinks when it undershoots."""
+    """beta grows when the KL overshoots the target and shrinks when it undershoots (Ziegler et
+    al. 2019, as TRL's AdaptiveKLController): beta x (1 + clip(KL / target - 1, +-0.2) x n / horizon)."""
 
     def __init__(self, beta: float, target: float | None, horizon: int = 10000):
         self.beta, self.target, self.horizon = beta, target, horizon
@@ -76,124 +55,130 @@ class AdaptiveKL:
             self.beta *= 1 + error * n / self.horizon
 
 
-def response_logprobs(model, ids, pad_mask, response_mask, temperature: float):
-    """log pi of every next token (at the position that predicts it), entropy, from logits / T."""
-    logits = model(ids[:, :-1], pad_mask=pad_mask[:, :-1]).float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = torch.gather(logp_all, 2, ids[:, 1:, None])[..., 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp * response_mask, entropy
-
-
-def values_of(critic: RewardModel, ids, pad_mask, response_mask):
-    """The critic's value of each state that predicts a response token (aligned with log-probs)."""
+def values_of(critic: RewardModel, ids, pad_mask, targets):
+    """The critic's value of each state that predicts a response token (aligned with log-probs),
+    normalised as the reward model's scores are."""
     hidden = critic.backbone.hidden_states(ids[:, :-1], pad_mask=pad_mask[:, :-1])
-    return critic.score(hidden).squeeze(-1).float() * response_mask
+    return critic.normalise(critic.score(hidden).squeeze(-1)) * targets
+
+
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """average <- decay x average + (1 - decay) x model, parameter by parameter."""
+    with torch.no_grad():
+        for a, p in zip(average.parameters(), model.parameters()):
+            a.lerp_(p, 1 - decay)
+
+
+def linear_decay(step: int, max_steps: int) -> float:
+    """The learning rate's factor at a step: 1 at the first step, falling linearly towards 0."""
+    return 1 - step / max_steps
 
 
 def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = None, max_steps: int = 50,
               batch_size: int = 16, minibatch_size: int = 8, ppo_epochs: int = 4, lr: float = 1e-5,
-              critic_lr: float | None = None, beta: float = 0.05, target_kl: float | None = None,
-              temperature: float = 1.0, max_new_tokens: int = 32, missing_eos_penalty: float = 1.0,
-              score_clip: float = 10.0, clip: float = 0.2, vf_coef: float = 0.1, ptx_coef: float = 0.0,
-              ptx_data: str | None = None, ema: float | None = None, seed: int = 0, device=None,
-              save_every: int = 10, resume: bool = False, store=None):
+              critic_lr: float | None = None, lr_schedule: str = "constant", beta: float = 0.05,
+              target_kl: float | None = None, temperature: float = 1.0, max_new_tokens: int = 32,
+              missing_eos_penalty: float = 1.0, score_clip: float = 10.0, clip: float = 0.2, vf_coef: float = 0.1,
+              gamma: float = 1.0, lam: float = 0.95, ptx_coef: float = 0.0, ptx_batch: int = 4,
+              ptx_data: str | None = None, ema: float | None = None, eval_every: int = 10, eval_prompts: int = 32,
+              seed: int = 0, device=None, save_every: int = 10, resume: bool = False, store=None):
+    if lr_schedule not in ("constant", "linear"):
+        raise ParleyError(f"--lr-schedule {lr_schedule!r}: use constant or linear")
     config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "batch_size": batch_size,
-              "lr": lr, "beta": beta, "target_kl": target_kl, "temperature": temperature, "seed": seed}
+              "lr": lr, "lr_schedule": lr_schedule, "beta": beta, "target_kl": target_kl, "temperature": temperature,
+              "max_new_tokens": max_new_tokens, "gamma": gamma, "lam": lam, "ptx_coef": ptx_coef, "seed": seed}
     run = Run("ppo", config, policy, out, store, device, resume, save_every)
     torch.manual_seed(seed)
-    lm = engine.load(policy, device=run.device, dtype="float32")
-    rm = load_reward_model(reward_model, device=lm.device)
-    if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
-        raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "
-                          "policy (parley train rm --base POLICY)")
-    for p in rm.model.parameters():
-        p.requires_grad_(False)
-    reference = copy.deepcopy(lm.model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    lm, rm, reference = load_online(policy, reward_model, run.device)
+    sampling = Sampling(temperature, max_new_tokens)
+    train, heldout = split_prompts(load_prompts(prompts, store))
+    heldout = heldout[:eval_prompts]
+    actor = lm.model
+    ptx = ptx_rows(lm, ptx_data) if ptx_coef else None
     critic = copy.deepcopy(rm.model).train()
     for p in critic.parameters():
         p.requires_grad_(True)
-    critic.offset = 0.0
-    actor = lm.model.train()
     average = copy.deepcopy(actor).eval() if ema else None
-    trained = list(actor.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW([{"params": actor.parameters(), "lr": lr},
                                    {"params": critic.parameters(), "lr": critic_lr or lr * 10}], weight_decay=0.0)
-    all_prompts = load_prompts(prompts, store)
-    train = [p for p in all_prompts if not data.held_out(json.dumps(p, sort_keys=True))] or all_prompts
-    ptx = ptx_rows(lm, ptx_data) if ptx_coef else None
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     modules = {"actor": actor, "critic": critic, **({"ema": average} if average is not None else {})}
     state = run.restore(optimizer, modules)
+    if "reward_offset" not in state:
+        state["reward_offset"], state["reward_scale"] = normalisation(lm, rm, train, sampling, seed)
+    rm.model.offset, rm.model.scale = state["reward_offset"], state["reward_scale"]
+    critic.offset, critic.scale = rm.model.offset, rm.model.scale
     kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
     with run:
         for step in range(state.get("step", 0), max_steps):
             rng = random.Random(seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
             batch = [rng.choice(train) for _ in range(batch_size)]
+            if lr_schedule == "linear":
+                for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base_lr * linear_decay(step, max_steps)
             # 1. rollout: each process samples its share, then every process holds the whole batch
             actor.eval()
-            mine = []
-            for i in run.share(list(range(batch_size))):
-                ids = lm.tokenizer.encode_chat(batch[i])[-(lm.max_context - max_new_tokens - 1):]
-                reply = generate(lm, ids, Settings(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
-                                                   max_new_tokens=max_new_tokens, seed=seed * 100003 + step * 997 + i),
-                                 top_alternatives=0)[0]
-                mine.append((i, ids + reply.token_ids, len(ids), reply.finish_reason == "eos", reply.text))
-            _, rows, prompt_lengths, ended, texts = zip(*sorted(distributed.gather(mine)))
+            mine = sample(lm, batch, 1, sampling, rm.max_len, seed * 100003 + step * 997,
+                          indices=run.share(list(range(batch_size))))
+            r = assemble(lm, batch, distributed.gather(mine))
             actor.train()
-            ids, pad_mask, response_mask = pad_rows(rows, prompt_lengths, lm.tokenizer.pad_token_id or 0, lm.device)
-            # 2. score and per-token rewards (every process computes the same, rather than send tensors)
+            ids, pad_mask, mask = r.ids, r.pad_mask, r.targets
+            # 2.-3. score and advantages (every process computes the same, rather than send tensors)
             with torch.no_grad():
-                # scored as text, exactly as the reward model was trained (prompt + reply + end of turn)
-                score = torch.tensor(rm.rewards(list(zip(batch, texts))), device=lm.device)
-                score = score - missing_eos_penalty * (~torch.tensor(ended, device=lm.device)).float()
-                score = score.clamp(-score_clip, score_clip)
-                old_logprobs, _ = response_logprobs(actor, ids, pad_mask, response_mask, temperature)
-                ref_logprobs, _ = response_logprobs(reference, ids, pad_mask, response_mask, temperature)
-                old_values = values_of(critic, ids, pad_mask, response_mask)
-                rewards = token_rewards(score, old_logprobs, ref_logprobs, response_mask, kl_control.beta)
-                advantages, returns = gae(rewards, old_values, response_mask, gamma=1.0, lam=0.95)
-                advantages = whiten(advantages, response_mask) * response_mask
-            kl = ((old_logprobs - ref_logprobs) * response_mask).sum(1).mean().item()
+                score = scores(rm, r, missing_eos_penalty, score_clip)
+                old_logprobs = token_logprobs(actor, ids, pad_mask, mask, temperature)
+                ref_logprobs = token_logprobs(reference, ids, pad_mask, mask, temperature)
+                old_values = values_of(critic, ids, pad_mask, mask)
+                advantages, returns = ppo_advantages(score, old_logprobs, ref_logprobs, old_values, mask,
+                                                     kl_control.beta, gamma, lam)
+            kl = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
             # 4. PPO epochs over minibatches; a process's share of a minibatch weighs by its tokens
-            stats = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy"), 0.0)
+            stats = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
+                                   "entropy", "actor_grad_norm", "critic_grad_norm", "ptx_loss"), 0.0)
             updates = 0
             for _ in range(ppo_epochs):
                 order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                 for first in range(0, batch_size, minibatch_size):
                     minibatch = order[first:first + minibatch_size].tolist()
                     mb = torch.tensor(run.share(minibatch), device=lm.device)
-                    share = (response_mask[mb].sum() / response_mask[minibatch].sum().clamp(min=1)).item()
-                    logprobs, entropy = response_logprobs(actor, ids[mb], pad_mask[mb], response_mask[mb], temperature)
-                    values = values_of(critic, ids[mb], pad_mask[mb], response_mask[mb])
+                    share = (mask[mb].sum() / mask[minibatch].sum().clamp(min=1)).item()
+                    logprobs, entropy = token_logprobs(actor, ids[mb], pad_mask[mb], mask[mb], temperature,
+                                                       entropy=True)
+                    values = values_of(critic, ids[mb], pad_mask[mb], mask[mb])
                     pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                        response_mask[mb], clip)
-                    vf_loss, _ = ppo_value_loss(values, old_values[mb], returns[mb], response_mask[mb], clip)
+                                                                        mask[mb], clip)
+                    vf_loss, vf_clip_fraction = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], clip)
                     loss = (pg_loss + vf_coef * vf_loss) * share
+                    ptx_loss = torch.zeros(())
                     if ptx is not None:
-                        x = ptx[rng.randrange(len(ptx))][None].to(lm.device)
-                        if run.rank == 0:   # one pretraining row per minibatch, whatever the number of processes
-                            loss = loss + ptx_coef * F.cross_entropy(actor(x[:, :-1]).float().flatten(0, 1), x[0, 1:])
-                    run.update(optimizer, loss, trained)
+                        rows = [ptx[rng.randrange(len(ptx))] for _ in range(ptx_batch)]   # drawn on every process
+                        if run.rank == 0:   # added once, whatever the number of processes
+                            ptx_loss = lm_loss(actor, rows, lm.device)
+                            loss = loss + ptx_coef * ptx_loss
+                    norms = run.update(optimizer, loss, [actor.parameters(), critic.parameters()])
                     if average is not None:
-                        with torch.no_grad():
-                            for a, p in zip(average.parameters(), actor.parameters()):
-                                a.lerp_(p, 1 - ema)
+                        ema_update(average, actor, ema)
                     for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
-                                        ("clip_fraction", clip_fraction),
-                                        ("entropy", masked_mean(entropy, response_mask[mb]))):
+                                        ("clip_fraction", clip_fraction), ("value_clip_fraction", vf_clip_fraction),
+                                        ("entropy", masked_mean(entropy, mask[mb]))):
                         stats[name] += value.item() * share
+                    stats["actor_grad_norm"] += norms[0] / run.world
+                    stats["critic_grad_norm"] += norms[1] / run.world
+                    stats["ptx_loss"] += ptx_loss.item()
                     updates += 1
             kl_control.update(kl, batch_size)
             totals = distributed.sum_values(list(stats.values()), run.device)
             values = {"reward": score.mean().item(), "kl": kl, "beta": kl_control.beta,
-                      "response_length": response_mask.sum(1).float().mean().item(),
+                      "response_length": mask.sum(1).mean().item(), "lr": optimizer.param_groups[0]["lr"],
                       **{name: total / updates for name, total in zip(stats, totals)}}
+            if ptx is None:
+                del values["ptx_loss"]
+            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+                values.update(held_out(lm, reference, rm, heldout, sampling, seed + 1))
             if run.rank == 0:
-                print(f"step {step + 1}/{max_steps}  reward {values['reward']:.3f}  kl {values['kl']:.3f}  "
-                      f"entropy {values['entropy']:.3f}  clip {values['clip_fraction']:.2f}", flush=True)
-            run.end_step(step + 1, max_steps, values, optimizer, modules, {"beta": kl_control.beta})
+                print(progress(step + 1, max_steps, values), flush=True)
+            run.end_step(step + 1, max_steps, values, optimizer, modules,
+                         {"beta": kl_control.beta, "reward_offset": rm.model.offset, "reward_scale": rm.model.scale})
         if average is not None:
             lm.model = average
         lm.model.eval()
@@ -201,13 +186,36 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
     return lm
 
 
-def pad_rows(rows, prompt_lengths, pad_id, device):
-    """Right-padded ids, the non-pad mask, and the mask of response tokens as targets [B, T-1]."""
-    ids, pad_mask = right_pad(rows, pad_id, device)
-    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
-    for i, (r, n) in enumerate(zip(rows, prompt_lengths)):
-        response[i, n - 1:len(r) - 1] = 1.0   # target positions n..len-1 are predicted at n-1..len-2
-    return ids, pad_mask, response
+def normalisation(lm, rm, prompts, sampling: Sampling, seed: int) -> tuple[float, float]:
+    """The reward model's (offset, scale) for these rollouts: as stored when it was measured at
+    these settings, else measured now on the starting policy (which the reference stays)."""
+    if rm.config.get("parley_reward_normalised_at") == sampling.to_dict():
+        return rm.model.offset, rm.model.scale
+    offset, scale = reward_normaliser(lm, rm, prompts[:64], sampling, seed, rm.model.scale != 1.0)
+    print(f"the reward model was normalised at other rollout settings: offset {offset:.4f} and scale {scale:.4f} "
+          "measured on the starting policy's samples", flush=True)
+    return offset, scale
+
+
+def progress(step: int, max_steps: int, values: dict) -> str:
+    line = (f"step {step}/{max_steps}  reward {values['reward']:.3f}  kl {values['kl']:.3f}  "
+            f"length {values['response_length']:.1f}")
+    if "entropy" in values:
+        line += f"  entropy {values['entropy']:.3f}"
+    if "clip_fraction" in values:
+        line += f"  clip {values['clip_fraction']:.2f}"
+    if "heldout_reward" in values:
+        line += (f"  held-out reward {values['heldout_reward']:.3f} kl {values['heldout_kl']:.3f} "
+                 f"words {values['heldout_length']:.1f} ref-ppl {values['heldout_ref_ppl']:.1f}")
+    return line
+
+
+def lm_loss(model, rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens of a few pretraining rows."""
+    ids, pad_mask = right_pad([r.tolist() for r in rows], 0, device)
+    logits = model(ids[:, :-1], pad_mask=pad_mask[:, :-1]).float()
+    losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return masked_mean(losses, pad_mask[:, 1:].flatten().float())
 
 
 def ptx_rows(lm, source: str | None) -> list[torch.Tensor]:
@@ -225,10 +233,5 @@ def ptx_rows(lm, source: str | None) -> list[torch.Tensor]:
 
 def mean_reward(lm, rm, prompts: list[list[dict]], seed: int, max_new_tokens: int = 32) -> float:
     """The mean reward of fresh samples (temperature 1) for `prompts`: how PPO is judged."""
-    pairs = []
-    for i, prompt in enumerate(prompts):
-        reply = generate(lm, lm.tokenizer.encode_chat(prompt), Settings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                                                                        seed=seed + i, max_new_tokens=max_new_tokens),
-                         top_alternatives=0)[0]
-        pairs.append((prompt, reply.text))
-    return sum(rm.rewards(pairs)) / len(pairs)
+    from engine.rlhf.rollout import rollout
+    return scores(rm, rollout(lm, prompts, 1, Sampling(1.0, max_new_tokens), rm.max_len, seed)).mean().item()

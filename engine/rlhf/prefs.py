@@ -66,3 +66,70 @@ def prompt_batches(groups: list[dict], per_step: int, seed: int):
                 rng.shuffle(order)
             batch.append(groups[order.pop()])
         yield batch
+
+
+# -- replies as tokens ----------------------------------------------------------------------------
+def reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids): the prompt rendered through the assistant header, exactly as a
+    policy is prompted to generate, and the reply (its content and the end-of-turn marker) after it.
+
+    Like TRL, the two texts are tokenised apart, so a reply's tokens never depend on the prompt
+    and earlier assistant turns of a multi-turn prompt are prompt, not reply."""
+    prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
+    full_text = tokenizer.render_chat(prompt + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise ParleyError("the chat template renders a reply in a way that changes the prompt before it, so the reply "
+                          "cannot be told apart: use a template that renders conversations incrementally (ChatML)")
+    return tokenizer.encode(prompt_text, add_special_tokens=False), \
+        tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
+
+
+def fit_prompt(prompt: list[int], replies: list[list[int]], max_len: int) -> list[int] | None:
+    """The end of the prompt that leaves room in `max_len` for the longest of `replies`; the same
+    window for all of them, so chosen and rejected see one context. None when a reply leaves no
+    room for a single prompt token (the caller skips and counts it: a reply is never cut)."""
+    room = max_len - max(len(r) for r in replies)
+    return prompt[-room:] if room >= 1 else None
+
+
+def encode_pairs(tokenizer, groups: list[dict], max_len: int) -> tuple[list[dict], int]:
+    """Groups with each pair as token ids (prompt window, chosen reply, rejected reply) that fit
+    in `max_len`; and the number of pairs skipped because a reply alone is that long."""
+    encoded, skipped = [], 0
+    for g in groups:
+        pairs = []
+        for chosen, rejected in g["pairs"]:
+            prompt, c = reply_ids(tokenizer, g["prompt"], chosen)
+            _, r = reply_ids(tokenizer, g["prompt"], rejected)
+            window = fit_prompt(prompt, [c, r], max_len)
+            if window is None:
+                skipped += 1
+            else:
+                pairs.append((window, c, r))
+        if pairs:
+            encoded.append({"prompt": g["prompt"], "pairs": pairs})
+    return encoded, skipped
+
+
+def reply_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device):
+    """(prompt, reply) rows as right-padded ids [B, T], the non-pad mask, and the mask of reply
+    tokens as targets [B, T-1]: the position t predicts token t + 1."""
+    ids, pad_mask = right_pad([p + r for p, r in rows], pad_id, device)
+    targets = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
+    for i, (p, r) in enumerate(rows):
+        targets[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+    return ids, pad_mask, targets
+
+
+def encoded_split(tokenizer, groups: list[dict], max_len: int):
+    """(train, held-out) groups as token ids, and the number of pairs too long to fit, said once."""
+    train, heldout = split_by_prompt(groups)
+    train, skipped_train = encode_pairs(tokenizer, train, max_len)
+    heldout, skipped_heldout = encode_pairs(tokenizer, heldout, max_len) if heldout is not train else (train, 0)
+    skipped = skipped_train + skipped_heldout
+    if skipped:
+        print(f"skipped {skipped} preference pairs whose reply alone fills {max_len} tokens "
+              "(raise --max-len to keep them)", flush=True)
+    if not train or not heldout:
+        raise ParleyError(f"every preference pair has a reply longer than {max_len} tokens: raise --max-len")
+    return train, heldout, skipped

@@ -3,13 +3,22 @@
 Any engine decoder is the backbone; a scalar head reads the final hidden state at the last
 non-pad token of prompt + response (the pad id differs from EOS, so EOS is read, not skipped).
 Each training batch holds whole prompts with all their pairs (InstructGPT), and the loss is
--1/C(K,2) sum log sigmoid(r(x, y_w) - r(x, y_l)) per prompt. After training, the rewards are
-shifted so that replies sampled from the base (SFT) policy score 0 on average.
+-1/C(K,2) sum log sigmoid(r(x, y_w) - r(x, y_l)) per prompt. A row is the prompt's last
+tokens and the whole reply, in `max_len` tokens (prefs.fit_prompt): the length PPO, RLOO and
+GRPO then score at, so the model is never asked about contexts longer than it was trained on.
+
+After training, rewards are normalised on replies that a fresh copy of the base (SFT) policy
+samples at the rollout settings the online trainers use (engine.rlhf.rollout): shifted so they
+score 0 on average and, with `reward_scale`, scaled to standard deviation 1, as lm-human-
+preferences does. (The backbone trained here is not the policy any more, so its samples would
+be the wrong ones to normalise on.)
 
 The directory is saved in transformers' ...ForSequenceClassification layout (the backbone's
-tensors, minus lm_head, plus `score.weight`), with Parley's offset in config.json.
+tensors, minus lm_head, plus `score.weight`), with Parley's offset, scale, the settings they
+were measured at and the length in config.json.
 """
 import math
+import random
 from itertools import islice
 from pathlib import Path
 
@@ -23,7 +32,8 @@ from engine.errors import ParleyError
 from engine.files import atomic_dir, write_json
 from engine.models import family
 from engine.rlhf.losses import reward_model_loss
-from engine.rlhf.prefs import preference_groups, prompt_batches, right_pad, split_by_prompt
+from engine.rlhf.prefs import encoded_split, fit_prompt, preference_groups, prompt_batches, reply_ids, right_pad
+from engine.rlhf.rollout import Sampling, reward_normaliser
 from engine.rlhf.run import Run
 from engine.tokenizer import Tokenizer
 from engine.train import distributed
@@ -33,17 +43,22 @@ CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequ
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, offset: float = 0.0):
+    def __init__(self, backbone: nn.Module, offset: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.score = nn.Linear(backbone.lm_head.weight.shape[1], 1, bias=False)
-        self.offset = offset
+        self.offset, self.scale = offset, scale
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs to rewards: (raw - offset) / scale. PPO's critic, a copy of this
+        model, applies the same, so its first values are on the scale of the rewards."""
+        return (raw.float() - self.offset) / self.scale
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """One reward per right-padded row of token ids."""
         hidden = self.backbone.hidden_states(idx, pad_mask=pad_mask)
         last = pad_mask.long().cumsum(1).argmax(1)    # the last non-pad position
-        return self.score(hidden[torch.arange(len(idx), device=idx.device), last]).squeeze(-1).float() - self.offset
+        return self.normalise(self.score(hidden[torch.arange(len(idx), device=idx.device), last]).squeeze(-1))
 
 
 class RewardLM:
@@ -60,19 +75,28 @@ class RewardLM:
     def device(self):
         return self.model.score.weight.device
 
-    def encode(self, prompt: list[dict], response: str, max_len: int) -> list[int]:
-        ids = self.tokenizer.encode_chat(prompt + [{"role": "assistant", "content": response}],
-                                         add_generation_prompt=False)
-        return ids[-max_len:]   # a long context loses its oldest tokens, never the response's end
+    @property
+    def max_len(self) -> int:
+        """The length the model was trained at, and so the length everything scores at."""
+        return self.config.get("parley_max_length", 256)
+
+    def encode(self, prompt: list[dict], response: str) -> list[int]:
+        """The row the model reads: the prompt's end and the whole response in max_len tokens."""
+        prompt_ids, reply = reply_ids(self.tokenizer, prompt, response)
+        window = fit_prompt(prompt_ids, [reply], self.max_len)
+        if window is None:
+            raise ParleyError(f"a response of {len(reply)} tokens does not fit the reward model's length of "
+                              f"{self.max_len} tokens: shorten it, or train the reward model with a larger --max-len")
+        return window + reply
 
     def batch(self, rows: list[list[int]]):
         return right_pad(rows, self.pad_id, self.device)
 
-    def rewards(self, pairs: list[tuple[list[dict], str]], max_len: int = 512, batch_size: int = 16) -> list[float]:
+    def rewards(self, pairs: list[tuple[list[dict], str]], batch_size: int = 16) -> list[float]:
         out = []
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
-                rows = [self.encode(p, r, max_len) for p, r in pairs[start:start + batch_size]]
+                rows = [self.encode(p, r) for p, r in pairs[start:start + batch_size]]
                 out += self.model(*self.batch(rows)).tolist()
         return out
 
@@ -87,7 +111,7 @@ class RewardLM:
         tensors = {**fam.state_to_hf(state), "score.weight": self.model.score.weight}
         config = {**self.config, "architectures": [CLASSIFIERS[self.config["model_type"]]], "num_labels": 1,
                   "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": self.pad_id,
-                  "parley_reward_offset": self.model.offset}
+                  "parley_reward_offset": self.model.offset, "parley_reward_scale": self.model.scale}
         checkpoint.write_tensors(directory, tensors)
         write_json(directory / "config.json", config)
         self.tokenizer.save(directory)
@@ -115,7 +139,8 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
     backbone.lm_head.weight = backbone.model.embed_tokens.weight if hasattr(backbone, "model") \
         else backbone.transformer.wte.weight   # unused by a reward model; keeps the module whole
     backbone.to(device)
-    model = RewardModel(backbone, config.get("parley_reward_offset", 0.0)).to(device)
+    model = RewardModel(backbone, config.get("parley_reward_offset", 0.0), config.get("parley_reward_scale", 1.0))
+    model.to(device)
     model.score.weight = nn.Parameter(score)
     return RewardLM(model.eval(), Tokenizer.from_dir(path), config)
 
@@ -123,26 +148,28 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
 # -- training ----------------------------------------------------------------------------------------
 def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr: float = 5e-4,
                        prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 50,
-                       save_every: int = 50, resume: bool = False, max_len: int = 256, normalise_samples: int = 32,
-                       store=None) -> RewardLM:
-    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed}
+                       save_every: int = 50, resume: bool = False, max_len: int = 256, normalise_samples: int = 64,
+                       reward_scale: bool = False, sampling: Sampling = Sampling(), store=None) -> RewardLM:
+    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed, "max_len": max_len,
+              "reward_scale": reward_scale}
     run = Run("rm", config, base, out, store, device, resume, save_every)
     torch.manual_seed(seed)
     lm = engine.load(base, device=run.device, dtype="float32")
-    train, heldout = split_by_prompt(preference_groups(prefs, store))
+    groups = preference_groups(prefs, store)
+    train, heldout, config["skipped_pairs"] = encoded_split(lm.tokenizer, groups, max_len)
     model = RewardModel(lm.model).to(lm.device)
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
-    rm = RewardLM(model, lm.tokenizer, dict(lm.config))
+    rm = RewardLM(model, lm.tokenizer, {**lm.config, "parley_max_length": max_len})
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     start = run.restore(optimizer, {"reward_model": model}).get("step", 0)
     batches = islice(prompt_batches(train, prompts_per_step, seed), start, max_steps)
     with run:
         for step, batch in enumerate(batches, start):
             mine = run.share(batch)
-            loss, accuracy, margin = pair_loss(rm, mine, max_len)
+            loss, accuracy, margin = pair_loss(rm, mine)
             share = len(mine) / len(batch)    # each prompt weighs the same, whichever process has it
-            run.update(optimizer, loss * share, model.parameters())
+            run.update(optimizer, loss * share, [model.parameters()])
             pairs = sum(len(g["pairs"]) for g in mine)
             totals = distributed.sum_values([loss.item() * share, accuracy.item() * pairs, margin.item() * pairs,
                                              pairs], run.device)
@@ -150,7 +177,7 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
             if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
                 model.eval()
                 with torch.no_grad():
-                    _, eval_accuracy, eval_margin = pair_loss(rm, heldout, max_len)
+                    _, eval_accuracy, eval_margin = pair_loss(rm, heldout)
                 model.train()
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
                 print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out accuracy "
@@ -158,33 +185,29 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
             run.end_step(step + 1, max_steps, values, optimizer, {"reward_model": model})
         model.eval()
         if run.rank == 0:
-            model.offset = sampled_mean(lm, rm, [g["prompt"] for g in train[:normalise_samples]], seed, max_len)
+            # A fresh, frozen copy of the base: the backbone above has been trained into a reward model.
+            policy = engine.load(base, device=run.device, dtype="float32")
+            chosen = random.Random(seed).sample(train, min(normalise_samples, len(train)))
+            prompts = [g["prompt"] for g in chosen]
+            model.offset, model.scale = reward_normaliser(policy, rm, prompts, sampling, seed, reward_scale)
+            rm.config["parley_reward_normalised_at"] = sampling.to_dict()
+            print(f"rewards normalised on {len(prompts)} samples of the base policy: offset {model.offset:.4f}, "
+                  f"scale {model.scale:.4f}", flush=True)
         run.save(rm.write, model=False)
     return rm
 
 
-def pair_loss(rm: RewardLM, groups: list[dict], max_len: int):
+def pair_loss(rm: RewardLM, groups: list[dict]):
+    """The reward-model loss of encoded whole prompts (prefs.encode_pairs), all rows in one batch."""
     chosen, rejected, group = [], [], []
     for g_index, g in enumerate(groups):
-        for c, r in g["pairs"]:
-            chosen.append(rm.encode(g["prompt"], c, max_len))
-            rejected.append(rm.encode(g["prompt"], r, max_len))
+        for prompt, c, r in g["pairs"]:
+            chosen.append(prompt + c)
+            rejected.append(prompt + r)
             group.append(g_index)
     rewards = rm.model(*rm.batch(chosen + rejected))
     n = len(chosen)
     return reward_model_loss(rewards[:n], rewards[n:], torch.tensor(group, device=rewards.device))
-
-
-def sampled_mean(lm, rm: RewardLM, prompts: list[list[dict]], seed: int, max_len: int) -> float:
-    """Mean reward of replies the base policy samples: subtracted so the SFT policy scores 0."""
-    from engine.generate import generate
-    from engine.sampling import Settings
-    replies = []
-    for i, prompt in enumerate(prompts):
-        ids = lm.tokenizer.encode_chat(prompt)[-(lm.max_context - 64):]
-        replies.append((prompt, generate(lm, ids, Settings(seed=seed + i, max_new_tokens=48))[0].text))
-    rm.model.offset = 0.0
-    return sum(rm.rewards(replies, max_len)) / max(len(replies), 1)
 
 
 def score_file(reward_model: str, path: str, device=None) -> list[dict]:

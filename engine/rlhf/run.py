@@ -66,15 +66,21 @@ class Run:
                               "make the batch larger or start fewer processes")
         return items[self.rank::self.world]
 
-    def update(self, optimizer, loss, parameters) -> None:
+    def update(self, optimizer, loss, groups: list) -> list[float]:
         """One optimizer step on this process's (share-weighted) loss: gradients summed over the
-        processes, then clipped to norm 1, so every process makes the same update."""
-        parameters = list(parameters)
+        processes, then each group of parameters clipped to norm 1 on its own, so every process
+        makes the same update. PPO's actor and critic are two groups: one clip over both would
+        let the critic's larger gradients shrink the actor's step (DeepSpeed-Chat clips apart).
+        Returns each group's gradient norm before clipping."""
+        groups = [list(g) for g in groups]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.sum_gradients(parameters)
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        norms = []
+        for parameters in groups:
+            distributed.sum_gradients(parameters)
+            norms.append(torch.nn.utils.clip_grad_norm_(parameters, 1.0).item())
         optimizer.step()
+        return norms
 
     def end_step(self, step: int, max_steps: int, values: dict, optimizer, modules: dict, state: dict | None = None):
         """Record a finished step; write a checkpoint every save_every steps and at the end."""

@@ -1,0 +1,16 @@
+"""Token log-probabilities of given sequences under a model: what DPO, PPO, RLOO and GRPO score."""
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(model, ids: torch.Tensor, pad_mask: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, entropy: bool = False):
+    """log p(token t + 1 | tokens <= t) at every position t of right-padded `ids` [B, T], zero
+    outside `targets` [B, T-1]; logits are divided by `temperature`, as in the rollout that drew
+    the tokens. With `entropy`, also the entropy of each next-token distribution."""
+    logits = model(ids[:, :-1], pad_mask=pad_mask[:, :-1]).float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, 2, ids[:, 1:, None])[..., 0] * targets
+    if not entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
