@@ -155,7 +155,7 @@ class Generation:
                     else:
                         streams[c].text.append(streams[c].flush())
                         yield self._finish(c, "cancelled", streams[c])
-                keep = torch.tensor([c not in cancelled for c in batch.cand.tolist()], device=device)
+                keep = torch.tensor([c >= 0 and c not in cancelled for c in batch.cand.tolist()], device=device)
                 batch = batch.take(keep.nonzero()[:, 0])
                 cache.select_rows(keep.nonzero()[:, 0])
                 if not len(batch.cand):
@@ -198,7 +198,7 @@ class Generation:
             picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
             picked_sampled = scores.log_softmax(dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
             for i, (c, token_id) in enumerate(zip(cand_list, chosen.tolist())):
-                if c in beams:
+                if c < 0 or c in beams:   # a finished row still in the batch (see below), or a beam
                     continue
                 stream = streams[c]
                 text = stream.push(token_id)
@@ -214,8 +214,15 @@ class Generation:
                     events.append(self._finish(c, reason, stream))
             yield from events
 
-            if not bool(keep.all()):
-                order, batch, chosen = order[keep], batch.take(keep.nonzero()[:, 0]), chosen[keep]
+            live = keep & (batch.cand >= 0)
+            if not bool(live.all()):
+                # Dropping rows copies the whole KV cache. Without beams, finished rows run on, ignored
+                # (candidate -1), until a quarter of the batch has finished: cheaper than a copy per
+                # step when many rows end one by one (RLHF rollouts). Rows never see each other.
+                if beams or 4 * int((~live).sum()) >= len(live) or not bool(live.any()):
+                    order, batch, chosen = order[live], batch.take(live.nonzero()[:, 0]), chosen[live]
+                else:
+                    batch.cand = torch.where(live, batch.cand, -1)
             if not len(batch.cand):
                 break
             with torch.inference_mode():
@@ -274,7 +281,8 @@ class _Batch:
 
     def __post_init__(self):
         if self.rows is None:
-            self.rows = RowSettings([self.settings[c] for c in self.cand.tolist()], self.cand.device)
+            # a finished row left in the batch (candidate -1) takes any settings: its tokens are ignored
+            self.rows = RowSettings([self.settings[max(c, 0)] for c in self.cand.tolist()], self.cand.device)
             self.seeds = torch.tensor([s.seed for s in self.rows.settings], dtype=torch.long, device=self.cand.device)
 
     @classmethod

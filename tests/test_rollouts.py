@@ -208,3 +208,24 @@ def test_bad_prompt_of(decoder):
         Generation(lm, [prompts[0], [5] * 5000], two)
     with pytest.raises(ParleyError, match="3 prompts and 2 lists of settings"):
         generate_batch(lm, prompts, [two, two])
+
+
+def test_finished_rows_left_in_the_batch_change_nothing(decoder):
+    """Rows that end early stay in the batch, ignored, until a quarter has ended; a candidate
+    cancelled meanwhile still ends "cancelled", and the others get what they get alone."""
+    lm, prompts = decoder
+    settings = [s for row in candidates(SAMPLE, k=4, max_new_tokens=16) for s in row]
+    prompt_of = [i for i in range(len(TEXTS)) for _ in range(4)]
+    gen = Generation(lm, prompts, settings, top_alternatives=0, prompt_of=prompt_of)
+    done, cancelled = {}, None
+    for event in gen:
+        if hasattr(event, "finish_reason"):
+            done[event.candidate] = event
+            if cancelled is None and event.finish_reason == "eos":
+                cancelled = next(c for c in range(len(settings)) if c not in done)
+                gen.cancel(cancelled)
+    assert cancelled is not None and done[cancelled].finish_reason == "cancelled"
+    assert len(done) == len(settings)
+    for c, got in done.items():
+        if c != cancelled:
+            assert_same(got, generate(lm, prompts[prompt_of[c]], [settings[c]])[0])
