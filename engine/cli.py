@@ -178,7 +178,7 @@ def cmd_train_rlhf(args) -> None:
     required, optional = RLHF_MODES[args.mode]
     if not all(getattr(args, name) for name in required):
         raise ParleyError(f"parley train {args.mode} needs {' and '.join(required.values())}")
-    options = {name: getattr(args, name) for name in optional if getattr(args, name) not in (None, False)}
+    options = {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
     if "replies" in options:
         options["k"] = options.pop("replies")
     with Store() as store:
@@ -289,8 +289,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
                    "k3 for GRPO's loss)")
     p.add_argument("--max-len", type=int, help="rm/dpo: tokens per prompt + reply (256); a pair whose reply alone "
                    "is longer is skipped and counted")
-    p.add_argument("--reward-scale", action="store_true", help="rm: also scale rewards to standard deviation 1 on "
-                   "the base policy's samples")
+    p.add_argument("--reward-scale", action=argparse.BooleanOptionalAction, help="rm: scale rewards to standard "
+                   "deviation 1 on the base policy's samples (the default), besides shifting them to mean 0")
     p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
     p.add_argument("--preset", help="start from a fresh model of a preset family and size (chat-6m, nnlm, lstm, "
                    "gpt-fixed, ...: a wrong name lists them all)")

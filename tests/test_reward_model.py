@@ -124,7 +124,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
 def reward_dir(base):
     """A reward model trained on the hidden rule, and the PPO prompts file beside it."""
     train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(base / "rm"), max_steps=60, lr=3e-3,
-                       device="cpu", eval_every=60, normalise_samples=8)
+                       device="cpu", eval_every=60, normalise_samples=32)
     prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150)]
     (base / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return base / "rm"
@@ -165,7 +165,7 @@ def test_rloo_and_grpo_raise_the_reward_of_fresh_samples(base, reward_dir, tmp_p
     before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
     with Store(tmp_path / "parley.db") as store:
         train_group(method, str(base / "sft"), str(reward_dir), str(tmp_path / method), prompts=str(base / "prompts.jsonl"),
-                    max_steps=12, prompts_per_step=4, k=4, lr=3e-4, max_new_tokens=16, eval_every=6, device="cpu",
+                    max_steps=12, prompts_per_step=8, k=4, epochs=2, lr=3e-4, max_new_tokens=16, eval_every=6, device="cpu",
                     store=store)
         run = store.runs()[0]
         names = {m["name"] for m in store.metrics(run["id"])}

@@ -24,10 +24,9 @@ import torch
 
 from engine.errors import ParleyError
 from engine.rlhf.logprobs import token_logprobs
-from engine.rlhf.losses import (clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate,
-                                rloo_advantages)
+from engine.rlhf.losses import clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate, rloo_advantages
 from engine.rlhf.ppo import AdaptiveKL, normalisation, progress
-from engine.rlhf.rollout import Sampling, assemble, held_out, load_online, load_prompts, sample, scores, split_prompts
+from engine.rlhf.rollout import Sampling, held_out, load_online, load_prompts, online_batch, split_prompts
 from engine.rlhf.run import Run
 from engine.train import distributed
 
@@ -85,19 +84,11 @@ def train_group(method: str, policy: str, reward_model: str, out: str, prompts: 
         for step in range(state.get("step", 0), max_steps):
             rng = random.Random(seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
             batch = [rng.choice(train) for _ in range(prompts_per_step)]
-            actor.eval()
-            mine = sample(lm, batch, k, sampling, rm.max_len, seed * 100003 + step * 997,
-                          indices=run.share(list(range(prompts_per_step))))
-            r = assemble(lm, batch, distributed.gather(mine))
-            actor.train()
+            r, score, old_logprobs, ref_logprobs, kl = online_batch(
+                lm, reference, rm, run, batch, k, sampling, seed * 100003 + step * 997, missing_eos_penalty, score_clip)
             ids, pad_mask, mask = r.ids, r.pad_mask, r.targets
-            with torch.no_grad():
-                score = scores(rm, r, missing_eos_penalty, score_clip)
-                old_logprobs = token_logprobs(actor, ids, pad_mask, mask, temperature)
-                ref_logprobs = token_logprobs(reference, ids, pad_mask, mask, temperature)
-                advantages = group_advantages(method, score, old_logprobs, ref_logprobs, mask, k, kl_control.beta,
-                                              estimator)
-            kl = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
+            advantages = group_advantages(method, score, old_logprobs, ref_logprobs, mask, k, kl_control.beta,
+                                          estimator)
             stats = dict.fromkeys(("policy_loss", "clip_fraction", "grad_norm"), 0.0)
             updates = 0
             for _ in range(epochs):

@@ -36,8 +36,16 @@ from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.losses import masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss
 from engine.rlhf.prefs import right_pad
 from engine.rlhf.reward_model import RewardModel
-from engine.rlhf.rollout import (Sampling, assemble, held_out, load_online, load_prompts, reward_normaliser, sample,
-                                 scores, split_prompts)
+from engine.rlhf.rollout import (
+    Sampling,
+    held_out,
+    load_online,
+    load_prompts,
+    online_batch,
+    reward_normaliser,
+    scores,
+    split_prompts,
+)
 from engine.rlhf.run import Run
 from engine.train import distributed
 
@@ -116,22 +124,15 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
             if lr_schedule == "linear":
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * linear_decay(step, max_steps)
-            # 1. rollout: each process samples its share, then every process holds the whole batch
-            actor.eval()
-            mine = sample(lm, batch, 1, sampling, rm.max_len, seed * 100003 + step * 997,
-                          indices=run.share(list(range(batch_size))))
-            r = assemble(lm, batch, distributed.gather(mine))
-            actor.train()
+            # 1.-2. rollout and scores
+            r, score, old_logprobs, ref_logprobs, kl = online_batch(
+                lm, reference, rm, run, batch, 1, sampling, seed * 100003 + step * 997, missing_eos_penalty, score_clip)
             ids, pad_mask, mask = r.ids, r.pad_mask, r.targets
-            # 2.-3. score and advantages (every process computes the same, rather than send tensors)
+            # 3. values and advantages
             with torch.no_grad():
-                score = scores(rm, r, missing_eos_penalty, score_clip)
-                old_logprobs = token_logprobs(actor, ids, pad_mask, mask, temperature)
-                ref_logprobs = token_logprobs(reference, ids, pad_mask, mask, temperature)
                 old_values = values_of(critic, ids, pad_mask, mask)
                 advantages, returns = ppo_advantages(score, old_logprobs, ref_logprobs, old_values, mask,
                                                      kl_control.beta, gamma, lam)
-            kl = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
             # 4. PPO epochs over minibatches; a process's share of a minibatch weighs by its tokens
             stats = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
                                    "entropy", "actor_grad_norm", "critic_grad_norm", "ptx_loss"), 0.0)

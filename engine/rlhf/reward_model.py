@@ -9,8 +9,10 @@ GRPO then score at, so the model is never asked about contexts longer than it wa
 
 After training, rewards are normalised on replies that a fresh copy of the base (SFT) policy
 samples at the rollout settings the online trainers use (engine.rlhf.rollout): shifted so they
-score 0 on average and, with `reward_scale`, scaled to standard deviation 1, as lm-human-
-preferences does. (The backbone trained here is not the policy any more, so its samples would
+score 0 on average and (unless `reward_scale` is off) scaled to standard deviation 1, as lm-human-
+preferences does. The scale is what makes beta mean the same for every reward model: a raw head
+spread over +-20 makes a KL penalty of a few tenths invisible, and PPO then collapses replies
+onto whatever scores highest. (The backbone trained here is not the policy any more, so its samples would
 be the wrong ones to normalise on.)
 
 The directory is saved in transformers' ...ForSequenceClassification layout (the backbone's
@@ -149,7 +151,7 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
 def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr: float = 5e-4,
                        prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 50,
                        save_every: int = 50, resume: bool = False, max_len: int = 256, normalise_samples: int = 64,
-                       reward_scale: bool = False, sampling: Sampling = Sampling(), store=None) -> RewardLM:
+                       reward_scale: bool = True, sampling: Sampling = Sampling(), store=None) -> RewardLM:
     config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed, "max_len": max_len,
               "reward_scale": reward_scale}
     run = Run("rm", config, base, out, store, device, resume, save_every)

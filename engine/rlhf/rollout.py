@@ -19,6 +19,7 @@ from engine.generate import generate_batch
 from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.prefs import fit_prompt, reply_ids, right_pad
 from engine.sampling import Settings
+from engine.train import distributed
 
 
 def load_online(policy: str, reward_model: str, device) -> tuple:
@@ -145,6 +146,24 @@ def assemble(lm, prompts: list[list[dict]], samples: list[tuple]) -> Rollout:
 def rollout(lm, prompts: list[list[dict]], k: int, sampling: Sampling, context: int, seed: int) -> Rollout:
     """k replies to each prompt (see `sample`), row r being reply r % k of prompt r // k."""
     return assemble(lm, prompts, sample(lm, prompts, k, sampling, context, seed))
+
+
+def online_batch(lm, reference, rm, run, prompts: list[list[dict]], k: int, sampling: Sampling, seed: int,
+                 missing_eos_penalty: float, score_clip: float):
+    """What every step of an online trainer starts with: k replies to each prompt (each process
+    samples its share, then every process holds the whole batch), their scores, and the policy's
+    and the reference's log-probabilities of them (every process computes the same, rather than
+    send tensors). Returns (rollout, score, logprobs, ref_logprobs, KL per reply averaged)."""
+    lm.model.eval()
+    mine = sample(lm, prompts, k, sampling, rm.max_len, seed, indices=run.share(list(range(len(prompts)))))
+    r = assemble(lm, prompts, distributed.gather(mine))
+    lm.model.train()
+    with torch.no_grad():
+        score = scores(rm, r, missing_eos_penalty, score_clip)
+        logprobs = token_logprobs(lm.model, r.ids, r.pad_mask, r.targets, sampling.temperature)
+        ref_logprobs = token_logprobs(reference, r.ids, r.pad_mask, r.targets, sampling.temperature)
+    kl = ((logprobs - ref_logprobs) * r.targets).sum(1).mean().item()
+    return r, score, logprobs, ref_logprobs, kl
 
 
 def scores(rm, rollout: Rollout, missing_eos_penalty: float = 0.0, clip: float | None = None) -> torch.Tensor:
