@@ -77,4 +77,3 @@ def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: i
         model.eval()
         run.save(lm.write)
     return lm
-

@@ -25,20 +25,12 @@ import torch
 from engine.errors import ParleyError
 from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.losses import clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate, rloo_advantages
-from engine.rlhf.ppo import AdaptiveKL, normalisation, progress
+from engine.rlhf.ppo import AdaptiveKL, normalise_rewards, progress
 from engine.rlhf.rollout import Sampling, held_out, load_online, load_prompts, online_batch, split_prompts
 from engine.rlhf.run import Run
 from engine.train import distributed
 
 DEFAULT_ESTIMATOR = {"rloo": "k1", "grpo": "k3"}
-
-
-def train_rloo(policy: str, reward_model: str, out: str, **options):
-    return train_group("rloo", policy, reward_model, out, **options)
-
-
-def train_grpo(policy: str, reward_model: str, out: str, **options):
-    return train_group("grpo", policy, reward_model, out, **options)
 
 
 def group_advantages(method: str, score, logprobs, ref_logprobs, mask, k: int, beta: float, estimator: str):
@@ -57,7 +49,7 @@ def train_group(method: str, policy: str, reward_model: str, out: str, prompts: 
                 clip: float = 0.2, eval_every: int = 10, eval_prompts: int = 32, seed: int = 0, device=None,
                 save_every: int = 10, resume: bool = False, store=None):
     if k < 2:
-        raise ParleyError(f"--k {k}: {method.upper()} needs at least 2 replies per prompt to compare")
+        raise ParleyError(f"--replies {k}: {method.upper()} needs at least 2 replies per prompt to compare")
     beta = (0.05 if method == "rloo" else 0.04) if beta is None else beta
     estimator = kl_estimator or DEFAULT_ESTIMATOR[method]
     if estimator not in ("k1", "k3"):
@@ -76,9 +68,7 @@ def train_group(method: str, policy: str, reward_model: str, out: str, prompts: 
     optimizer = torch.optim.AdamW(actor.parameters(), lr=lr, weight_decay=0.0)
     modules = {"actor": actor}
     state = run.restore(optimizer, modules)
-    if "reward_offset" not in state:
-        state["reward_offset"], state["reward_scale"] = normalisation(lm, rm, train, sampling, seed)
-    rm.model.offset, rm.model.scale = state["reward_offset"], state["reward_scale"]
+    normalise_rewards(state, lm, rm, train, sampling, seed)
     kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
     with run:
         for step in range(state.get("step", 0), max_steps):

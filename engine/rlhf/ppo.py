@@ -43,6 +43,7 @@ from engine.rlhf.rollout import (
     load_prompts,
     online_batch,
     reward_normaliser,
+    rollout,
     scores,
     split_prompts,
 )
@@ -112,9 +113,7 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     modules = {"actor": actor, "critic": critic, **({"ema": average} if average is not None else {})}
     state = run.restore(optimizer, modules)
-    if "reward_offset" not in state:
-        state["reward_offset"], state["reward_scale"] = normalisation(lm, rm, train, sampling, seed)
-    rm.model.offset, rm.model.scale = state["reward_offset"], state["reward_scale"]
+    normalise_rewards(state, lm, rm, train, sampling, seed)
     critic.offset, critic.scale = rm.model.offset, rm.model.scale
     kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
     with run:
@@ -187,15 +186,19 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
     return lm
 
 
-def normalisation(lm, rm, prompts, sampling: Sampling, seed: int) -> tuple[float, float]:
-    """The reward model's (offset, scale) for these rollouts: as stored when it was measured at
-    these settings, else measured now on the starting policy (which the reference stays)."""
-    if rm.config.get("parley_reward_normalised_at") == sampling.to_dict():
-        return rm.model.offset, rm.model.scale
-    offset, scale = reward_normaliser(lm, rm, prompts[:64], sampling, seed, rm.model.scale != 1.0)
-    print(f"the reward model was normalised at other rollout settings: offset {offset:.4f} and scale {scale:.4f} "
-          "measured on the starting policy's samples", flush=True)
-    return offset, scale
+def normalise_rewards(state: dict, lm, rm, prompts, sampling: Sampling, seed: int) -> None:
+    """Give the reward model the (offset, scale) of these rollouts: a resumed run's, else the
+    stored ones when they were measured at these settings, else measured now on the starting
+    policy (which the reference stays); kept in `state` for the checkpoints."""
+    if "reward_offset" not in state:
+        if rm.config.get("parley_reward_normalised_at") == sampling.to_dict():
+            offset, scale = rm.model.offset, rm.model.scale
+        else:
+            offset, scale = reward_normaliser(lm, rm, prompts[:64], sampling, seed, rm.model.scale != 1.0)
+            print(f"the reward model was normalised at other rollout settings: offset {offset:.4f} and scale "
+                  f"{scale:.4f} measured on the starting policy's samples", flush=True)
+        state["reward_offset"], state["reward_scale"] = offset, scale
+    rm.model.offset, rm.model.scale = state["reward_offset"], state["reward_scale"]
 
 
 def progress(step: int, max_steps: int, values: dict) -> str:
@@ -234,5 +237,4 @@ def ptx_rows(lm, source: str | None) -> list[torch.Tensor]:
 
 def mean_reward(lm, rm, prompts: list[list[dict]], seed: int, max_new_tokens: int = 32) -> float:
     """The mean reward of fresh samples (temperature 1) for `prompts`: how PPO is judged."""
-    from engine.rlhf.rollout import rollout
     return scores(rm, rollout(lm, prompts, 1, Sampling(1.0, max_new_tokens), rm.max_len, seed)).mean().item()

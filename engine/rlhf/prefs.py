@@ -45,13 +45,14 @@ def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def split_by_prompt(groups: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) by the fixed split of data.held_out on the prompt; held-out is never empty."""
-    def key(g):
-        return json.dumps(g["prompt"], sort_keys=True)
-    train = [g for g in groups if not data.held_out(key(g))]
-    heldout = [g for g in groups if data.held_out(key(g))]
-    return train or groups, heldout or train or groups
+def split_by_prompt(items: list, prompt_of=lambda g: g["prompt"]) -> tuple[list, list]:
+    """(train, held-out) by the fixed split of data.held_out on each item's prompt (a group's, by
+    default); neither is empty."""
+    def key(item):
+        return json.dumps(prompt_of(item), sort_keys=True)
+    train = [x for x in items if not data.held_out(key(x))]
+    heldout = [x for x in items if data.held_out(key(x))]
+    return train or items, heldout or train or items
 
 
 def prompt_batches(groups: list[dict], per_step: int, seed: int):

@@ -11,7 +11,7 @@ After training, rewards are normalised on replies that a fresh copy of the base 
 samples at the rollout settings the online trainers use (engine.rlhf.rollout): shifted so they
 score 0 on average and (unless `reward_scale` is off) scaled to standard deviation 1, as lm-human-
 preferences does. The scale is what makes beta mean the same for every reward model: a raw head
-spread over +-20 makes a KL penalty of a few tenths invisible, and PPO then collapses replies
+spread over +-11 (benchmarks/rlhf_demo.py) makes a KL penalty of a few tenths invisible, and PPO then collapses replies
 onto whatever scores highest. (The backbone trained here is not the policy any more, so its samples would
 be the wrong ones to normalise on.)
 
@@ -82,25 +82,27 @@ class RewardLM:
         """The length the model was trained at, and so the length everything scores at."""
         return self.config.get("parley_max_length", 256)
 
-    def encode(self, prompt: list[dict], response: str) -> list[int]:
-        """The row the model reads: the prompt's end and the whole response in max_len tokens."""
-        prompt_ids, reply = reply_ids(self.tokenizer, prompt, response)
+    def fit(self, prompt_ids: list[int], reply: list[int]) -> list[int]:
+        """The row the model reads: the prompt's end and the whole reply in max_len tokens."""
         window = fit_prompt(prompt_ids, [reply], self.max_len)
         if window is None:
             raise ParleyError(f"a response of {len(reply)} tokens does not fit the reward model's length of "
                               f"{self.max_len} tokens: shorten it, or train the reward model with a larger --max-len")
         return window + reply
 
+    def encode(self, prompt: list[dict], response: str) -> list[int]:
+        return self.fit(*reply_ids(self.tokenizer, prompt, response))
+
     def batch(self, rows: list[list[int]]):
         return right_pad(rows, self.pad_id, self.device)
 
-    def rewards(self, pairs: list[tuple[list[dict], str]], batch_size: int = 16) -> list[float]:
-        out = []
+    def score_rows(self, rows: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+        """The reward of each row of token ids, `batch_size` rows at a time."""
         with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                rows = [self.encode(p, r) for p, r in pairs[start:start + batch_size]]
-                out += self.model(*self.batch(rows)).tolist()
-        return out
+            return torch.cat([self.model(*self.batch(rows[i:i + batch_size])) for i in range(0, len(rows), batch_size)])
+
+    def rewards(self, pairs: list[tuple[list[dict], str]]) -> list[float]:
+        return self.score_rows([self.encode(p, r) for p, r in pairs]).tolist()
 
     def save(self, path: str | Path) -> None:
         with atomic_dir(path) as tmp:

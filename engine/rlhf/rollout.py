@@ -7,7 +7,6 @@ template's end of turn; the reward model reads that same prompt window and the r
 rendered exactly as in its training rows.
 """
 import copy
-import json
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from engine import data
 from engine.errors import ParleyError
 from engine.generate import generate_batch
 from engine.rlhf.logprobs import token_logprobs
-from engine.rlhf.prefs import fit_prompt, reply_ids, right_pad
+from engine.rlhf.prefs import reply_batch, reply_ids, split_by_prompt
 from engine.sampling import Settings
 from engine.train import distributed
 
@@ -82,12 +81,8 @@ def load_prompts(source: str | None, store=None) -> list[list[dict]]:
 
 
 def split_prompts(prompts: list[list[dict]]) -> tuple[list[list[dict]], list[list[dict]]]:
-    """(train, held-out) by the fixed split of data.held_out; neither is empty."""
-    def key(p):
-        return json.dumps(p, sort_keys=True)
-    train = [p for p in prompts if not data.held_out(key(p))]
-    heldout = [p for p in prompts if data.held_out(key(p))]
-    return train or prompts, heldout or train or prompts
+    """(train, held-out) prompts, split as the preference data is (prefs.split_by_prompt)."""
+    return split_by_prompt(prompts, prompt_of=lambda p: p)
 
 
 @dataclass
@@ -100,10 +95,6 @@ class Rollout:
     pad_mask: torch.Tensor      # [B, T]
     targets: torch.Tensor       # [B, T-1] 1 where position t predicts a reply token
     ended: torch.Tensor         # [B] the reply reached EOS
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.targets.sum(1)
 
 
 def prompt_window(tokenizer, prompt: list[dict], context: int, max_new_tokens: int) -> list[int]:
@@ -135,10 +126,7 @@ def assemble(lm, prompts: list[list[dict]], samples: list[tuple]) -> Rollout:
     """A Rollout of samples (from `sample`, possibly gathered from every process), in order."""
     samples = sorted(samples, key=lambda s: s[:2])
     rows = [(window, reply) for _, _, window, reply, _, _ in samples]
-    ids, pad_mask = right_pad([w + r for w, r in rows], lm.tokenizer.pad_token_id or 0, lm.device)
-    targets = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=lm.device)
-    for row, (w, r) in enumerate(rows):
-        targets[row, len(w) - 1:len(w) + len(r) - 1] = 1.0
+    ids, pad_mask, targets = reply_batch(rows, lm.tokenizer.pad_token_id or 0, lm.device)
     return Rollout([prompts[s[0]] for s in samples], [s[2] for s in samples], [s[4] for s in samples], ids, pad_mask,
                    targets, torch.tensor([s[5] for s in samples], device=lm.device))
 
@@ -169,13 +157,9 @@ def online_batch(lm, reference, rm, run, prompts: list[list[dict]], k: int, samp
 def scores(rm, rollout: Rollout, missing_eos_penalty: float = 0.0, clip: float | None = None) -> torch.Tensor:
     """The reward model's score of each reply, read on the prompt window the policy saw and the
     reply as text; minus `missing_eos_penalty` for replies that never reached EOS; clipped."""
-    rows = []
-    for prompt, window, text in zip(rollout.prompts, rollout.windows, rollout.texts):
-        reply = reply_ids(rm.tokenizer, prompt, text)[1]
-        rows.append(fit_prompt(window, [reply], rm.max_len) + reply)
-    with torch.no_grad():
-        score = torch.cat([rm.model(*rm.batch(rows[i:i + 16])) for i in range(0, len(rows), 16)])
-    score = score.to(rollout.ids.device) - missing_eos_penalty * (~rollout.ended).float()
+    rows = [rm.fit(window, reply_ids(rm.tokenizer, prompt, text)[1])
+            for prompt, window, text in zip(rollout.prompts, rollout.windows, rollout.texts)]
+    score = rm.score_rows(rows).to(rollout.ids.device) - missing_eos_penalty * (~rollout.ended).float()
     return score.clamp(-clip, clip) if clip else score
 
 
@@ -205,7 +189,7 @@ def held_out(policy, reference, rm, prompts: list[list[dict]], sampling: Samplin
         reward = scores(rm, r)
         logp = token_logprobs(policy.model, r.ids, r.pad_mask, r.targets, sampling.temperature)
         ref = token_logprobs(reference, r.ids, r.pad_mask, r.targets, sampling.temperature)
-        ref_plain = token_logprobs(reference, r.ids, r.pad_mask, r.targets)
+        ref_plain = ref if sampling.temperature == 1.0 else token_logprobs(reference, r.ids, r.pad_mask, r.targets)
     policy.model.train(was_training)
     words = [len(t.split()) for t in r.texts]
     return {"heldout_reward": reward.mean().item(), "heldout_length": sum(words) / len(words),
