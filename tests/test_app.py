@@ -204,6 +204,22 @@ async def test_message_sent_before_the_model_loads_waits(app):
         assert replies(app.store) == []
         original()
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await until(pilot, lambda: "tokens" in status(app))   # the UI has had the reply's last event
+
+
+@sync
+async def test_reply_events_after_quitting_are_dropped_and_others_raise(app):
+    from textual.css.query import NoMatches
+    from tui_app.screens.common import on_screen
+
+    async def handler():   # what a reply handler meets once the screen's widgets are gone
+        raise NoMatches("#status")
+
+    async with app.run_test(size=(160, 50)):
+        screen = app.screen
+        with pytest.raises(NoMatches):   # on a screen still shown, a missing widget is a bug
+            await on_screen(screen, handler)
+    await on_screen(screen, handler)   # the app has quit: the event has nowhere to go
 
 
 @sync

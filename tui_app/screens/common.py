@@ -1,4 +1,5 @@
 """What the screens share: streaming replies from a worker thread, and key remapping."""
+from textual.css.query import NoMatches
 from textual.screen import Screen
 
 from engine.chat import Replies
@@ -24,11 +25,23 @@ def stream_replies(screen, conversation_id, parent_id, settings, started, on_eve
             return
         screen.replies = replies
         try:
-            app.call_from_thread(started, replies, [store.message(m) for m in replies.message_ids])
+            app.call_from_thread(on_screen, screen, started, replies, [store.message(m) for m in replies.message_ids])
             for event in replies:
-                app.call_from_thread(on_event, event)
+                app.call_from_thread(on_screen, screen, on_event, event)
         finally:
             screen.replies = None
+
+
+async def on_screen(screen: Screen, handler, *args) -> None:
+    """Run a screen's handler for a reply event. The user can quit mid-reply: the screen's widgets
+    are then gone while the last events land. The store already holds the reply, so those events
+    have nowhere to go; a missing widget on a screen still shown is a bug and is raised."""
+    try:
+        await handler(*args)
+    except NoMatches:
+        if screen.is_attached:
+            raise
+
 
 def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
     """Move actions to the keys the user chose in config.toml ([keys] action = "key")."""
