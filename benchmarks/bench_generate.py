@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
 from engine.generate import generate  # noqa: E402
-from engine.sampling import Settings  # noqa: E402
+from engine.settings import Settings  # noqa: E402
 
 SHAPES = {
     "gpt2-124M": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
 from engine.generate import generate, generate_batch  # noqa: E402
 from engine.registry import resolve_model  # noqa: E402
-from engine.sampling import Settings  # noqa: E402
+from engine.settings import Settings  # noqa: E402
 
 PROMPTS = [
     "hi!",

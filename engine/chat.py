@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import ParleyError
 from engine.generate import Finished, Generation, Token
-from engine.sampling import Settings
+from engine.settings import Settings
 
 SAVE_EVERY_S = 0.5
 

@@ -33,29 +33,27 @@ def cmd_inspect(args) -> None:
             print(f"{key:>14}: {value}")
 
 
-SAMPLING_OPTIONS = [  # (flag, Settings field, type, help)
-    ("--temperature", "temperature", float, "0 = greedy"),
-    ("--top-k", "top_k", int, "keep the k most likely tokens (0 = off)"),
-    ("--top-p", "top_p", float, "nucleus mass (1 = off)"),
-    ("--min-p", "min_p", float, "drop tokens below this x the top probability (0 = off)"),
-    ("--typical-p", "typical_p", float, "locally typical mass (1 = off)"),
-    ("--repetition-penalty", "repetition_penalty", float, "transformers' rule over prompt + output (1 = off)"),
-    ("--frequency-penalty", "frequency_penalty", float, "OpenAI's rule over output tokens"),
-    ("--presence-penalty", "presence_penalty", float, "OpenAI's rule over output tokens"),
-    ("--no-repeat-ngram-size", "no_repeat_ngram_size", int, "never repeat an n-gram of this size"),
-    ("--num-beams", "num_beams", int, "beam search with this many beams"),
-    ("--length-penalty", "length_penalty", float, "beam score = log p / length ** this"),
-    ("--max-new-tokens", "max_new_tokens", int, None),
-    ("--min-new-tokens", "min_new_tokens", int, None),
-    ("--seed", "seed", int, "candidate i is seeded seed + i"),
-]
+def add_decoding_options(p) -> None:
+    """A flag per decoding setting, with its help, from engine/settings.py."""
+    from dataclasses import MISSING, fields
+
+    from engine.settings import FIELDS, Settings
+    defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
+    for name, (kind, knob) in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "stop":
+            p.add_argument(flag, action="append", help=knob.help)
+        elif name == "early_stopping":
+            p.add_argument(flag, choices=["true", "false", "never"], help=knob.help)
+        else:
+            p.add_argument(flag, dest=name, type=kind, help=f"{knob.help} (default {defaults[name]})")
 
 
 def settings_from_args(args):
-    from engine.sampling import Settings
-    given = {field: getattr(args, field) for _, field, _, _ in SAMPLING_OPTIONS if getattr(args, field) is not None}
-    if args.stop:
-        given["stop"] = args.stop
+    from engine.settings import FIELDS, Settings
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+    if "early_stopping" in given:
+        given["early_stopping"] = {"true": True, "false": False}.get(given["early_stopping"], "never")
     return Settings(**given).validate()
 
 
@@ -247,9 +245,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
     p.add_argument("--system", help="a system message before the prompt")
-    for flag, field, kind, text in SAMPLING_OPTIONS:
-        p.add_argument(flag, dest=field, type=kind, help=text)
-    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    add_decoding_options(p)
     p.add_argument("--n", type=int, default=1, help="number of candidates, generated side by side")
     add_model_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line")

@@ -18,7 +18,8 @@ import torch
 from engine import sampling
 from engine.beam import BeamSearch
 from engine.errors import ParleyError
-from engine.sampling import RowSettings, Settings
+from engine.sampling import RowSettings
+from engine.settings import Settings
 from engine.stop import StopMatcher
 
 

@@ -1,4 +1,4 @@
-"""Decoding settings and the logits processors that apply them, one row of a batch per candidate.
+"""The logits processors that apply decoding settings, one row of a batch per candidate.
 
 Every processor works on per-row tensors, so a batch of candidates with different settings is
 processed in one pass, and a row whose setting is at its neutral value is left exactly as it was.
@@ -10,96 +10,9 @@ penalties placed right after the repetition penalty (as llama.cpp does):
 
 Beam search ranks beams by log-probability and so uses only the steps before temperature.
 """
-from dataclasses import asdict, dataclass, field, fields
-
 import torch
 
-from engine.errors import ParleyError
-
-
-@dataclass
-class Settings:
-    """How one candidate is decoded. Temperature 0 means greedy; num_beams > 1 means beam search."""
-    temperature: float = 0.8           # 0 = greedy; sampling divides logits by it
-    top_k: int = 40                    # keep the k most likely tokens (0 = off)
-    top_p: float = 0.95                # keep the smallest set with this much probability (1 = off)
-    min_p: float = 0.05                # drop tokens below min_p x the top token's probability (0 = off)
-    typical_p: float = 1.0             # locally typical sampling mass (1 = off)
-    repetition_penalty: float = 1.0    # transformers' rule over prompt + output (1 = off)
-    frequency_penalty: float = 0.0     # OpenAI's rule over output tokens: minus this x count
-    presence_penalty: float = 0.0      # OpenAI's rule over output tokens: minus this if present
-    no_repeat_ngram_size: int = 0      # never repeat an n-gram of this size (0 = off)
-    num_beams: int = 1
-    length_penalty: float = 1.0        # beam score = sum log p / length ** length_penalty
-    early_stopping: bool | str = False  # True, False or "never", as in transformers
-    num_return_sequences: int = 1      # beams returned (beam search only)
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None            # None: a random seed, recorded with the result
-
-    @property
-    def strategy(self) -> str:
-        return "beam" if self.num_beams > 1 else "greedy" if self.temperature == 0 else "sample"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParleyError(f"unknown decoding setting {unknown[0]!r}: use one of {', '.join(sorted(known))}")
-        return cls(**data).validate()
-
-    def validate(self) -> "Settings":
-        def bad(name, rule):
-            raise ParleyError(f"{name} = {getattr(self, name)!r} is out of range: it must be {rule}")
-        numbers = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-                   "presence_penalty", "length_penalty")
-        for name in numbers:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                bad(name, "a number")
-        for name in ("top_k", "no_repeat_ngram_size", "num_beams", "num_return_sequences", "max_new_tokens",
-                     "min_new_tokens"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                bad(name, "a whole number")
-        if not 0 <= self.temperature <= 100:
-            bad("temperature", "between 0 (greedy) and 100")
-        if self.top_k < 0:
-            bad("top_k", "0 (off) or more")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "in (0, 1]; 1 turns it off")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "in [0, 1]; 0 turns it off")
-        if not 0 < self.typical_p <= 1:
-            bad("typical_p", "in (0, 1]; 1 turns it off")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "greater than 0; 1 turns it off")
-        if not -2 <= self.frequency_penalty <= 2:
-            bad("frequency_penalty", "between -2 and 2")
-        if not -2 <= self.presence_penalty <= 2:
-            bad("presence_penalty", "between -2 and 2")
-        if self.no_repeat_ngram_size < 0:
-            bad("no_repeat_ngram_size", "0 (off) or more")
-        if self.num_beams < 1:
-            bad("num_beams", "1 or more")
-        if not 1 <= self.num_return_sequences <= self.num_beams:
-            bad("num_return_sequences", f"between 1 and num_beams ({self.num_beams})")
-        if self.early_stopping not in (True, False, "never"):
-            bad("early_stopping", "true, false or 'never'")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "1 or more")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            bad("min_new_tokens", f"between 0 and max_new_tokens ({self.max_new_tokens})")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "a list of non-empty strings")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            bad("seed", "a whole number from 0 to 2**63 - 1")
-        return self
+from engine.settings import Settings
 
 
 class RowSettings:

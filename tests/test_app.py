@@ -240,7 +240,7 @@ async def test_token_inspector_shows_the_engines_values(app):
         # the engine's own numbers for this reply's second token
         import engine
         from engine.generate import Generation, Token
-        from engine.sampling import Settings
+        from engine.settings import Settings
         lm = engine.load(app.model_name, device="cpu")
         prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
         events = [e for e in Generation(lm, prompt, [Settings.from_dict(reply["settings"])]) if isinstance(e, Token)]

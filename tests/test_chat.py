@@ -4,7 +4,7 @@ import pytest
 import engine
 from engine import ParleyError
 from engine.chat import Replies, prompt_ids
-from engine.sampling import Settings
+from engine.settings import Settings
 from engine.store import Store
 
 GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)

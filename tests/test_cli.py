@@ -7,7 +7,7 @@ import pytest
 
 import engine
 from engine.generate import generate
-from engine.sampling import Settings
+from engine.settings import Settings
 
 
 def parley(*args):

@@ -2,7 +2,7 @@
 import engine
 from engine.generate import generate
 from engine.registry import resolve_model
-from engine.sampling import Settings
+from engine.settings import Settings
 
 
 def test_default_model_answers_small_talk():

@@ -15,7 +15,7 @@ from engine import data
 from engine.generate import generate
 from engine.models import patterns
 from engine.models.cache import positions_and_mask
-from engine.sampling import Settings
+from engine.settings import Settings
 from engine.train.evaluate import compare
 from engine.train.ngram import train_ngram
 from engine.train.presets import new_lm

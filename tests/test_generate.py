@@ -5,7 +5,7 @@ import torch
 import engine
 from engine import ParleyError
 from engine.generate import Finished, Generation, Token, generate
-from engine.sampling import Settings
+from engine.settings import Settings
 
 GREEDY = dict(temperature=0, top_k=0, top_p=1.0, min_p=0.0)
 

@@ -5,7 +5,7 @@ import pytest
 import engine
 from engine.generate import generate
 from engine.models.ngram import METHODS, NGramLM, _katz_discounts
-from engine.sampling import Settings
+from engine.settings import Settings
 
 # BOS is 0; the vocabulary is 0..4. Padded for bigrams: [0 1 2 3] and [0 1 2 2].
 CORPUS = [[1, 2, 3], [1, 2, 2]]

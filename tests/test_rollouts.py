@@ -10,7 +10,7 @@ import torch
 import engine
 from engine import ParleyError
 from engine.generate import Generation, generate, generate_batch
-from engine.sampling import Settings
+from engine.settings import Settings
 from engine.train.ngram import train_ngram
 from engine.train.presets import new_lm
 from helpers import CORPUS

@@ -7,7 +7,8 @@ from transformers.generation import logits_process as hf
 
 from engine import ParleyError
 from engine import sampling
-from engine.sampling import RowSettings, Settings
+from engine.sampling import RowSettings
+from engine.settings import Settings
 
 VOCAB = 50
 

@@ -96,7 +96,7 @@ def test_sft_learns_only_from_assistant_tokens(workspace, tmp_path):
                        max_steps=80, save_every=80, eval_every=40))
     lm = engine.load(sft, device="cpu")
     from engine.generate import generate
-    from engine.sampling import Settings
+    from engine.settings import Settings
     prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "hi! what do you think about music?"}])
     reply = generate(lm, prompt, Settings(temperature=0, max_new_tokens=20))[0]
     # The user's turns are never learned, so the reply is the assistant's pattern, not the user's.

@@ -13,17 +13,9 @@ from textual.app import App
 
 from engine.errors import ParleyError
 from engine.paths import config_dir
-from engine.sampling import Settings
+from engine.settings import PRESETS, Settings
 from engine.store import Store
 from tui_app.screens import ChatScreen
-
-PRESETS = {
-    "balanced": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
-    "precise": dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0),
-    "creative": dict(temperature=1.2, top_k=0, top_p=0.98, min_p=0.02),
-    "beam": dict(temperature=0.0, num_beams=4, length_penalty=1.0),
-}
-
 
 def load_config() -> dict:
     path = config_dir() / "config.toml"

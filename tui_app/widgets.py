@@ -1,14 +1,12 @@
 """Widgets of the chat and compare screens. Text from users and models is never read as markup:
 Static widgets get markup=False, and replies render as Markdown (which has no Rich markup)."""
-from dataclasses import fields
-
 from textual import events
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Label, Markdown, Select, Static, TextArea
 
 from engine.errors import ParleyError
-from engine.sampling import Settings
+from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
 
 
 class MessageView(Static):
@@ -85,8 +83,6 @@ class PromptArea(TextArea):
         await super()._on_key(event)
 
 
-NUMBER_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-                 "presence_penalty", "no_repeat_ngram_size", "num_beams", "max_new_tokens", "min_new_tokens", "seed")
 
 
 class SettingsPanel(VerticalScroll):
@@ -113,31 +109,24 @@ class SettingsPanel(VerticalScroll):
         yield Select(options, prompt="preset", id="preset", allow_blank=True)
         yield Select([("sample", "sample"), ("greedy", "greedy"), ("beam", "beam")], value=self.settings.strategy,
                      id="strategy", allow_blank=False)
-        for name in NUMBER_FIELDS:
+        for name in PANEL_FIELDS:
             value = getattr(self.settings, name)
             yield Label(name.replace("_", " "))
-            yield Input("" if value is None else str(value), id=f"set-{name}")
+            yield Input("" if value is None else str(value), id=f"set-{name}", tooltip=FIELDS[name][1].help)
         yield Input(placeholder="save as preset…", id="save-preset")
         yield Label("", id="settings-error", classes="error", markup=False)
 
     def show(self, settings: Settings) -> None:
         self.settings = settings
-        for name in NUMBER_FIELDS:
+        for name in PANEL_FIELDS:
             value = getattr(settings, name)
             self.query_one(f"#set-{name}", Input).value = "" if value is None else str(value)
 
     def read(self) -> Settings:
         values = {}
-        for name in NUMBER_FIELDS:
+        for name in PANEL_FIELDS:
             text = self.query_one(f"#set-{name}", Input).value.strip()
-            kind = next(f.type for f in fields(Settings) if f.name == name)
-            if not text:
-                values[name] = None if name == "seed" else getattr(Settings(), name)
-                continue
-            try:
-                values[name] = float(text) if kind in (float, "float") else int(text)
-            except ValueError:
-                raise ParleyError(f"{name.replace('_', ' ')} must be a number, not {text!r}") from None
+            values[name] = parse_value(name, text) if text else None if name == "seed" else getattr(Settings(), name)
         strategy = self.query_one("#strategy", Select).value
         if strategy == "greedy":
             values["temperature"] = 0.0

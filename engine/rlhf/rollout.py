@@ -17,7 +17,7 @@ from engine.errors import ParleyError
 from engine.generate import generate_batch
 from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.prefs import reply_batch, reply_ids, split_by_prompt
-from engine.sampling import Settings
+from engine.settings import Settings
 from engine.train import distributed
 
 

@@ -9,7 +9,7 @@ from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, St
 
 from engine.chat import Replies
 from engine.errors import ParleyError
-from engine.sampling import Settings
+from engine.settings import TEMPLATES, Settings
 from engine.store import Store
 from tui_app.screens.common import remap_keys, stream_replies
 from tui_app.screens.compare import CompareScreen
@@ -20,11 +20,6 @@ from tui_app.screens.training import TrainingScreen
 from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 
 
-TEMPLATES = {
-    "zero-shot": "{question}",
-    "few-shot": "Here are some examples:\n\nQ: {example question}\nA: {example answer}\n\nQ: {question}\nA:",
-    "chain-of-thought": "{question}\n\nLet's think step by step.",
-}
 
 class ChatScreen(Screen):
     BINDINGS = [

@@ -9,7 +9,7 @@ from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from engine.chat import Replies
 from engine.errors import ParleyError
-from engine.sampling import Settings
+from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
 from tui_app.screens.common import stream_replies
 from tui_app.widgets import MessageView
 
@@ -179,20 +179,15 @@ class CompareScreen(Screen):
         return ids[int(groups[0][0]) - 1]
 
 def parse_overrides(text: str) -> tuple[dict, str | None]:
-    """`temperature=0.3 top_k=20 model=NAME` as Settings fields with their types, and the model."""
-    from dataclasses import fields
-    types = {f.name: f.type for f in fields(Settings)}
+    """`temperature=0.3 top_k=20 model=NAME` as typed Settings fields, and the model."""
     out, model = {}, None
     for item in text.split():
         name, _, value = item.partition("=")
         if name == "model" and value:
             model = value
             continue
-        if name not in types or not value:
-            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(sorted(types))}) "
+        if name not in FIELDS or FIELDS[name][0] is None or not value:
+            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(PANEL_FIELDS)}) "
                               "or model=NAME")
-        try:
-            out[name] = float(value) if types[name] in (float, "float") else int(value)
-        except ValueError:
-            raise ParleyError(f"{item!r}: {name} takes a number") from None
+        out[name] = parse_value(name, value)
     return out, model
