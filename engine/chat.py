@@ -60,8 +60,7 @@ class ReplyEvent:
     candidate: int
     message_id: str
     token: Token | None = None        # a new token (text, alternatives)
-    finished: Finished | None = None  # the candidate is done
-    text: str = ""                    # the whole reply so far
+    finished: Finished | None = None  # the candidate is done: its whole text, finish reason, timings
 
 
 @dataclass
@@ -138,18 +137,18 @@ class Replies:
                     yield members[event.candidate], event
 
     def __iter__(self):
-        texts = [""] * len(self.settings)
+        parts = [[] for _ in self.settings]   # text pieces, joined only to save: linear in the reply's length
         saved = [time.monotonic()] * len(self.settings)
         for c, event in self.events():
             mid = self.message_ids[c]
             if isinstance(event, Token):
-                texts[c] += event.text
+                parts[c].append(event.text)
                 if time.monotonic() - saved[c] > SAVE_EVERY_S:
-                    self.store.save_partial(mid, texts[c])
+                    self.store.save_partial(mid, "".join(parts[c]))
                     saved[c] = time.monotonic()
-                yield ReplyEvent(c, mid, token=event, text=texts[c])
+                yield ReplyEvent(c, mid, token=event)
             else:
                 self.store.finish_reply(mid, event.text, event.finish_reason, prompt_tokens=self.prompt_tokens[c],
                                         completion_tokens=len(event.token_ids), timings=event.timings,
                                         settings=event.settings.to_dict())
-                yield ReplyEvent(c, mid, finished=event, text=event.text)
+                yield ReplyEvent(c, mid, finished=event)

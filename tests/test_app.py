@@ -1,6 +1,11 @@
 """The terminal app, driven with Textual's Pilot on a tiny model."""
 import asyncio
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from textual.widgets import Input, Label, Markdown, Static
@@ -9,6 +14,8 @@ from engine.store import Store
 from tui_app.app import ParleyApp
 from tui_app.screens import ChatScreen, CompareScreen
 from tui_app.widgets import PromptArea
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -210,16 +217,17 @@ async def test_message_sent_before_the_model_loads_waits(app):
 @sync
 async def test_reply_events_after_quitting_are_dropped_and_others_raise(app):
     from textual.css.query import NoMatches
-    from tui_app.screens.common import on_screen
+    from tui_app.screens.replies import while_shown
 
-    async def handler():   # what a reply handler meets once the screen's widgets are gone
+    @while_shown
+    async def handler(screen, message):   # what a reply handler meets once the screen's widgets are gone
         raise NoMatches("#status")
 
     async with app.run_test(size=(160, 50)):
         screen = app.screen
         with pytest.raises(NoMatches):   # on a screen still shown, a missing widget is a bug
-            await on_screen(screen, handler)
-    await on_screen(screen, handler)   # the app has quit: the event has nowhere to go
+            await handler(screen, None)
+    await handler(screen, None)   # the app has quit: the event has nowhere to go
 
 
 @sync
@@ -356,6 +364,23 @@ async def test_conversation_settings_and_saved_presets(app):
                                                                           "content": "Answer like a pirate."}
     again = ParleyApp(model=app.model_name, store=app.store, device="cpu")
     assert again.presets["mine"]["temperature"] == 0.42
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = "import sys, tui_app.app, tui_app.main; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_first_frame_is_drawn_before_torch_is_imported(checkpoints, tmp_path):
+    path, _ = checkpoints("qwen2")
+    out = subprocess.run([sys.executable, "benchmarks/bench_startup.py", "--child", "--model", str(path)],
+                         capture_output=True, text=True, check=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PARLEY_HOME": str(tmp_path)}).stdout
+    marks = json.loads(out.strip().splitlines()[-1])
+    assert marks["first_frame"][1] is False    # torch not imported when the first frame was drawn
+    assert marks["ready"][1] is True           # and the model loaded afterwards
+    assert marks["ready"][0] > marks["first_frame"][0]
 
 
 def test_pane_overrides_parse_and_refuse_nonsense():

@@ -1,7 +1,8 @@
 """Parley's terminal app: chat, live decoding controls, compare and rank.
 
-The UI is up before the model: loading runs in a worker thread, and a message sent meanwhile
-waits for it. Key bindings can be remapped in config.toml in the user config directory:
+The UI is up before the model and before torch: nothing here imports it (settings come from
+engine/settings.py), loading starts after the first frame in a worker thread, and a message sent
+meanwhile waits for it. Key bindings can be remapped in config.toml in the user config directory:
 
     [keys]
     regenerate = "ctrl+g"
@@ -47,7 +48,8 @@ class ParleyApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
-        self.load_model()
+        # after the first frame: the load imports torch, which holds the interpreter for a second or more
+        self.call_after_refresh(self.load_model)
 
     def load_model(self) -> None:
         from engine.chat import open_model
@@ -76,7 +78,7 @@ class ParleyApp(App):
         self.model_ready.clear()
         self.lm, self.model_name = None, name
         self.set_status(f"loading {name}…")
-        self.load_model()
+        self.call_after_refresh(self.load_model)
 
     def model_loaded(self, info) -> None:
         self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"

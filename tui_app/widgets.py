@@ -23,6 +23,7 @@ class MessageView(Static):
         self.message = message
         self.branch = branch
         self.markdown_stream = None
+        self.streamed: list[str] = []   # pieces, joined once at the end: streaming stays linear
 
     def compose(self):
         yield Label(self.role_line(), classes="role", markup=False)
@@ -45,19 +46,21 @@ class MessageView(Static):
         return "  ".join(parts)
 
     async def append(self, text: str) -> None:
-        """Stream more text into a reply: the Markdown is re-rendered incrementally."""
-        self.message["content"] += text
+        """Stream more text into a reply: Textual's stream batches what arrives faster than it draws."""
+        self.streamed.append(text)
         if self.markdown_stream is None:
             self.markdown_stream = Markdown.get_stream(self.query_one(Markdown))
         await self.markdown_stream.write(text)
 
-    async def finish(self, message: dict) -> None:
+    async def finish(self, text: str, finish_reason: str) -> None:
+        """The reply is complete: show it whole, as the store now holds it."""
         if self.markdown_stream is not None:
             await self.markdown_stream.stop()
             self.markdown_stream = None
-        self.message = message
+        self.message = {**self.message, "content": text, "finish_reason": finish_reason, "status": "complete"}
+        self.streamed = []
         self.query_one(".role", Label).update(self.role_line())
-        await self.query_one(Markdown).update(message["content"])
+        await self.query_one(Markdown).update(text)
 
 
 class PromptArea(TextArea):

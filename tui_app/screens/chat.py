@@ -7,21 +7,21 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
-from engine.chat import Replies
 from engine.errors import ParleyError
 from engine.settings import TEMPLATES, Settings
 from engine.store import Store
-from tui_app.screens.common import remap_keys, stream_replies
+from tui_app.screens.common import remap_keys
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
 from tui_app.screens.inspector import InspectorScreen
 from tui_app.screens.models import ModelsScreen
+from tui_app.screens.replies import ReplyFinished, RepliesMixin, ReplyToken, stream_replies
 from tui_app.screens.training import TrainingScreen
 from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 
 
 
-class ChatScreen(Screen):
+class ChatScreen(RepliesMixin, Screen):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("escape", "stop", "Stop"),
@@ -51,8 +51,7 @@ class ChatScreen(Screen):
     def __init__(self):
         super().__init__()
         self.conversation_id: str | None = None
-        self.replies: Replies | None = None
-        self.views: dict[str, MessageView] = {}
+        self.init_replies()
         self.editing: dict | None = None
 
     @property
@@ -119,6 +118,12 @@ class ChatScreen(Screen):
             await self.show_message(m)
         log.scroll_end(animate=False)
 
+    async def drop_views_from(self, message_id: str) -> None:
+        """Take a message and all after it off the screen (a branch replaces them)."""
+        ids = list(self.views)
+        for mid in ids[ids.index(message_id):] if message_id in self.views else []:
+            await self.views.pop(mid).remove()
+
     async def show_message(self, message: dict) -> MessageView:
         siblings = self.store.siblings(message["id"])
         index = [s["id"] for s in siblings].index(message["id"]) + 1
@@ -130,7 +135,7 @@ class ChatScreen(Screen):
     # -- sending and generating ----------------------------------------------------------------------
     @on(PromptArea.Submitted)
     async def send(self, event: PromptArea.Submitted) -> None:
-        if self.replies is not None:
+        if self.streaming:
             self.app.notify("a reply is still streaming: Esc stops it", severity="warning")
             return
         text = event.text.strip()
@@ -139,45 +144,47 @@ class ChatScreen(Screen):
             self.conversation_id = self.store.create_conversation(text[:40], self.app.system_prompt,
                                                                   self.app.model_name)
             await self.refresh_conversations()
+            await self.open_conversation(self.conversation_id)
         if self.editing is not None:  # an edit is a sibling of the original, never an overwrite
             user_id = self.store.edit_message(self.editing["id"], text)
+            await self.drop_views_from(self.editing["id"])
             self.editing = None
         else:
             user_id = self.store.add_message(self.conversation_id, "user", text)
-        await self.open_conversation(self.conversation_id)
+        await self.show_message(self.store.message(user_id))
         self.start_replies(user_id, [self.query_one(SettingsPanel).settings])
 
     def start_replies(self, parent_id: str, settings: list[Settings]) -> None:
+        self.streaming = True
         self.query_one("#status", StatusLine).update("waiting for the model…" if not self.app.model_ready.is_set()
                                                      else "generating…")
+        self.query_one("#log", VerticalScroll).scroll_end(animate=False)
         self.generate(self.conversation_id, parent_id, settings)
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(self, conversation_id: str, parent_id: str, settings: list[Settings]) -> None:
-        stream_replies(self, conversation_id, parent_id, settings, self.replies_started, self.reply_event)
+        stream_replies(self, conversation_id, parent_id, settings)
 
-    async def replies_started(self, replies: Replies, messages: list[dict]) -> None:
+    async def mount_replies(self, replies, messages: list[dict]) -> None:
         for m in messages:
             await self.show_message(m)
         if replies.dropped_turns:
             self.query_one("#notice", Label).update(
                 f"the {replies.dropped_turns} oldest turns no longer fit the model's context and were left out")
 
-    async def reply_event(self, event) -> None:
-        view = self.views.get(event.message_id)
-        if view is None:
-            return
-        if event.token is not None:
-            if event.token.text:
-                await view.append(event.token.text)
-            self.app.last_tokens[event.message_id] = self.app.last_tokens.get(event.message_id, []) + [event.token]
-        if event.finished is not None:
-            await view.finish(self.store.message(event.message_id))
-            t = event.finished.timings
-            self.query_one("#status", StatusLine).update(
-                f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {t['prefill_s']:.2f} s  "
-                f"({event.finished.finish_reason})")
+    def after_token(self, message: ReplyToken) -> None:
+        self.app.last_tokens.setdefault(message.message_id, []).append(message.token)
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+
+    def after_finish(self, message: ReplyFinished) -> None:
+        t = message.finished.timings
+        self.query_one("#status", StatusLine).update(
+            f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {t['prefill_s']:.2f} s  "
+            f"({message.finished.finish_reason})")
+        self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+
+    def after_failure(self, message) -> None:
+        self.query_one("#status", StatusLine).update(f"not generated: {message.error}")
 
     def on_settings_panel_changed(self, event: SettingsPanel.Changed) -> None:
         self.app.settings = event.settings
@@ -197,18 +204,20 @@ class ChatScreen(Screen):
         await self.open_conversation(None)
         self.query_one(PromptArea).focus()
 
-    def last(self, role: str) -> dict | None:
+    def last(self, *roles: str) -> dict | None | tuple:
+        """The thread's last message of each role (one read of the thread)."""
         thread = self.store.thread(self.conversation_id) if self.conversation_id else []
-        return next((m for m in reversed(thread) if m["role"] == role), None)
+        found = tuple(next((m for m in reversed(thread) if m["role"] == role), None) for role in roles)
+        return found[0] if len(roles) == 1 else found
 
     async def action_regenerate(self) -> None:
-        reply = self.last("assistant")
-        user = self.last("user")
-        if user is None or self.replies is not None:
+        user, reply = self.last("user", "assistant")
+        if user is None or self.streaming:
             return
         parent = reply["parent_id"] if reply else user["id"]
         self.store.set_current_leaf(self.conversation_id, parent)
-        await self.open_conversation(self.conversation_id)
+        if reply is not None:
+            await self.drop_views_from(reply["id"])
         self.start_replies(parent, [dataclasses.replace(self.query_one(SettingsPanel).settings, seed=None)])
 
     def action_edit_last(self) -> None:

@@ -7,10 +7,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
-from engine.chat import Replies
 from engine.errors import ParleyError
 from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
-from tui_app.screens.common import stream_replies
+from tui_app.screens.replies import RepliesMixin, stream_replies
 from tui_app.widgets import MessageView
 
 
@@ -19,7 +18,7 @@ GUIDANCE = ("Rank by what helps the user most: helpful (does what was asked), tr
 
 FLAGS = [("fails the instruction", "fails_instruction"), ("made-up facts", "made_up_facts"), ("unsafe", "unsafe")]
 
-class CompareScreen(Screen):
+class CompareScreen(RepliesMixin, Screen):
     """2-6 candidates for one context, side by side, in one batched run; then rank them."""
 
     BINDINGS = [
@@ -41,7 +40,7 @@ class CompareScreen(Screen):
         self.n = panes
         self.overrides: dict[int, dict] = {}
         self.models: dict[int, str] = {}   # panes with a model of their own
-        self.replies: Replies | None = None
+        self.init_replies()
         self.message_ids: list[str] = []
         self.comparison_id: str | None = None
 
@@ -83,7 +82,7 @@ class CompareScreen(Screen):
         await self.action_run()
 
     async def action_run(self) -> None:
-        if self.replies is not None:
+        if self.streaming:
             return
         panes = self.query_one("#panes", Horizontal)
         await panes.remove_children()
@@ -99,25 +98,20 @@ class CompareScreen(Screen):
                             VerticalScroll(id=f"body-{i}"),
                             Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
             await panes.mount(pane)
+        self.streaming = True
+        self.views.clear()
         self.run_panes(self.pane_settings())
         self.query_one("#rank", Input).focus()
 
     @work(thread=True, exclusive=True, group="compare")
     def run_panes(self, settings: list[Settings]) -> None:
-        stream_replies(self, self.conversation_id, self.parent_id, settings, self.mount_views, self.pane_event,
-                       self.models)
+        stream_replies(self, self.conversation_id, self.parent_id, settings, self.models)
 
-    async def mount_views(self, replies: Replies, messages: list[dict]) -> None:
+    async def mount_replies(self, replies, messages: list[dict]) -> None:
         self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
         for i, m in enumerate(messages):
-            await self.query_one(f"#body-{i}", VerticalScroll).mount(MessageView(m))
-
-    async def pane_event(self, event) -> None:
-        view = self.query_one(f"#body-{event.candidate}", VerticalScroll).query_one(MessageView)
-        if event.token is not None and event.token.text:
-            await view.append(event.token.text)
-        if event.finished is not None:
-            await view.finish(self.app.store.message(event.message_id))
+            self.views[m["id"]] = MessageView(m)
+            await self.query_one(f"#body-{i}", VerticalScroll).mount(self.views[m["id"]])
 
     def action_stop(self) -> None:
         if self.replies is not None:
@@ -130,7 +124,7 @@ class CompareScreen(Screen):
         await self.resize(-1)
 
     async def resize(self, step: int) -> None:
-        if self.replies is not None:
+        if self.streaming:
             self.app.notify("wait for the panes to finish (Ctrl+S stops them)", severity="warning")
         elif 2 <= self.n + step <= 6:
             self.n += step
@@ -143,7 +137,7 @@ class CompareScreen(Screen):
 
     @on(Input.Submitted, "#rank")
     def save_ranking(self, event: Input.Submitted) -> None:
-        if self.replies is not None or not self.comparison_id:
+        if self.streaming or not self.comparison_id:
             self.app.notify("wait for every pane to finish (Ctrl+S stops them)", severity="warning")
             return
         try:
