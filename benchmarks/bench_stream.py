@@ -21,7 +21,7 @@ from textual.widgets import Markdown  # noqa: E402
 
 from engine.store import Store  # noqa: E402
 from tui_app.app import ParleyApp  # noqa: E402
-from tui_app.screens.replies import ReplyToken  # noqa: E402
+from tui_app.screens.replies import ReplyFinished, ReplyToken  # noqa: E402
 
 WORDS = "the model writes a reply of plain words and some punctuation, like this one.".split()
 
@@ -49,12 +49,14 @@ async def stream(n: int, reference: bool) -> float:
                 for piece in pieces(n):
                     text += piece
                     await view.query_one(Markdown).update(text)
-            else:   # as fast as a worker can post them
+            else:   # as fast as a worker can post them, then the end of the reply
                 for piece in pieces(n):
                     screen.post_message(ReplyToken(0, reply, SimpleNamespace(text=piece)))
-                while len(view.streamed) < n:
+                timings = {"tokens": n, "decode_tokens_per_s": 0.0, "prefill_s": 0.0}
+                screen.post_message(ReplyFinished(0, reply, SimpleNamespace(text="".join(pieces(n)),
+                                                                            finish_reason="length", timings=timings)))
+                while view.message["status"] != "complete":
                     await asyncio.sleep(0.001)
-                await view.markdown_stream.stop()   # what is still queued gets drawn
             await pilot.pause()
             return time.perf_counter() - start
 

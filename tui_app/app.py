@@ -78,7 +78,7 @@ class ParleyApp(App):
         self.model_ready.clear()
         self.lm, self.model_name = None, name
         self.set_status(f"loading {name}…")
-        self.call_after_refresh(self.load_model)
+        self.load_model()
 
     def model_loaded(self, info) -> None:
         self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"

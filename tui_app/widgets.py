@@ -23,7 +23,6 @@ class MessageView(Static):
         self.message = message
         self.branch = branch
         self.markdown_stream = None
-        self.streamed: list[str] = []   # pieces, joined once at the end: streaming stays linear
 
     def compose(self):
         yield Label(self.role_line(), classes="role", markup=False)
@@ -47,7 +46,6 @@ class MessageView(Static):
 
     async def append(self, text: str) -> None:
         """Stream more text into a reply: Textual's stream batches what arrives faster than it draws."""
-        self.streamed.append(text)
         if self.markdown_stream is None:
             self.markdown_stream = Markdown.get_stream(self.query_one(Markdown))
         await self.markdown_stream.write(text)
@@ -58,7 +56,6 @@ class MessageView(Static):
             await self.markdown_stream.stop()
             self.markdown_stream = None
         self.message = {**self.message, "content": text, "finish_reason": finish_reason, "status": "complete"}
-        self.streamed = []
         self.query_one(".role", Label).update(self.role_line())
         await self.query_one(Markdown).update(text)
 
@@ -84,8 +81,6 @@ class PromptArea(TextArea):
             self.insert("\n")
             return
         await super()._on_key(event)
-
-
 
 
 class SettingsPanel(VerticalScroll):

@@ -20,7 +20,6 @@ from tui_app.screens.training import TrainingScreen
 from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 
 
-
 class ChatScreen(RepliesMixin, Screen):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),

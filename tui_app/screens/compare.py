@@ -8,7 +8,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from engine.errors import ParleyError
-from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
+from engine.settings import FIELDS, Settings, parse_value
 from tui_app.screens.replies import RepliesMixin, stream_replies
 from tui_app.widgets import MessageView
 
@@ -172,6 +172,10 @@ class CompareScreen(RepliesMixin, Screen):
         store.rank(self.comparison_id, ranks)
         return ids[int(groups[0][0]) - 1]
 
+
+NUMBERS = [name for name, (kind, _) in FIELDS.items() if kind is not None]   # what a pane override can set
+
+
 def parse_overrides(text: str) -> tuple[dict, str | None]:
     """`temperature=0.3 top_k=20 model=NAME` as typed Settings fields, and the model."""
     out, model = {}, None
@@ -180,8 +184,8 @@ def parse_overrides(text: str) -> tuple[dict, str | None]:
         if name == "model" and value:
             model = value
             continue
-        if name not in FIELDS or FIELDS[name][0] is None or not value:
-            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(PANEL_FIELDS)}) "
+        if name not in NUMBERS or not value:
+            raise ParleyError(f"{item!r}: write name=value with a decoding setting ({', '.join(NUMBERS)}) "
                               "or model=NAME")
         out[name] = parse_value(name, value)
     return out, model
