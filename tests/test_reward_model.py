@@ -277,9 +277,14 @@ def test_rlhf_run_under_torchrun_matches_one_process(base, reward_dir, tmp_path,
     assert one.wait() == 0, one.stderr.read()
     assert two.wait() == 0, two.stderr.read()
     (a, _), (b, _) = weights(tmp_path / "one"), weights(tmp_path / "two")
-    # Adam turns rounding noise in near-zero gradients into steps of up to lr x 1e-2 = 1e-5 each;
-    # a process that missed the other's gradients would be off by about lr = 1e-3.
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)
+    # The two runs sum the same gradients in another order. Adam divides each gradient by its own
+    # running size, so where a gradient is about as small as that rounding noise its sign is noise
+    # and the weight can step a whole lr = 1e-3 the other way: a handful of weights in a run. A
+    # process that missed the other's gradients would be off by about lr on most weights.
+    assert a.keys() == b.keys()
+    off = sum(int((a[k] - b[k]).abs().gt(2e-4).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    assert off <= total * 1e-4, f"{off} of {total} weights differ by more than 2e-4"
     curves = []
     for home in ("home-one", "home-two"):
         with Store(tmp_path / home / "parley.db") as store:
