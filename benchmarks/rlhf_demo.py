@@ -29,6 +29,7 @@ from engine.rlhf.dpo import train_dpo  # noqa: E402
 from engine.rlhf.group import train_group  # noqa: E402
 from engine.rlhf.ppo import train_ppo  # noqa: E402
 from engine.rlhf.reward_model import load_reward_model, train_reward_model  # noqa: E402
+from engine.train.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, RLOOConfig  # noqa: E402
 from engine.rlhf.rollout import Sampling, held_out, rollout  # noqa: E402
 from engine.store import Store  # noqa: E402
 
@@ -71,8 +72,8 @@ def main():
     results = {}
     with Store(out / "parley.db") as store:
         if not (out / "rm" / "config.json").exists():
-            train_reward_model(base, str(out / "prefs.jsonl"), str(out / "rm"), max_steps=150, lr=3e-4, device="cpu",
-                               eval_every=50, store=store)
+            train_reward_model(RewardModelConfig(base=base, prefs=str(out / "prefs.jsonl"), out=str(out / "rm"),
+                                                 max_steps=150, lr=3e-4, device="cpu", eval_every=50), store)
         rm = load_reward_model(out / "rm", device="cpu")
         reference = engine.load(base, device="cpu").model
         evaluation = Sampling()
@@ -81,13 +82,15 @@ def main():
             t1 = time.perf_counter()
             target = str(out / method)
             if method == "ppo":
-                train_ppo(base, str(out / "rm"), target, prompts=str(out / "prompts.jsonl"), max_steps=args.steps,
-                          device="cpu", store=store)
+                train_ppo(PPOConfig(policy=base, reward_model=str(out / "rm"), out=target,
+                                    prompts=str(out / "prompts.jsonl"), max_steps=args.steps, device="cpu"), store)
             elif method in ("rloo", "grpo"):
-                train_group(method, base, str(out / "rm"), target, prompts=str(out / "prompts.jsonl"),
-                            max_steps=args.steps, device="cpu", store=store)
+                config = {"rloo": RLOOConfig, "grpo": GRPOConfig}[method]
+                train_group(config(policy=base, reward_model=str(out / "rm"), out=target,
+                                   prompts=str(out / "prompts.jsonl"), max_steps=args.steps, device="cpu"), store)
             else:
-                train_dpo(base, str(out / "prefs.jsonl"), target, max_steps=args.steps, device="cpu", store=store)
+                train_dpo(DPOConfig(policy=base, prefs=str(out / "prefs.jsonl"), out=target, max_steps=args.steps,
+                                    device="cpu"), store)
             run = store.runs()[0]["id"]
             curve = {name: [round(m["value"], 2) for m in store.metrics(run, name)]
                      for name in ("reward", "kl", "response_length", "loss")}

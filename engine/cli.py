@@ -125,77 +125,46 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_train(args) -> None:
+def add_config_options(p: argparse.ArgumentParser, config_class) -> None:
+    """A flag per field of a trainer's config dataclass (engine/train/config.py), with its help."""
+    import types
     from dataclasses import fields
+    for f in fields(config_class):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kind = next((t for t in getattr(f.type, "__args__", (f.type,)) if t is not types.NoneType), str)
+        shown = "" if f.default is None or meta["required"] else f" (default {f.default})"
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, default=None, help=meta["help"])
+        else:
+            p.add_argument(flag, dest=f.name, type=kind, choices=meta["choices"], required=meta["required"],
+                           help=meta["help"] + shown)
 
-    from engine.train import tokenizer as tokenizer_training
-    from engine.train.trainer import TrainConfig, train
+
+def config_from_args(config_class, args):
+    """The config of the flags given; the fields left out keep their defaults."""
+    from dataclasses import fields
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)
+                           if getattr(args, f.name) is not None})
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_train(args) -> None:
+    from engine.train import config as configs
     # The app cancels a run with SIGTERM (SIGINT may be ignored in a process it starts): both end
     # the run as "cancelled", after the last complete step.
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.mode == "tokenizer":
-        tokenizer_training.main(args)
-        return
-    if args.mode == "ngram":
-        from engine.train import ngram
-        ngram.main(args)
-        return
-    if args.mode in RLHF_MODES:
-        cmd_train_rlhf(args)
-        return
-    names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(mode=args.mode, **{k: v for k, v in vars(args).items() if k in names and v is not None
-                                            and k != "mode"})
-    if args.no_store or "RANK" in os.environ and os.environ["RANK"] != "0":
-        train(config)
+    config = config_from_args(configs.CONFIGS[args.mode], args)
+    # under torchrun only the first process records the run
+    if args.no_store or args.mode in ("tokenizer", "ngram") or os.environ.get("RANK", "0") != "0":
+        configs.run(config)
     else:
         from engine.store import Store
         with Store() as store:
-            train(config, store)
-
-
-COMMON = ("max_steps", "seed", "lr", "save_every", "resume")
-ONLINE = (*COMMON, "eval_every", "beta", "target_kl", "temperature", "max_new_tokens")
-RLHF_MODES = {  # mode: (required options with how to write them, optional options passed through)
-    "rm": ({"base": "--base MODEL", "prefs": "--prefs store|FILE.jsonl"},
-           (*COMMON, "eval_every", "max_len", "reward_scale")),
-    "dpo": ({"policy": "--policy MODEL", "prefs": "--prefs store|FILE.jsonl"}, (*COMMON, "eval_every", "beta",
-                                                                                 "max_len")),
-    "ppo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
-            (*ONLINE, "ptx_coef", "ptx_batch", "ema", "batch_size", "lr_schedule", "gamma", "lam")),
-    "rloo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
-             (*ONLINE, "prompts_per_step", "replies", "epochs", "kl_estimator")),
-    "grpo": ({"policy": "--policy MODEL", "reward_model": "--reward-model DIR"},
-             (*ONLINE, "prompts_per_step", "replies", "epochs", "kl_estimator")),
-}
-
-
-def cmd_train_rlhf(args) -> None:
-    from engine.registry import resolve_model
-    from engine.store import Store
-    required, optional = RLHF_MODES[args.mode]
-    if not all(getattr(args, name) for name in required):
-        raise ParleyError(f"parley train {args.mode} needs {' and '.join(required.values())}")
-    options = {name: getattr(args, name) for name in optional if getattr(args, name) is not None}
-    if "replies" in options:
-        options["k"] = options.pop("replies")
-    with Store() as store:
-        # under torchrun only the first process records the run
-        options.update(device=args.device, store=None if args.no_store or os.environ.get("RANK", "0") != "0" else store)
-        if args.mode == "rm":
-            from engine.rlhf.reward_model import train_reward_model
-            train_reward_model(str(resolve_model(args.base)), args.prefs, args.out, **options)
-        elif args.mode == "dpo":
-            from engine.rlhf.dpo import train_dpo
-            train_dpo(str(resolve_model(args.policy)), args.prefs, args.out, **options)
-        elif args.mode == "ppo":
-            from engine.rlhf.ppo import train_ppo
-            train_ppo(str(resolve_model(args.policy)), args.reward_model, args.out, prompts=args.prompts,
-                      ptx_data=args.data, **options)
-        else:
-            from engine.rlhf.group import train_group
-            train_group(args.mode, str(resolve_model(args.policy)), args.reward_model, args.out,
-                        prompts=args.prompts, **options)
+            configs.run(config, store)
 
 
 def cmd_score(args) -> None:
@@ -251,57 +220,15 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per candidate and line")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("train", help="train a tokenizer, or pretrain / fine-tune (SFT) a model")
-    p.add_argument("mode", choices=["tokenizer", "pretrain", "sft", "ngram", "rm", "dpo", "ppo", "rloo", "grpo"])
-    p.add_argument("--data", help="chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer: vocabulary size")
-    p.add_argument("--order", type=int, default=3, help="ngram: N")
-    p.add_argument("--smoothing", default="kneser_ney", choices=["mle", "add_k", "katz", "kneser_ney"],
-                   help="ngram: smoothing method")
-    p.add_argument("--k", type=float, default=1.0, help="ngram: add-k's k (1 = Laplace)")
-    p.add_argument("--model", help="start from this model directory")
-    p.add_argument("--base", help="rm: the backbone model (a directory or known name)")
-    p.add_argument("--policy", help="dpo/ppo/rloo/grpo: the policy to fine-tune (also the frozen reference)")
-    p.add_argument("--beta", type=float, help="dpo/ppo/rloo/grpo: the KL strength beta (0.1 for DPO, 0.05 for PPO "
-                   "and RLOO, 0.04 for GRPO)")
-    p.add_argument("--reward-model", help="ppo/rloo/grpo: the reward model directory")
-    p.add_argument("--prompts", help="ppo/rloo/grpo: JSONL of {\"prompt\": messages or text}; default: the store's "
-                   "chats")
-    p.add_argument("--target-kl", type=float, help="ppo/rloo/grpo: adapt beta towards this KL per reply")
-    p.add_argument("--temperature", type=float, help="ppo/rloo/grpo: rollout temperature (1)")
-    p.add_argument("--max-new-tokens", type=int, help="ppo/rloo/grpo: reply length in rollouts (32)")
-    p.add_argument("--ptx-coef", type=float, help="ppo: weight of the pretraining loss on --data (PPO-ptx)")
-    p.add_argument("--ptx-batch", type=int, help="ppo: pretraining rows per update for the ptx term (4)")
-    p.add_argument("--ema", type=float, help="ppo: keep and save an EMA of the policy with this decay")
-    p.add_argument("--lr-schedule", choices=["constant", "linear"], help="ppo: learning rate constant or decaying "
-                   "linearly to 0")
-    p.add_argument("--gamma", type=float, help="ppo: discount (1)")
-    p.add_argument("--lam", type=float, help="ppo: GAE lambda (0.95)")
-    p.add_argument("--replies", type=int, help="rloo/grpo: replies sampled per prompt (4)")
-    p.add_argument("--prompts-per-step", type=int, help="rloo/grpo: prompts per step (8)")
-    p.add_argument("--epochs", type=int, help="rloo/grpo: passes over each rollout (1)")
-    p.add_argument("--kl-estimator", choices=["k1", "k3"], help="rloo/grpo: KL estimator (k1 for RLOO's reward, "
-                   "k3 for GRPO's loss)")
-    p.add_argument("--max-len", type=int, help="rm/dpo: tokens per prompt + reply (256); a pair whose reply alone "
-                   "is longer is skipped and counted")
-    p.add_argument("--reward-scale", action=argparse.BooleanOptionalAction, help="rm: scale rewards to standard "
-                   "deviation 1 on the base policy's samples (the default), besides shifting them to mean 0")
-    p.add_argument("--prefs", help="rm: preference pairs: store (your rankings) or a TRL-format .jsonl")
-    p.add_argument("--preset", help="start from a fresh model of a preset family and size (chat-6m, nnlm, lstm, "
-                   "gpt-fixed, ...: a wrong name lists them all)")
-    p.add_argument("--tokenizer", help="the tokenizer directory for a fresh model")
-    for flag, kind in (("--max-steps", int), ("--seed", int), ("--batch-size", int), ("--grad-accum", int),
-                       ("--seq-len", int), ("--lr", float), ("--warmup-steps", int), ("--eval-every", int),
-                       ("--eval-batches", int), ("--save-every", int), ("--weight-decay", float),
-                       ("--min-lr-ratio", float), ("--grad-clip", float)):
-        p.add_argument(flag, type=kind)
-    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--autocast", choices=["auto", "bf16", "none"],
-                   help="bfloat16 mixed precision (auto: on CUDA only)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-store", action="store_true", help="do not record the run in Parley's database")
-    p.set_defaults(func=cmd_train)
+    from engine.train.config import CONFIGS
+    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, a language model (pretrain, sft), a reward "
+                       "model (rm) or fine-tune against preferences (dpo, ppo, rloo, grpo)")
+    modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
+    for mode, config_class in CONFIGS.items():
+        m = modes.add_parser(mode, help=(config_class.__doc__ or "").split("\n")[0] or None)
+        add_config_options(m, config_class)
+        m.add_argument("--no-store", action="store_true", help="do not record the run in Parley's database")
+        m.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, per token and per word")
     p.add_argument("--model", action="append", help="a model directory or known name (default: the shipped "

@@ -79,3 +79,37 @@ def test_bad_generate_options_give_one_line(model, args, message):
     run = parley("generate", "--model", model, "--prompt", "Hi", *args)
     assert run.returncode == 1
     assert run.stderr.startswith("parley: error: ") and message in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_every_trainer_config_field_has_a_flag_with_help():
+    """The train command line is generated from the config dataclasses: no field is left without
+    a flag, and a flag's value reaches the config."""
+    from dataclasses import fields
+
+    from engine.cli import build_parser, config_from_args
+    from engine.train.config import CONFIGS
+    parser = build_parser()
+    modes = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions
+                 if a.dest == "mode").choices
+    assert set(modes) == set(CONFIGS)
+    for mode, config_class in CONFIGS.items():
+        flags = {a.dest: a for a in modes[mode]._actions}
+        for f in fields(config_class):
+            assert f.name in flags, f"parley train {mode} has no flag for {f.name}"
+            assert flags[f.name].help, f"--{f.name} of parley train {mode} has no help"
+    args = parser.parse_args(["train", "ppo", "--policy", "p", "--reward-model", "r", "--out", "o", "--ppo-epochs", "2",
+                              "--clip", "0.3", "--vf-coef", "0.5", "--lr-schedule", "linear", "--ema", "0.9"])
+    config = config_from_args(CONFIGS["ppo"], args)
+    assert (config.ppo_epochs, config.clip, config.vf_coef, config.lr_schedule, config.ema) == (2, 0.3, 0.5, "linear", 0.9)
+    assert config.minibatch_size == 8 and config.mode == "ppo"        # defaults kept
+    args = parser.parse_args(["train", "rm", "--base", "b", "--prefs", "store", "--out", "o", "--no-reward-scale"])
+    assert config_from_args(CONFIGS["rm"], args).reward_scale is False
+    args = parser.parse_args(["train", "grpo", "--policy", "p", "--reward-model", "r", "--out", "o", "--replies", "3"])
+    grpo = config_from_args(CONFIGS["grpo"], args)
+    assert (grpo.replies, grpo.beta, grpo.kl_estimator) == (3, 0.04, "k3")
+
+
+def test_train_without_its_required_options_says_which_in_one_line():
+    run = parley("train", "ppo", "--out", "x")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "--policy" in run.stderr and "--reward-model" in run.stderr

@@ -20,7 +20,8 @@ from engine.train.evaluate import compare
 from engine.train.ngram import train_ngram
 from engine.train.presets import new_lm
 from engine.train.tokenizer import train_tokenizer
-from engine.train.trainer import TrainConfig, train
+from engine.train.config import PretrainConfig
+from engine.train.trainer import train
 
 NAMES = "anna ben carla dev emma farid gina hugo ida jon kim lea max nina omar pia quinn rosa sam tom uma vic will " \
         "xena yuri zoe".split()
@@ -181,7 +182,7 @@ def test_perplexities_fall_in_the_textbook_order(workspace):
         models[name] = train_ngram(str(workspace / "tok"), str(workspace / "chat.jsonl"), 3, method, 1.0)
     for preset, (sizes, lr) in NEURAL.items():
         new_lm(preset, tok, 0, **sizes).save(workspace / f"{preset}-init")
-        out = train(TrainConfig(out=str(workspace / preset), data=str(workspace / "chat.jsonl"),
+        out = train(PretrainConfig(out=str(workspace / preset), data=str(workspace / "chat.jsonl"),
                                 model=str(workspace / f"{preset}-init"), seq_len=64, batch_size=16, lr=lr,
                                 warmup_steps=10, max_steps=400, eval_every=400, save_every=400, device="cpu"))
         models[preset] = engine.load(out, device="cpu")

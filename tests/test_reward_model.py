@@ -14,7 +14,8 @@ from engine.rlhf.prefs import preference_groups
 from engine.rlhf.reward_model import load_reward_model, train_reward_model
 from engine.store import Store
 from engine.train.tokenizer import train_tokenizer
-from engine.train.trainer import TrainConfig, train
+from engine.train.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, RLOOConfig, SFTConfig
+from engine.train.trainer import train
 
 DRINKS = ["tea", "coffee", "juice", "water", "milk", "soda"]
 
@@ -44,7 +45,7 @@ def base(tmp_path_factory):
                                                                         for r in lines]
     (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     train_tokenizer([c["messages"] for c in chats], 400).save(root / "tok")
-    train(TrainConfig(mode="sft", out=str(root / "sft"), data=str(root / "chat.jsonl"), preset="tiny",
+    train(SFTConfig(out=str(root / "sft"), data=str(root / "chat.jsonl"), preset="tiny",
                       tokenizer=str(root / "tok"), seq_len=48, batch_size=16, lr=3e-3, warmup_steps=5,
                       max_steps=40, eval_every=40, save_every=40, device="cpu"))
     return root
@@ -52,8 +53,9 @@ def base(tmp_path_factory):
 
 def test_reward_model_learns_the_hidden_rule(base, tmp_path):
     with Store(tmp_path / "parley.db") as store:
-        rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60,
-                                lr=3e-3, seed=0, device="cpu", eval_every=30, store=store)
+        rm = train_reward_model(RewardModelConfig(base=str(base / "sft"), prefs=str(base / "prefs.jsonl"),
+                                                  out=str(tmp_path / "rm"), max_steps=60, lr=3e-3, seed=0, device="cpu",
+                                                  eval_every=30), store)
         run = store.runs()[0]
         accuracy = store.metrics(run["id"], "eval_accuracy")[-1]["value"]
         assert run["kind"] == "rm" and run["status"] == "finished"
@@ -68,8 +70,8 @@ def test_reward_model_learns_the_hidden_rule(base, tmp_path):
 
 def test_transformers_reads_the_reward_model(base, tmp_path):
     from transformers import AutoModelForSequenceClassification
-    rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=3,
-                            device="cpu", normalise_samples=2)
+    rm = train_reward_model(RewardModelConfig(base=str(base / "sft"), prefs=str(base / "prefs.jsonl"),
+                                              out=str(tmp_path / "rm"), max_steps=3, device="cpu", normalise_samples=2))
     ref = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     prompt = [{"role": "user", "content": "hi"}]
     ids = rm.encode(prompt, "Tea is nice today.")
@@ -79,8 +81,8 @@ def test_transformers_reads_the_reward_model(base, tmp_path):
 
 
 def test_score_command_and_bad_input(base, tmp_path):
-    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=2,
-                       device="cpu", normalise_samples=2)
+    train_reward_model(RewardModelConfig(base=str(base / "sft"), prefs=str(base / "prefs.jsonl"), out=str(tmp_path / "rm"),
+                                         max_steps=2, device="cpu", normalise_samples=2))
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "response": "Tea is nice today."}) + "\n" +
                                        json.dumps(rows(1)[0]) + "\n")
     run = subprocess.run([sys.executable, "-m", "tui_app", "score", "--reward-model", str(tmp_path / "rm"),
@@ -100,8 +102,8 @@ def test_score_command_and_bad_input(base, tmp_path):
 def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
     from engine.rlhf.dpo import train_dpo
     with Store(tmp_path / "parley.db") as store:
-        train_dpo(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "dpo"), max_steps=30, lr=1e-3,
-                  device="cpu", eval_every=15, store=store)
+        train_dpo(DPOConfig(policy=str(base / "sft"), prefs=str(base / "prefs.jsonl"), out=str(tmp_path / "dpo"),
+                            max_steps=30, lr=1e-3, device="cpu", eval_every=15), store)
         run = store.runs()[0]
         margins = [m["value"] for m in store.metrics(run["id"], "eval_margin")]
         accuracy = store.metrics(run["id"], "eval_reward_accuracy")[-1]["value"]
@@ -123,8 +125,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin(base, tmp_path):
 @pytest.fixture(scope="module")
 def reward_dir(base):
     """A reward model trained on the hidden rule, and the PPO prompts file beside it."""
-    train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(base / "rm"), max_steps=60, lr=3e-3,
-                       device="cpu", eval_every=60, normalise_samples=32)
+    train_reward_model(RewardModelConfig(base=str(base / "sft"), prefs=str(base / "prefs.jsonl"), out=str(base / "rm"),
+                                         max_steps=60, lr=3e-3, device="cpu", eval_every=60, normalise_samples=32))
     prompts = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150)]
     (base / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return base / "rm"
@@ -137,9 +139,9 @@ def test_ppo_raises_the_reward_of_fresh_samples_with_bounded_kl(base, reward_dir
     heldout = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150, 200)]
     before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
     with Store(tmp_path / "parley.db") as store:
-        train_ppo(str(base / "sft"), str(reward_dir), str(tmp_path / "ppo"), prompts=str(base / "prompts.jsonl"),
-                  max_steps=12, batch_size=16, minibatch_size=8, lr=3e-4, beta=0.05, max_new_tokens=16, device="cpu",
-                  store=store)
+        train_ppo(PPOConfig(policy=str(base / "sft"), reward_model=str(reward_dir), out=str(tmp_path / "ppo"),
+                            prompts=str(base / "prompts.jsonl"), max_steps=12, batch_size=16, minibatch_size=8, lr=3e-4,
+                            beta=0.05, max_new_tokens=16, device="cpu"), store)
         run = store.runs()[0]
         kls = [m["value"] for m in store.metrics(run["id"], "kl")]
         names = {m["name"] for m in store.metrics(run["id"])}
@@ -164,9 +166,10 @@ def test_rloo_and_grpo_raise_the_reward_of_fresh_samples(base, reward_dir, tmp_p
     heldout = [[{"role": "user", "content": f"What should I drink, friend number {i}?"}] for i in range(150, 200)]
     before = mean_reward(engine.load(base / "sft", device="cpu"), rm, heldout, seed=7)
     with Store(tmp_path / "parley.db") as store:
-        train_group(method, str(base / "sft"), str(reward_dir), str(tmp_path / method), prompts=str(base / "prompts.jsonl"),
-                    max_steps=12, prompts_per_step=8, k=4, epochs=2, lr=3e-4, max_new_tokens=16, eval_every=6, device="cpu",
-                    store=store)
+        config = {"rloo": RLOOConfig, "grpo": GRPOConfig}[method]
+        train_group(config(policy=str(base / "sft"), reward_model=str(reward_dir), out=str(tmp_path / method),
+                           prompts=str(base / "prompts.jsonl"), max_steps=12, prompts_per_step=8, replies=4, epochs=2,
+                           lr=3e-4, max_new_tokens=16, eval_every=6, device="cpu"), store)
         run = store.runs()[0]
         names = {m["name"] for m in store.metrics(run["id"])}
         kls = [m["value"] for m in store.metrics(run["id"], "kl")]
@@ -184,8 +187,9 @@ def test_rewards_are_normalised_on_the_base_policys_own_samples(base, tmp_path):
     (not on samples of the backbone trained into a reward model, which are junk)."""
     from engine.rlhf.rollout import Sampling, rollout, scores
     import engine
-    rm = train_reward_model(str(base / "sft"), str(base / "prefs.jsonl"), str(tmp_path / "rm"), max_steps=60, lr=3e-3,
-                            device="cpu", eval_every=60, normalise_samples=48, reward_scale=True)
+    rm = train_reward_model(RewardModelConfig(base=str(base / "sft"), prefs=str(base / "prefs.jsonl"),
+                                              out=str(tmp_path / "rm"), max_steps=60, lr=3e-3, device="cpu", eval_every=60,
+                                              normalise_samples=48, reward_scale=True))
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config["parley_reward_normalised_at"] == Sampling().to_dict() and config["parley_max_length"] == 256
     assert config["parley_reward_scale"] == rm.model.scale != 1.0
@@ -205,14 +209,15 @@ def test_ppo_ema_and_ptx_change_what_is_trained(base, reward_dir, tmp_path):
 
     def moved(name, **options):
         with Store(tmp_path / f"{name}.db") as store:
-            train_ppo(str(base / "sft"), str(reward_dir), str(tmp_path / name), store=store, **common, **options)
+            train_ppo(PPOConfig(policy=str(base / "sft"), reward_model=str(reward_dir), out=str(tmp_path / name),
+                                **common, **options), store)
             metrics = {m["name"] for m in store.metrics(store.runs()[0]["id"])}
         trained = engine.load(tmp_path / name, device="cpu").model.state_dict()
         return sum((trained[k] - start[k]).norm().item() for k in start), trained, metrics
 
     plain, plain_weights, plain_metrics = moved("plain")
     averaged, _, _ = moved("ema", ema=0.7)
-    _, ptx_weights, ptx_metrics = moved("ptx", ptx_coef=1.0, ptx_data=str(base / "chat.jsonl"), ptx_batch=3)
+    _, ptx_weights, ptx_metrics = moved("ptx", ptx_coef=1.0, data=str(base / "chat.jsonl"), ptx_batch=3)
     # the EMA of the four iterates, not the last one, is saved: about 0.56 of the way for steps of one size
     assert 0.2 * plain < averaged < 0.85 * plain
     assert "ptx_loss" in ptx_metrics and "ptx_loss" not in plain_metrics

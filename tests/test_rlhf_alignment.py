@@ -9,12 +9,13 @@ import torch
 import engine
 from engine.generate import Generation
 from engine.rlhf.dpo import sequence_logprobs
-from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.ppo import values_of
 from engine.rlhf.prefs import encode_pairs, fit_prompt, reply_batch, reply_ids
 from engine.rlhf.reward_model import RewardLM, RewardModel
 from engine.rlhf.rollout import Sampling, prompt_window, rollout, scores
-from engine.rlhf.run import Run
+from engine.train.config import PPOConfig
+from engine.train.logprobs import token_logprobs
+from engine.train.run import Run
 from helpers import make_checkpoint
 
 MULTI_TURN = [{"role": "user", "content": "Hello there! How are you doing today?"},
@@ -137,7 +138,7 @@ def test_one_context_length_from_the_policy_to_the_reward_model(lm):
 def test_actor_and_critic_gradients_are_clipped_apart(tmp_path):
     actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([actor, critic], lr=1.0)
-    run = Run("ppo", {}, "base", str(tmp_path), device="cpu")
+    run = Run(PPOConfig(policy="base", reward_model="rm", out=str(tmp_path), device="cpu"), "base")
     loss = (actor * torch.tensor([0.3, 0.4])).sum() + (critic * torch.tensor([6.0, 8.0])).sum()
     norms = run.update(optimizer, loss, [[actor], [critic]])
     assert norms == pytest.approx([0.5, 10.0])

@@ -14,7 +14,8 @@ import engine
 from engine import ParleyError, data
 from engine.store import Store
 from engine.train.tokenizer import train_tokenizer
-from engine.train.trainer import TrainConfig, train
+from engine.train.config import PretrainConfig, SFTConfig
+from engine.train.trainer import train
 
 TOPICS = ["the sea", "my garden", "a good book", "the weather", "coffee", "trains", "music", "the mountains"]
 
@@ -41,10 +42,11 @@ def workspace(tmp_path_factory):
 
 
 def config(workspace, out, **changes):
-    base = dict(mode="pretrain", out=str(out), data=str(workspace / "chat.jsonl"), preset="tiny",
+    base = dict(out=str(out), data=str(workspace / "chat.jsonl"), preset="tiny",
                 tokenizer=str(workspace / "tok"), seq_len=32, batch_size=8, lr=3e-3, warmup_steps=2, max_steps=12,
                 eval_every=4, eval_batches=2, save_every=3, seed=3, device="cpu")
-    return TrainConfig(**{**base, **changes})
+    config = SFTConfig if changes.pop("mode", "pretrain") == "sft" else PretrainConfig
+    return config(**{**base, **changes})
 
 
 def parley(*args, env=None):

@@ -7,17 +7,16 @@ long prompt is cut from the left by the same amount for chosen and rejected; a p
 alone fills `max_len` is skipped and counted, never cut. The result is saved as a normal model and
 registered in the app.
 """
-import copy
 from itertools import islice
 
 import torch
 
-import engine
-from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.losses import dpo_loss
 from engine.rlhf.prefs import encoded_split, preference_groups, prompt_batches, reply_batch
-from engine.rlhf.run import Run
 from engine.train import distributed
+from engine.train.config import DPOConfig
+from engine.train.logprobs import token_logprobs
+from engine.train.run import Run, frozen_copy, load_model
 
 
 def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
@@ -40,40 +39,34 @@ def batch_terms(policy, reference, groups, beta: float, pad_id: int):
                     group.to(policy_logps.device))
 
 
-def train_dpo(policy: str, prefs: str, out: str, beta: float = 0.1, max_steps: int = 100, lr: float = 5e-5,
-              prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 25, save_every: int = 50,
-              resume: bool = False, max_len: int = 256, store=None):
-    config = {"policy": policy, "prefs": prefs, "beta": beta, "max_steps": max_steps, "lr": lr, "seed": seed}
-    run = Run("dpo", config, policy, out, store, device, resume, save_every)
-    torch.manual_seed(seed)
-    lm = engine.load(policy, device=run.device, dtype="float32")
-    reference = copy.deepcopy(lm.model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    train, heldout, skipped = encoded_split(lm.tokenizer, preference_groups(prefs, store), max_len)
-    config["skipped_pairs"] = skipped
+def train_dpo(c: DPOConfig, store=None):
+    run = Run(c, c.policy, store, shown=("loss", "reward_accuracy", "margin", "eval_reward_accuracy", "eval_margin"))
+    torch.manual_seed(c.seed)
+    lm = load_model(c.policy, run.device)
+    reference = frozen_copy(lm.model)
+    train, heldout, run.config["skipped_pairs"] = encoded_split(lm.tokenizer, preference_groups(c.prefs, store),
+                                                                c.max_len)
     pad_id = lm.tokenizer.pad_token_id or 0
     model = lm.model.train()   # dropout-free models: train() changes nothing but intent
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
     start = run.restore(optimizer, {"policy": model}).get("step", 0)
-    batches = islice(prompt_batches(train, prompts_per_step, seed), start, max_steps)
+    batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
+    trained = run.parallel(model)
     with run:
         for step, batch in enumerate(batches, start):
             mine = run.share(batch)
-            loss, chosen, rejected = batch_terms(model, reference, mine, beta, pad_id)
+            loss, chosen, rejected = batch_terms(trained, reference, mine, c.beta, pad_id)
             share = len(mine) / len(batch)
             run.update(optimizer, loss * share, [model.parameters()])
             totals = distributed.sum_values([loss.item() * share, (chosen > rejected).sum().item(),
                                              (chosen - rejected).sum().item(), len(chosen)], run.device)
             values = {"loss": totals[0], "reward_accuracy": totals[1] / totals[3], "margin": totals[2] / totals[3]}
-            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+            if run.rank == 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
                 with torch.no_grad():
-                    _, chosen, rejected = batch_terms(model, reference, heldout, beta, pad_id)
+                    _, chosen, rejected = batch_terms(model, reference, heldout, c.beta, pad_id)
                 values.update(eval_reward_accuracy=(chosen > rejected).float().mean().item(),
                               eval_margin=(chosen - rejected).mean().item())
-                print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out reward accuracy "
-                      f"{values['eval_reward_accuracy']:.3f}  margin {values['eval_margin']:.4f}", flush=True)
-            run.end_step(step + 1, max_steps, values, optimizer, {"policy": model})
+            run.end_step(step + 1, values, optimizer, {"policy": model})
         model.eval()
         run.save(lm.write)
     return lm

@@ -23,14 +23,13 @@ import random
 import torch
 
 from engine.errors import ParleyError
-from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.losses import clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate, rloo_advantages
-from engine.rlhf.ppo import AdaptiveKL, normalise_rewards, progress
+from engine.rlhf.ppo import SHOWN, AdaptiveKL, normalise_rewards
 from engine.rlhf.rollout import Sampling, held_out, load_online, load_prompts, online_batch, split_prompts
-from engine.rlhf.run import Run
 from engine.train import distributed
-
-DEFAULT_ESTIMATOR = {"rloo": "k1", "grpo": "k3"}
+from engine.train.config import GroupConfig
+from engine.train.logprobs import token_logprobs
+from engine.train.run import Run
 
 
 def group_advantages(method: str, score, logprobs, ref_logprobs, mask, k: int, beta: float, estimator: str):
@@ -41,60 +40,52 @@ def group_advantages(method: str, score, logprobs, ref_logprobs, mask, k: int, b
     return grpo_advantages(score, k)
 
 
-def train_group(method: str, policy: str, reward_model: str, out: str, prompts: str | None = None,
-                max_steps: int = 50, prompts_per_step: int = 8, k: int = 4, epochs: int = 1,
-                minibatch_prompts: int | None = None, lr: float = 1e-5, beta: float | None = None,
-                target_kl: float | None = None, kl_estimator: str | None = None, temperature: float = 1.0,
-                max_new_tokens: int = 32, missing_eos_penalty: float = 1.0, score_clip: float = 10.0,
-                clip: float = 0.2, eval_every: int = 10, eval_prompts: int = 32, seed: int = 0, device=None,
-                save_every: int = 10, resume: bool = False, store=None):
+def train_group(c: GroupConfig, store=None):
+    """RLOO or GRPO, as c.mode says."""
+    method, k = c.mode, c.replies
     if k < 2:
         raise ParleyError(f"--replies {k}: {method.upper()} needs at least 2 replies per prompt to compare")
-    beta = (0.05 if method == "rloo" else 0.04) if beta is None else beta
-    estimator = kl_estimator or DEFAULT_ESTIMATOR[method]
-    if estimator not in ("k1", "k3"):
-        raise ParleyError(f"--kl-estimator {estimator!r}: use k1 or k3")
-    minibatch_prompts = minibatch_prompts or prompts_per_step
-    config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "prompts_per_step":
-              prompts_per_step, "k": k, "epochs": epochs, "lr": lr, "beta": beta, "target_kl": target_kl,
-              "kl_estimator": estimator, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-    run = Run(method, config, policy, out, store, device, resume, save_every)
-    torch.manual_seed(seed)
-    lm, rm, reference = load_online(policy, reward_model, run.device)
-    sampling = Sampling(temperature, max_new_tokens)
-    train, heldout = split_prompts(load_prompts(prompts, store))
-    heldout = heldout[:eval_prompts]
+    minibatch_prompts = c.minibatch_prompts or c.prompts_per_step
+    run = Run(c, c.policy, store, shown=SHOWN)
+    torch.manual_seed(c.seed)
+    lm, rm, reference = load_online(c.policy, c.reward_model, run.device)
+    sampling = Sampling(c.temperature, c.max_new_tokens)
+    train, heldout = split_prompts(load_prompts(c.prompts, store))
+    heldout = heldout[:c.eval_prompts]
     actor = lm.model
-    optimizer = torch.optim.AdamW(actor.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=c.lr, weight_decay=0.0)
     modules = {"actor": actor}
     state = run.restore(optimizer, modules)
-    normalise_rewards(state, lm, rm, train, sampling, seed)
-    kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
+    normalise_rewards(state, lm, rm, train, sampling, c.seed)
+    kl_control = AdaptiveKL(state.get("beta", c.beta), c.target_kl)
+    trained = run.parallel(actor)
     with run:
-        for step in range(state.get("step", 0), max_steps):
-            rng = random.Random(seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
-            batch = [rng.choice(train) for _ in range(prompts_per_step)]
+        for step in range(run.start, c.max_steps):
+            rng = random.Random(c.seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
+            batch = [rng.choice(train) for _ in range(c.prompts_per_step)]
             r, score, old_logprobs, ref_logprobs, kl = online_batch(
-                lm, reference, rm, run, batch, k, sampling, seed * 100003 + step * 997, missing_eos_penalty, score_clip)
+                lm, reference, rm, run, batch, k, sampling, c.seed * 100003 + step * 997, c.missing_eos_penalty,
+                c.score_clip)
             ids, pad_mask, mask = r.ids, r.pad_mask, r.targets
             advantages = group_advantages(method, score, old_logprobs, ref_logprobs, mask, k, kl_control.beta,
-                                          estimator)
+                                          c.kl_estimator)
             stats = dict.fromkeys(("policy_loss", "clip_fraction", "grad_norm"), 0.0)
             updates = 0
-            for _ in range(epochs):
-                order = torch.randperm(prompts_per_step, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                for first in range(0, prompts_per_step, minibatch_prompts):
+            for _ in range(c.epochs):
+                order = torch.randperm(c.prompts_per_step,
+                                       generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+                for first in range(0, c.prompts_per_step, minibatch_prompts):
                     rows = [p * k + j for p in order[first:first + minibatch_prompts].tolist() for j in range(k)]
                     mb = torch.tensor(run.share(rows), device=lm.device)
                     share = len(mb) / len(rows)
-                    logprobs = token_logprobs(actor, ids[mb], pad_mask[mb], mask[mb], temperature)
+                    logprobs = token_logprobs(trained, ids[mb], pad_mask[mb], mask[mb], c.temperature)
                     if method == "rloo":
                         loss, clip_fraction = clipped_sequence_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                    mask[mb], clip)
+                                                                    mask[mb], c.clip)
                     else:
-                        token_kl = kl_estimate(logprobs, ref_logprobs[mb], estimator)
+                        token_kl = kl_estimate(logprobs, ref_logprobs[mb], c.kl_estimator)
                         loss, clip_fraction = clipped_token_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                 mask[mb], clip, token_kl, kl_control.beta)
+                                                                 mask[mb], c.clip, token_kl, kl_control.beta)
                     [norm] = run.update(optimizer, loss * share, [actor.parameters()])
                     stats["policy_loss"] += loss.item() * share
                     stats["clip_fraction"] += clip_fraction.item() * share
@@ -105,11 +96,9 @@ def train_group(method: str, policy: str, reward_model: str, out: str, prompts: 
             values = {"reward": score.mean().item(), "kl": kl, "beta": kl_control.beta,
                       "response_length": mask.sum(1).mean().item(),
                       **{name: total / updates for name, total in zip(stats, totals)}}
-            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
-                values.update(held_out(lm, reference, rm, heldout, sampling, seed + 1))
-            if run.rank == 0:
-                print(progress(step + 1, max_steps, values), flush=True)
-            run.end_step(step + 1, max_steps, values, optimizer, modules,
+            if run.rank == 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
+                values.update(held_out(lm, reference, rm, heldout, sampling, c.seed + 1))
+            run.end_step(step + 1, values, optimizer, modules,
                          {"beta": kl_control.beta, "reward_offset": rm.model.offset, "reward_scale": rm.model.scale})
         lm.model.eval()
         run.save(lm.write)

@@ -28,11 +28,9 @@ import copy
 import random
 
 import torch
-import torch.nn.functional as F
 
 from engine import data
 from engine.errors import ParleyError
-from engine.rlhf.logprobs import token_logprobs
 from engine.rlhf.losses import masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss
 from engine.rlhf.prefs import right_pad
 from engine.rlhf.reward_model import RewardModel
@@ -47,8 +45,10 @@ from engine.rlhf.rollout import (
     scores,
     split_prompts,
 )
-from engine.rlhf.run import Run
 from engine.train import distributed
+from engine.train.config import PPOConfig
+from engine.train.logprobs import summed_loss, token_logprobs
+from engine.train.run import Run
 
 
 class AdaptiveKL:
@@ -66,9 +66,8 @@ class AdaptiveKL:
 
 def values_of(critic: RewardModel, ids, pad_mask, targets):
     """The critic's value of each state that predicts a response token (aligned with log-probs),
-    normalised as the reward model's scores are."""
-    hidden = critic.backbone.hidden_states(ids[:, :-1], pad_mask=pad_mask[:, :-1])
-    return critic.normalise(critic.score(hidden).squeeze(-1)) * targets
+    normalised as the reward model's scores are. `critic` may be wrapped for torchrun (DDP)."""
+    return critic(ids[:, :-1], pad_mask[:, :-1], every_position=True) * targets
 
 
 def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -78,86 +77,85 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -
             a.lerp_(p, 1 - decay)
 
 
+# what the progress display shows of each step (engine.train.progress), for every online method
+SHOWN = ("reward", "kl", "response_length", "entropy", "clip_fraction", "heldout_reward", "heldout_kl", "heldout_length",
+         "heldout_ref_ppl")
+
+
 def linear_decay(step: int, max_steps: int) -> float:
     """The learning rate's factor at a step: 1 at the first step, falling linearly towards 0."""
     return 1 - step / max_steps
 
 
-def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = None, max_steps: int = 50,
-              batch_size: int = 16, minibatch_size: int = 8, ppo_epochs: int = 4, lr: float = 1e-5,
-              critic_lr: float | None = None, lr_schedule: str = "constant", beta: float = 0.05,
-              target_kl: float | None = None, temperature: float = 1.0, max_new_tokens: int = 32,
-              missing_eos_penalty: float = 1.0, score_clip: float = 10.0, clip: float = 0.2, vf_coef: float = 0.1,
-              gamma: float = 1.0, lam: float = 0.95, ptx_coef: float = 0.0, ptx_batch: int = 4,
-              ptx_data: str | None = None, ema: float | None = None, eval_every: int = 10, eval_prompts: int = 32,
-              seed: int = 0, device=None, save_every: int = 10, resume: bool = False, store=None):
-    if lr_schedule not in ("constant", "linear"):
-        raise ParleyError(f"--lr-schedule {lr_schedule!r}: use constant or linear")
-    config = {"policy": policy, "reward_model": reward_model, "max_steps": max_steps, "batch_size": batch_size,
-              "lr": lr, "lr_schedule": lr_schedule, "beta": beta, "target_kl": target_kl, "temperature": temperature,
-              "max_new_tokens": max_new_tokens, "gamma": gamma, "lam": lam, "ptx_coef": ptx_coef, "seed": seed}
-    run = Run("ppo", config, policy, out, store, device, resume, save_every)
-    torch.manual_seed(seed)
-    lm, rm, reference = load_online(policy, reward_model, run.device)
-    sampling = Sampling(temperature, max_new_tokens)
-    train, heldout = split_prompts(load_prompts(prompts, store))
-    heldout = heldout[:eval_prompts]
+def train_ppo(c: PPOConfig, store=None):
+    if c.lr_schedule not in ("constant", "linear"):
+        raise ParleyError(f"--lr-schedule {c.lr_schedule!r}: use constant or linear")
+    run = Run(c, c.policy, store, shown=SHOWN)
+    torch.manual_seed(c.seed)
+    lm, rm, reference = load_online(c.policy, c.reward_model, run.device)
+    sampling = Sampling(c.temperature, c.max_new_tokens)
+    train, heldout = split_prompts(load_prompts(c.prompts, store))
+    heldout = heldout[:c.eval_prompts]
     actor = lm.model
-    ptx = ptx_rows(lm, ptx_data) if ptx_coef else None
+    ptx = ptx_rows(lm, c.data) if c.ptx_coef else None
     critic = copy.deepcopy(rm.model).train()
     for p in critic.parameters():
         p.requires_grad_(True)
-    average = copy.deepcopy(actor).eval() if ema else None
-    optimizer = torch.optim.AdamW([{"params": actor.parameters(), "lr": lr},
-                                   {"params": critic.parameters(), "lr": critic_lr or lr * 10}], weight_decay=0.0)
+    average = copy.deepcopy(actor).eval() if c.ema else None
+    optimizer = torch.optim.AdamW([{"params": actor.parameters(), "lr": c.lr},
+                                   {"params": critic.parameters(), "lr": c.critic_lr or c.lr * 10}], weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     modules = {"actor": actor, "critic": critic, **({"ema": average} if average is not None else {})}
     state = run.restore(optimizer, modules)
-    normalise_rewards(state, lm, rm, train, sampling, seed)
+    normalise_rewards(state, lm, rm, train, sampling, c.seed)
     critic.offset, critic.scale = rm.model.offset, rm.model.scale
-    kl_control = AdaptiveKL(state.get("beta", beta), target_kl)
+    kl_control = AdaptiveKL(state.get("beta", c.beta), c.target_kl)
+    trained_actor, trained_critic = run.parallel(actor), run.parallel(critic)
     with run:
-        for step in range(state.get("step", 0), max_steps):
-            rng = random.Random(seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
-            batch = [rng.choice(train) for _ in range(batch_size)]
-            if lr_schedule == "linear":
+        for step in range(run.start, c.max_steps):
+            rng = random.Random(c.seed * 1_000_003 + step)   # every step a function of (seed, step): resumable
+            batch = [rng.choice(train) for _ in range(c.batch_size)]
+            if c.lr_schedule == "linear":
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base_lr * linear_decay(step, max_steps)
+                    group["lr"] = base_lr * linear_decay(step, c.max_steps)
             # 1.-2. rollout and scores
             r, score, old_logprobs, ref_logprobs, kl = online_batch(
-                lm, reference, rm, run, batch, 1, sampling, seed * 100003 + step * 997, missing_eos_penalty, score_clip)
+                lm, reference, rm, run, batch, 1, sampling, c.seed * 100003 + step * 997, c.missing_eos_penalty,
+                c.score_clip)
             ids, pad_mask, mask = r.ids, r.pad_mask, r.targets
             # 3. values and advantages
             with torch.no_grad():
                 old_values = values_of(critic, ids, pad_mask, mask)
                 advantages, returns = ppo_advantages(score, old_logprobs, ref_logprobs, old_values, mask,
-                                                     kl_control.beta, gamma, lam)
+                                                     kl_control.beta, c.gamma, c.lam)
             # 4. PPO epochs over minibatches; a process's share of a minibatch weighs by its tokens
             stats = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl",
                                    "entropy", "actor_grad_norm", "critic_grad_norm", "ptx_loss"), 0.0)
             updates = 0
-            for _ in range(ppo_epochs):
-                order = torch.randperm(batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-                for first in range(0, batch_size, minibatch_size):
-                    minibatch = order[first:first + minibatch_size].tolist()
+            for _ in range(c.ppo_epochs):
+                order = torch.randperm(c.batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+                for first in range(0, c.batch_size, c.minibatch_size):
+                    minibatch = order[first:first + c.minibatch_size].tolist()
                     mb = torch.tensor(run.share(minibatch), device=lm.device)
                     share = (mask[mb].sum() / mask[minibatch].sum().clamp(min=1)).item()
-                    logprobs, entropy = token_logprobs(actor, ids[mb], pad_mask[mb], mask[mb], temperature,
+                    logprobs, entropy = token_logprobs(trained_actor, ids[mb], pad_mask[mb], mask[mb], c.temperature,
                                                        entropy=True)
-                    values = values_of(critic, ids[mb], pad_mask[mb], mask[mb])
+                    values = values_of(trained_critic, ids[mb], pad_mask[mb], mask[mb])
                     pg_loss, clip_fraction, approx_kl = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb],
-                                                                        mask[mb], clip)
-                    vf_loss, vf_clip_fraction = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], clip)
-                    loss = (pg_loss + vf_coef * vf_loss) * share
+                                                                        mask[mb], c.clip)
+                    vf_loss, vf_clip_fraction = ppo_value_loss(values, old_values[mb], returns[mb], mask[mb], c.clip)
+                    loss = (pg_loss + c.vf_coef * vf_loss) * share
                     ptx_loss = torch.zeros(())
                     if ptx is not None:
-                        rows = [ptx[rng.randrange(len(ptx))] for _ in range(ptx_batch)]   # drawn on every process
+                        rows = [ptx[rng.randrange(len(ptx))] for _ in range(c.ptx_batch)]   # drawn on every process
                         if run.rank == 0:   # added once, whatever the number of processes
+                            # through the unwrapped actor: its gradient joins the one DDP averages, whose
+                            # hooks fire once per parameter for the summed gradient
                             ptx_loss = lm_loss(actor, rows, lm.device)
-                            loss = loss + ptx_coef * ptx_loss
+                            loss = loss + c.ptx_coef * ptx_loss
                     norms = run.update(optimizer, loss, [actor.parameters(), critic.parameters()])
                     if average is not None:
-                        ema_update(average, actor, ema)
+                        ema_update(average, actor, c.ema)
                     for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
                                         ("clip_fraction", clip_fraction), ("value_clip_fraction", vf_clip_fraction),
                                         ("entropy", masked_mean(entropy, mask[mb]))):
@@ -166,18 +164,16 @@ def train_ppo(policy: str, reward_model: str, out: str, prompts: str | None = No
                     stats["critic_grad_norm"] += norms[1] / run.world
                     stats["ptx_loss"] += ptx_loss.item()
                     updates += 1
-            kl_control.update(kl, batch_size)
+            kl_control.update(kl, c.batch_size)
             totals = distributed.sum_values(list(stats.values()), run.device)
             values = {"reward": score.mean().item(), "kl": kl, "beta": kl_control.beta,
                       "response_length": mask.sum(1).mean().item(), "lr": optimizer.param_groups[0]["lr"],
                       **{name: total / updates for name, total in zip(stats, totals)}}
             if ptx is None:
                 del values["ptx_loss"]
-            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
-                values.update(held_out(lm, reference, rm, heldout, sampling, seed + 1))
-            if run.rank == 0:
-                print(progress(step + 1, max_steps, values), flush=True)
-            run.end_step(step + 1, max_steps, values, optimizer, modules,
+            if run.rank == 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
+                values.update(held_out(lm, reference, rm, heldout, sampling, c.seed + 1))
+            run.end_step(step + 1, values, optimizer, modules,
                          {"beta": kl_control.beta, "reward_offset": rm.model.offset, "reward_scale": rm.model.scale})
         if average is not None:
             lm.model = average
@@ -201,25 +197,11 @@ def normalise_rewards(state: dict, lm, rm, prompts, sampling: Sampling, seed: in
     rm.model.offset, rm.model.scale = state["reward_offset"], state["reward_scale"]
 
 
-def progress(step: int, max_steps: int, values: dict) -> str:
-    line = (f"step {step}/{max_steps}  reward {values['reward']:.3f}  kl {values['kl']:.3f}  "
-            f"length {values['response_length']:.1f}")
-    if "entropy" in values:
-        line += f"  entropy {values['entropy']:.3f}"
-    if "clip_fraction" in values:
-        line += f"  clip {values['clip_fraction']:.2f}"
-    if "heldout_reward" in values:
-        line += (f"  held-out reward {values['heldout_reward']:.3f} kl {values['heldout_kl']:.3f} "
-                 f"words {values['heldout_length']:.1f} ref-ppl {values['heldout_ref_ppl']:.1f}")
-    return line
-
-
 def lm_loss(model, rows: list[torch.Tensor], device) -> torch.Tensor:
     """Mean next-token cross-entropy over the real tokens of a few pretraining rows."""
     ids, pad_mask = right_pad([r.tolist() for r in rows], 0, device)
-    logits = model(ids[:, :-1], pad_mask=pad_mask[:, :-1]).float()
-    losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-    return masked_mean(losses, pad_mask[:, 1:].flatten().float())
+    targets = pad_mask[:, 1:].float()
+    return summed_loss(model, ids, targets, pad_mask) / targets.sum()
 
 
 def ptx_rows(lm, source: str | None) -> list[torch.Tensor]:

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import engine
 from engine import checkpoint
 from engine.device import pick_device
 from engine.errors import ParleyError
@@ -36,9 +35,10 @@ from engine.models import family
 from engine.rlhf.losses import reward_model_loss
 from engine.rlhf.prefs import encoded_split, fit_prompt, preference_groups, prompt_batches, reply_ids, right_pad
 from engine.rlhf.rollout import Sampling, reward_normaliser
-from engine.rlhf.run import Run
 from engine.tokenizer import Tokenizer
 from engine.train import distributed
+from engine.train.config import RewardModelConfig
+from engine.train.run import Run, load_model
 
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
                "mistral": "MistralForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
@@ -56,9 +56,12 @@ class RewardModel(nn.Module):
         model, applies the same, so its first values are on the scale of the rewards."""
         return (raw.float() - self.offset) / self.scale
 
-    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """One reward per right-padded row of token ids."""
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """One reward per right-padded row of token ids; with `every_position`, one per position
+        (PPO's critic: the value of each state)."""
         hidden = self.backbone.hidden_states(idx, pad_mask=pad_mask)
+        if every_position:
+            return self.normalise(self.score(hidden).squeeze(-1))
         last = pad_mask.long().cumsum(1).argmax(1)    # the last non-pad position
         return self.normalise(self.score(hidden[torch.arange(len(idx), device=idx.device), last]).squeeze(-1))
 
@@ -150,50 +153,45 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
 
 
 # -- training ----------------------------------------------------------------------------------------
-def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr: float = 5e-4,
-                       prompts_per_step: int = 8, seed: int = 0, device=None, eval_every: int = 50,
-                       save_every: int = 50, resume: bool = False, max_len: int = 256, normalise_samples: int = 64,
-                       reward_scale: bool = True, sampling: Sampling = Sampling(), store=None) -> RewardLM:
-    config = {"base": base, "prefs": prefs, "max_steps": max_steps, "lr": lr, "seed": seed, "max_len": max_len,
-              "reward_scale": reward_scale}
-    run = Run("rm", config, base, out, store, device, resume, save_every)
-    torch.manual_seed(seed)
-    lm = engine.load(base, device=run.device, dtype="float32")
-    groups = preference_groups(prefs, store)
-    train, heldout, config["skipped_pairs"] = encoded_split(lm.tokenizer, groups, max_len)
+def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
+    run = Run(c, c.base, store, shown=("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"))
+    torch.manual_seed(c.seed)
+    lm = load_model(c.base, run.device)
+    groups = preference_groups(c.prefs, store)
+    train, heldout, run.config["skipped_pairs"] = encoded_split(lm.tokenizer, groups, c.max_len)
     model = RewardModel(lm.model).to(lm.device)
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
-    rm = RewardLM(model, lm.tokenizer, {**lm.config, "parley_max_length": max_len})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rm = RewardLM(model, lm.tokenizer, {**lm.config, "parley_max_length": c.max_len})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
     start = run.restore(optimizer, {"reward_model": model}).get("step", 0)
-    batches = islice(prompt_batches(train, prompts_per_step, seed), start, max_steps)
+    batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
+    trained = run.parallel(model)
     with run:
         for step, batch in enumerate(batches, start):
             mine = run.share(batch)
-            loss, accuracy, margin = pair_loss(rm, mine)
+            loss, accuracy, margin = pair_loss(rm, mine, trained)
             share = len(mine) / len(batch)    # each prompt weighs the same, whichever process has it
             run.update(optimizer, loss * share, [model.parameters()])
             pairs = sum(len(g["pairs"]) for g in mine)
             totals = distributed.sum_values([loss.item() * share, accuracy.item() * pairs, margin.item() * pairs,
                                              pairs], run.device)
             values = {"loss": totals[0], "accuracy": totals[1] / totals[3], "margin": totals[2] / totals[3]}
-            if run.rank == 0 and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+            if run.rank == 0 and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
                 model.eval()
                 with torch.no_grad():
                     _, eval_accuracy, eval_margin = pair_loss(rm, heldout)
                 model.train()
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
-                print(f"step {step + 1}/{max_steps}  loss {values['loss']:.4f}  held-out accuracy "
-                      f"{values['eval_accuracy']:.3f}  margin {values['eval_margin']:.3f}", flush=True)
-            run.end_step(step + 1, max_steps, values, optimizer, {"reward_model": model})
+            run.end_step(step + 1, values, optimizer, {"reward_model": model})
         model.eval()
         if run.rank == 0:
             # A fresh, frozen copy of the base: the backbone above has been trained into a reward model.
-            policy = engine.load(base, device=run.device, dtype="float32")
-            chosen = random.Random(seed).sample(train, min(normalise_samples, len(train)))
+            policy = load_model(c.base, run.device)
+            chosen = random.Random(c.seed).sample(train, min(c.normalise_samples, len(train)))
             prompts = [g["prompt"] for g in chosen]
-            model.offset, model.scale = reward_normaliser(policy, rm, prompts, sampling, seed, reward_scale)
+            sampling = Sampling(c.temperature, c.max_new_tokens)
+            model.offset, model.scale = reward_normaliser(policy, rm, prompts, sampling, c.seed, c.reward_scale)
             rm.config["parley_reward_normalised_at"] = sampling.to_dict()
             print(f"rewards normalised on {len(prompts)} samples of the base policy: offset {model.offset:.4f}, "
                   f"scale {model.scale:.4f}", flush=True)
@@ -201,15 +199,16 @@ def train_reward_model(base: str, prefs: str, out: str, max_steps: int = 200, lr
     return rm
 
 
-def pair_loss(rm: RewardLM, groups: list[dict]):
-    """The reward-model loss of encoded whole prompts (prefs.encode_pairs), all rows in one batch."""
+def pair_loss(rm: RewardLM, groups: list[dict], model=None):
+    """The reward-model loss of encoded whole prompts (prefs.encode_pairs), all rows in one batch,
+    under `model` (rm's own, or the same wrapped for training under torchrun)."""
     chosen, rejected, group = [], [], []
     for g_index, g in enumerate(groups):
         for prompt, c, r in g["pairs"]:
             chosen.append(prompt + c)
             rejected.append(prompt + r)
             group.append(g_index)
-    rewards = rm.model(*rm.batch(chosen + rejected))
+    rewards = (model or rm.model)(*rm.batch(chosen + rejected))
     n = len(chosen)
     return reward_model_loss(rewards[:n], rewards[n:], torch.tensor(group, device=rewards.device))
 

@@ -6,7 +6,6 @@ prompted with the last tokens of a prompt that leave room for `max_new_tokens` a
 template's end of turn; the reward model reads that same prompt window and the reply as text,
 rendered exactly as in its training rows.
 """
-import copy
 import math
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 from engine import data
 from engine.errors import ParleyError
 from engine.generate import generate_batch
-from engine.rlhf.logprobs import token_logprobs
+from engine.train.logprobs import token_logprobs
 from engine.rlhf.prefs import reply_batch, reply_ids, split_by_prompt
 from engine.settings import Settings
 from engine.train import distributed
@@ -23,17 +22,16 @@ from engine.train import distributed
 
 def load_online(policy: str, reward_model: str, device) -> tuple:
     """(policy LM, frozen reward model, frozen reference copy of the policy) for an online trainer."""
-    import engine
     from engine.rlhf.reward_model import load_reward_model
-    lm = engine.load(policy, device=device, dtype="float32")
+    from engine.train.run import frozen_copy, load_model
+    lm = load_model(policy, device)
     rm = load_reward_model(reward_model, device=lm.device)
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
         raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "
                           "policy (parley train rm --base POLICY)")
-    reference = copy.deepcopy(lm.model).eval()
-    for p in [*rm.model.parameters(), *reference.parameters()]:
+    for p in rm.model.parameters():
         p.requires_grad_(False)
-    return lm, rm, reference
+    return lm, rm, frozen_copy(lm.model)
 
 
 @dataclass(frozen=True)

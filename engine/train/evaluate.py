@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from engine import data
+from engine.train.logprobs import summed_loss
 
 
 def words(example) -> int:
@@ -36,8 +36,7 @@ def evaluate(lm, examples, max_examples: int | None = None) -> dict:
             continue
         for start in range(0, len(ids) - 1, window - 1):
             chunk = torch.tensor(ids[start:start + window], device=lm.device)[None]
-            logits = lm.model(chunk).float()
-            total += F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum").item()
+            total += summed_loss(lm.model, chunk, torch.ones(1, chunk.shape[1] - 1, device=lm.device)).item()
             tokens += chunk.shape[1] - 1
         n_words += words(example)
     return {"examples": len(examples[:max_examples]), "tokens": tokens, "words": n_words,

@@ -18,8 +18,10 @@ def train_ngram(tokenizer_dir: str, source: str | None, order: int, method: str,
     return LM(NGramNetwork(ngram), tokenizer, ngram.config(), {"eos_token_id": stop_ids(tokenizer)})
 
 
-def main(args) -> None:
-    lm = train_ngram(args.tokenizer, args.data, args.order, args.smoothing, args.k)
-    lm.save(args.out)
+def run(c, store=None) -> LM:
+    """`parley train ngram` (engine.train.config.NGramConfig); nothing goes to the store."""
+    lm = train_ngram(c.tokenizer, c.data, c.order, c.smoothing, c.k)
+    lm.save(c.out)
     sizes = ", ".join(f"{len(keys)} {n + 1}-grams" for n, keys in enumerate(lm.model.ngram.keys))
-    print(f"counted {sizes}; wrote {args.out}")
+    print(f"counted {sizes}; wrote {c.out}")
+    return lm

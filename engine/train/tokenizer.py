@@ -47,9 +47,11 @@ def train_tokenizer(examples, vocab_size: int) -> Tokenizer:
     return Tokenizer(tok, config)
 
 
-def main(args) -> None:
-    train, _ = data.load(args.data)
-    tokenizer = train_tokenizer(train, args.vocab_size)
-    with atomic_dir(Path(args.out)) as tmp:
+def run(c, store=None) -> Tokenizer:
+    """`parley train tokenizer` (engine.train.config.TokenizerConfig); nothing goes to the store."""
+    train, _ = data.load(c.data)
+    tokenizer = train_tokenizer(train, c.vocab_size)
+    with atomic_dir(Path(c.out)) as tmp:
         tokenizer.save(tmp)
-    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {len(train)} examples; wrote {args.out}")
+    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {len(train)} examples; wrote {c.out}")
+    return tokenizer

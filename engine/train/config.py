@@ -1,0 +1,195 @@
+"""The configuration of every `parley train` mode: one dataclass per mode, after TRL's config
+per trainer. A field's metadata (its help, choices, whether it is required) is also its
+command-line flag: engine/cli.py builds `parley train MODE --help` from these classes, so every
+field has a flag and nothing is listed twice.
+
+    tokenizer  TokenizerConfig      pretrain  PretrainConfig     rm    RewardModelConfig
+    ngram      NGramConfig          sft       SFTConfig          dpo   DPOConfig
+    ppo        PPOConfig            rloo      RLOOConfig         grpo  GRPOConfig
+
+`TRAINERS` names the function that runs each mode on its config (imported only when run, so
+reading a config imports no torch).
+"""
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+def option(default, help: str, *, choices: tuple | None = None, required: bool = False):
+    """A config field with what its flag shows: help, choices, required."""
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+@dataclass
+class TokenizerConfig:
+    """A byte-level BPE with ChatML special tokens (engine/train/tokenizer.py)."""
+    mode: ClassVar[str] = "tokenizer"
+    out: str = option(None, "output directory", required=True)
+    data: str | None = option(None, "chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    vocab_size: int = option(4096, "vocabulary size")
+
+
+@dataclass
+class NGramConfig:
+    """An n-gram model counted over a tokenizer's ids (engine/train/ngram.py)."""
+    mode: ClassVar[str] = "ngram"
+    out: str = option(None, "output directory", required=True)
+    tokenizer: str = option(None, "the tokenizer directory (the neural models' one, to compare fairly)",
+                            required=True)
+    data: str | None = option(None, "chitchat (default), a .jsonl of conversations or a .txt")
+    order: int = option(3, "N")
+    smoothing: str = option("kneser_ney", "smoothing method", choices=("mle", "add_k", "katz", "kneser_ney"))
+    k: float = option(1.0, "add-k's k (1 = Laplace)")
+
+
+@dataclass
+class StepsConfig:
+    """What every trainer that takes optimizer steps has: its output, length, seed and checkpoints."""
+    out: str = option(None, "output directory (checkpoints go to OUT/checkpoints)", required=True)
+    max_steps: int = option(1000, "optimizer steps")
+    lr: float = option(1e-3, "learning rate")
+    seed: int = option(0, "random seed: the run is a pure function of it")
+    device: str | None = option(None, "cpu, cuda or mps (default: the best available)")
+    eval_every: int = option(100, "steps between held-out evaluations")
+    save_every: int = option(200, "steps between checkpoints")
+    resume: bool = option(False, "continue from the newest checkpoint in --out (with the options the run started with)")
+
+
+@dataclass
+class PretrainConfig(StepsConfig):
+    """Next-token loss on every token, from a model or a fresh preset (engine/train/trainer.py)."""
+    mode: ClassVar[str] = "pretrain"
+    data: str | None = option(None, "chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    model: str | None = option(None, "start from this model (a directory or a known name) ...")
+    preset: str | None = option(None, "... or from a fresh model of a preset family and size (chat-6m, nnlm, lstm, "
+                                "gpt-fixed, ...: a wrong name lists them all)")
+    tokenizer: str | None = option(None, "the tokenizer directory of a fresh model (--preset)")
+    seq_len: int = option(256, "tokens per training row")
+    batch_size: int = option(32, "rows per optimizer step, over all processes and accumulation steps")
+    grad_accum: int = option(1, "accumulation steps per optimizer step")
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this")
+    warmup_steps: int = option(100, "steps of linear warm-up")
+    weight_decay: float = option(0.1, "AdamW weight decay (on matrices only)")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    eval_batches: int = option(10, "held-out batches per evaluation")
+    autocast: str = option("auto", "bfloat16 mixed precision (auto: on CUDA only)", choices=("auto", "bf16", "none"))
+
+
+@dataclass
+class SFTConfig(PretrainConfig):
+    """Supervised fine-tuning: the pretraining loop with the loss on assistant tokens only."""
+    mode: ClassVar[str] = "sft"
+
+
+@dataclass
+class RewardModelConfig(StepsConfig):
+    """InstructGPT's pairwise loss on whole prompts, then rewards normalised on the base's samples."""
+    mode: ClassVar[str] = "rm"
+    base: str = option(None, "the backbone model (a directory or known name)", required=True)
+    prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
+    max_steps: int = option(200, "optimizer steps")
+    lr: float = option(5e-4, "learning rate")
+    eval_every: int = option(50, "steps between held-out evaluations")
+    save_every: int = option(50, "steps between checkpoints")
+    prompts_per_step: int = option(8, "prompts per step, each with all its pairs")
+    max_len: int = option(256, "tokens per prompt + reply; a pair whose reply alone is longer is skipped and counted")
+    normalise_samples: int = option(64, "base-policy samples the reward offset and scale are measured on")
+    reward_scale: bool = option(True, "scale rewards to standard deviation 1 on the base policy's samples, besides "
+                                "shifting them to mean 0")
+    temperature: float = option(1.0, "temperature of the samples the rewards are normalised on (the rollouts')")
+    max_new_tokens: int = option(32, "length of the samples the rewards are normalised on (the rollouts')")
+
+
+@dataclass
+class DPOConfig(StepsConfig):
+    """The sigmoid DPO loss against the frozen starting policy."""
+    mode: ClassVar[str] = "dpo"
+    policy: str = option(None, "the policy to fine-tune (also the frozen reference)", required=True)
+    prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
+    beta: float = option(0.1, "the KL strength beta")
+    max_steps: int = option(100, "optimizer steps")
+    lr: float = option(5e-5, "learning rate")
+    eval_every: int = option(25, "steps between held-out evaluations")
+    save_every: int = option(50, "steps between checkpoints")
+    prompts_per_step: int = option(8, "prompts per step, each with all its pairs")
+    max_len: int = option(256, "tokens per prompt + reply; a pair whose reply alone is longer is skipped and counted")
+
+
+@dataclass
+class OnlineConfig(StepsConfig):
+    """What PPO, RLOO and GRPO share: the policy, its reward model, the prompts and the rollouts."""
+    policy: str = option(None, "the policy to fine-tune (also the frozen reference)", required=True)
+    reward_model: str = option(None, "the reward model directory", required=True)
+    prompts: str | None = option(None, 'JSONL of {"prompt": messages or text}; default: the store\'s chats')
+    max_steps: int = option(50, "rollout steps")
+    lr: float = option(1e-5, "learning rate")
+    beta: float = option(0.05, "the KL strength beta")
+    target_kl: float | None = option(None, "adapt beta towards this KL per reply (Ziegler et al. 2019)")
+    temperature: float = option(1.0, "rollout temperature (log-probabilities use logits / T too)")
+    max_new_tokens: int = option(32, "reply length in rollouts")
+    missing_eos_penalty: float = option(1.0, "subtracted from the score of a reply that never reaches EOS")
+    score_clip: float = option(10.0, "scores are clipped to +- this")
+    clip: float = option(0.2, "the clip range epsilon of the policy ratio (and of PPO's values)")
+    eval_every: int = option(10, "steps between held-out evaluations")
+    eval_prompts: int = option(32, "held-out prompts per evaluation")
+    save_every: int = option(10, "steps between checkpoints")
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    """PPO with a critic, GAE and the N implementation details (engine/rlhf/ppo.py)."""
+    mode: ClassVar[str] = "ppo"
+    batch_size: int = option(16, "rollouts (prompts, one reply each) per step")
+    minibatch_size: int = option(8, "rollouts per optimizer update")
+    ppo_epochs: int = option(4, "passes over each step's rollouts")
+    critic_lr: float | None = option(None, "the critic's learning rate (default: 10 x --lr)")
+    lr_schedule: str = option("constant", "learning rate constant or decaying linearly to 0",
+                              choices=("constant", "linear"))
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "discount")
+    lam: float = option(0.95, "GAE lambda")
+    ptx_coef: float = option(0.0, "weight of the pretraining loss on --data (PPO-ptx); 0 is off")
+    ptx_batch: int = option(4, "pretraining rows per update for the ptx term")
+    data: str | None = option(None, "ptx: chitchat (default), a .jsonl of conversations or a .txt")
+    ema: float | None = option(None, "keep and save an exponential moving average of the policy with this decay")
+
+
+@dataclass
+class GroupConfig(OnlineConfig):
+    """k replies per prompt, no critic (engine/rlhf/group.py)."""
+    prompts_per_step: int = option(8, "prompts per step")
+    replies: int = option(4, "replies sampled per prompt (k)")
+    epochs: int = option(1, "passes over each rollout")
+    minibatch_prompts: int | None = option(None, "prompts per update (default: all of a step's)")
+    kl_estimator: str = option("k1", "KL estimator", choices=("k1", "k3"))
+
+
+@dataclass
+class RLOOConfig(GroupConfig):
+    """Leave-one-out baseline, KL (k1) in the reward, one ratio per reply (TRL's RLOOTrainer)."""
+    mode: ClassVar[str] = "rloo"
+
+
+@dataclass
+class GRPOConfig(GroupConfig):
+    """Group-normalised advantages, KL (k3) in the loss, one ratio per token (TRL's GRPOTrainer)."""
+    mode: ClassVar[str] = "grpo"
+    beta: float = option(0.04, "the KL strength beta")
+    kl_estimator: str = option("k3", "KL estimator", choices=("k1", "k3"))
+
+
+CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, RewardModelConfig, DPOConfig,
+                               PPOConfig, RLOOConfig, GRPOConfig)}
+
+# mode: (module, function); each function takes (config, store) and returns what it trained
+TRAINERS = {"tokenizer": ("engine.train.tokenizer", "run"), "ngram": ("engine.train.ngram", "run"),
+            "pretrain": ("engine.train.trainer", "train"), "sft": ("engine.train.trainer", "train"),
+            "rm": ("engine.rlhf.reward_model", "train_reward_model"), "dpo": ("engine.rlhf.dpo", "train_dpo"),
+            "ppo": ("engine.rlhf.ppo", "train_ppo"), "rloo": ("engine.rlhf.group", "train_group"),
+            "grpo": ("engine.rlhf.group", "train_group")}
+
+
+def run(config, store=None):
+    """Train what `config` describes with its mode's trainer."""
+    import importlib
+    module, name = TRAINERS[config.mode]
+    return getattr(importlib.import_module(module), name)(config, store)
