@@ -25,7 +25,7 @@ import torch
 from engine.errors import ParleyError
 from engine.rlhf.losses import clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate, rloo_advantages
 from engine.rlhf.ppo import SHOWN, AdaptiveKL, normalise_rewards
-from engine.rlhf.rollout import Sampling, held_out, load_online, load_prompts, online_batch, split_prompts
+from engine.rlhf.rollout import held_out, online_batch, start_online
 from engine.train import distributed
 from engine.train.config import GroupConfig
 from engine.train.logprobs import token_logprobs
@@ -48,10 +48,7 @@ def train_group(c: GroupConfig, store=None):
     minibatch_prompts = c.minibatch_prompts or c.prompts_per_step
     run = Run(c, c.policy, store, shown=SHOWN)
     torch.manual_seed(c.seed)
-    lm, rm, reference = load_online(c.policy, c.reward_model, run.device)
-    sampling = Sampling(c.temperature, c.max_new_tokens)
-    train, heldout = split_prompts(load_prompts(c.prompts, store))
-    heldout = heldout[:c.eval_prompts]
+    lm, rm, reference, sampling, train, heldout = start_online(c, run, store)
     actor = lm.model
     optimizer = torch.optim.AdamW(actor.parameters(), lr=c.lr, weight_decay=0.0)
     modules = {"actor": actor}

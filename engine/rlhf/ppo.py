@@ -37,13 +37,11 @@ from engine.rlhf.reward_model import RewardModel
 from engine.rlhf.rollout import (
     Sampling,
     held_out,
-    load_online,
-    load_prompts,
     online_batch,
     reward_normaliser,
     rollout,
     scores,
-    split_prompts,
+    start_online,
 )
 from engine.train import distributed
 from engine.train.config import PPOConfig
@@ -92,10 +90,7 @@ def train_ppo(c: PPOConfig, store=None):
         raise ParleyError(f"--lr-schedule {c.lr_schedule!r}: use constant or linear")
     run = Run(c, c.policy, store, shown=SHOWN)
     torch.manual_seed(c.seed)
-    lm, rm, reference = load_online(c.policy, c.reward_model, run.device)
-    sampling = Sampling(c.temperature, c.max_new_tokens)
-    train, heldout = split_prompts(load_prompts(c.prompts, store))
-    heldout = heldout[:c.eval_prompts]
+    lm, rm, reference, sampling, train, heldout = start_online(c, run, store)
     actor = lm.model
     ptx = ptx_rows(lm, c.data) if c.ptx_coef else None
     critic = copy.deepcopy(rm.model).train()

@@ -20,18 +20,22 @@ from engine.settings import Settings
 from engine.train import distributed
 
 
-def load_online(policy: str, reward_model: str, device) -> tuple:
-    """(policy LM, frozen reward model, frozen reference copy of the policy) for an online trainer."""
+def start_online(c, run, store) -> tuple:
+    """What PPO, RLOO and GRPO start from, for their config `c` (engine.train.config.OnlineConfig):
+    (policy LM, frozen reward model, frozen reference copy of the policy, rollout sampling,
+    training prompts, held-out prompts)."""
     from engine.rlhf.reward_model import load_reward_model
     from engine.train.run import frozen_copy, load_model
-    lm = load_model(policy, device)
-    rm = load_reward_model(reward_model, device=lm.device)
+    lm = load_model(c.policy, run.device)
+    rm = load_reward_model(c.reward_model, device=lm.device)
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
         raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "
                           "policy (parley train rm --base POLICY)")
     for p in rm.model.parameters():
         p.requires_grad_(False)
-    return lm, rm, frozen_copy(lm.model)
+    train, heldout = split_prompts(load_prompts(c.prompts, store))
+    sampling = Sampling(c.temperature, c.max_new_tokens)
+    return lm, rm, frozen_copy(lm.model), sampling, train, heldout[:c.eval_prompts]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Data parallelism under torchrun, the same for every trainer.
+"""Data parallelism under torchrun, the same for every trainer: the process group, and sums and
+gathers of plain values (figures to log, rollouts to share).
 
 Every process holds the whole model and computes the loss on its share of each batch, weighted
-so that the shares add up to the loss of the whole batch; gradients are then summed over the
-processes. The update is the one a single process makes on the whole batch (up to float
-rounding), which the tests check. Without torchrun, all of this is a no-op.
+so that the shares add up to the loss of the whole batch; torch's DistributedDataParallel
+(engine.train.run.Run.parallel) then combines the gradients. The update is the one a single
+process makes on the whole batch (up to float rounding), which the tests check. Without
+torchrun, all of this is a no-op.
 """
 import os
 
@@ -36,17 +38,6 @@ def teardown() -> None:
 
 def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def sum_gradients(parameters) -> None:
-    """Sum each gradient over the processes (a process that had none contributes zeros)."""
-    if not active():
-        return
-    for p in parameters:
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
 
 
 def sum_values(values: list[float], device) -> list[float]:
