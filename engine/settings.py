@@ -137,6 +137,10 @@ PRESETS = {
     "beam": dict(temperature=0.0, num_beams=4, length_penalty=1.0),
 }
 
+# the temperature of each compare pane, in order: spread around 1 so that side by side the panes
+# show what temperature does (pane i's own overrides come on top)
+COMPARE_TEMPERATURES = (0.3, 0.7, 1.0, 1.3, 0.5, 1.6)
+
 # prompt templates the chat screen cycles through; {question} is what the user typed
 TEMPLATES = {
     "zero-shot": "{question}",

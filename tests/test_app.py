@@ -392,3 +392,42 @@ def test_pane_overrides_parse_and_refuse_nonsense():
         parse_overrides("warmth=3")
     with pytest.raises(ParleyError, match="top_k takes a number"):
         parse_overrides("top_k=many")
+
+
+@sync
+async def test_the_store_is_read_and_written_the_same_number_of_times_for_any_reply_length(app, monkeypatch):
+    """Per token, a reply costs no store call: the worker posts tokens, the screen appends them
+    (the thread is not read again, the finished row not read back). Only the partial reply saved
+    every few seconds for a crash (engine.chat.SAVE_EVERY_S) grows with time; it is off here."""
+    import collections
+    import inspect
+
+    import engine.chat
+    monkeypatch.setattr(engine.chat, "SAVE_EVERY_S", 1e9)
+    calls = collections.Counter()
+    for name, method in inspect.getmembers(Store, inspect.isfunction):
+        if not name.startswith("_"):
+            def counted(*args, _name=name, _method=method, **kwargs):
+                calls[_name] += 1
+                return _method(*args, **kwargs)
+            monkeypatch.setattr(Store, name, counted)
+
+    async def reply(pilot, tokens):
+        calls.clear()
+        before = len(replies(app.store))
+        set_setting(app.screen, "max_new_tokens", tokens)
+        set_setting(app.screen, "min_new_tokens", tokens)   # exactly this long
+        await send(pilot, "Tell me more")
+        await until(pilot, lambda: len(replies(app.store)) > before and replies(app.store)[-1]["status"] == "complete")
+        await pilot.pause(0.3)
+        assert len(app.last_tokens[replies(app.store)[-1]["id"]]) == tokens
+        counts = dict(calls)
+        counts.pop("message", None)    # the test's own `replies` reads
+        return counts
+
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        await reply(pilot, 4)            # the first reply also creates the conversation
+        short = await reply(pilot, 8)
+        long = await reply(pilot, 80)
+    assert short == long and sum(short.values()) > 0, (short, long)

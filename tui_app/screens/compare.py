@@ -8,7 +8,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from engine.errors import ParleyError
-from engine.settings import FIELDS, Settings, parse_value
+from engine.settings import COMPARE_TEMPERATURES, FIELDS, Settings, parse_value
 from tui_app.screens.replies import RepliesMixin, stream_replies
 from tui_app.widgets import MessageView
 
@@ -44,13 +44,11 @@ class CompareScreen(RepliesMixin, Screen):
         self.message_ids: list[str] = []
         self.comparison_id: str | None = None
 
-    SPREAD = [0.3, 0.7, 1.0, 1.3, 0.5, 1.6]
-
     def pane_settings(self) -> list[Settings]:
         """Pane i: the chat's settings with its own temperature, then the pane's own overrides."""
         out = []
         for i in range(self.n):
-            s = dataclasses.replace(self.base, temperature=self.SPREAD[i], seed=None, num_beams=1)
+            s = dataclasses.replace(self.base, temperature=COMPARE_TEMPERATURES[i], seed=None, num_beams=1)
             out.append(dataclasses.replace(s, **self.overrides.get(i, {})).validate())
         return out
 
