@@ -96,17 +96,13 @@ class Store:
                 self.db["models"].insert({"name": name, "path": str(path), "kind": kind, "added_at": now(),
                                           "notes": notes})
         except sqlite3.IntegrityError:
-            raise ParleyError(f"a model named {name!r} exists already: pick another name or remove it first") from None
+            raise ParleyError(f"a model named {name!r} exists already: pick another name") from None
 
     def models(self) -> list[dict]:
         return list(self.db.query("SELECT * FROM models ORDER BY added_at, name"))
 
     def model(self, name: str) -> dict | None:
         return next(iter(self.db.query("SELECT * FROM models WHERE name = ?", [name])), None)
-
-    def remove_model(self, name: str) -> None:
-        with self.transaction():
-            self.conn.execute("DELETE FROM models WHERE name = ?", [name])
 
     def set_preference(self, key: str, value) -> None:
         with self.transaction():
