@@ -1,6 +1,6 @@
-"""Where Parley keeps its data, config and models.
+"""Where Parley keeps its data (the store's database) and its config.
 
-`PARLEY_HOME` moves all three under one directory; otherwise they follow the platform's
+`PARLEY_HOME` moves both under one directory; otherwise they follow the platform's
 conventions (platformdirs), e.g. ~/.local/share/parley and ~/.config/parley on Linux.
 """
 import os
@@ -17,10 +17,6 @@ def data_dir() -> Path:
 def config_dir() -> Path:
     home = os.environ.get("PARLEY_HOME")
     return Path(home).expanduser() if home else Path(platformdirs.user_config_dir("parley", appauthor=False))
-
-
-def models_dir() -> Path:
-    return data_dir() / "models"
 
 
 def database_path() -> Path:

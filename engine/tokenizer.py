@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from engine import chat_template
 from engine.checkpoint import read_json
@@ -102,9 +103,17 @@ class StreamDecoder:
     """Turns token ids, one at a time, into text pieces that never split a UTF-8 character.
 
     A token may hold part of a character (byte-level BPE splits emoji and CJK into bytes) and a
-    token's text may depend on its left neighbour (SentencePiece's leading space). So each step
-    decodes a short window that starts a little before the new token, and emits the new part only
-    once it no longer ends in U+FFFD, the replacement character of an incomplete byte sequence.
+    token's text may depend on its left neighbour (SentencePiece's leading space). tokenizers'
+    DecodeStream handles both: it decodes a short window that starts a little before the new token
+    and yields the new part once it no longer ends in U+FFFD, the replacement character of an
+    incomplete byte sequence. Every tokenizer Parley loads is a tokenizers one (tokenizer.json:
+    `parley train tokenizer`'s byte-level BPE, which the n-gram models share, and any Hugging Face
+    checkpoint's), so DecodeStream serves them all.
+
+    DecodeStream has no end-of-stream flush, and it gives up (raises "Invalid prefix") when a
+    token rewrites text it already yielded, as byte fallback does when a run of byte tokens turns
+    out not to be UTF-8. For those two cases `_window_piece` applies the same window rule here, on
+    the window this class keeps in step with the library's (`prefix`, `read`).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -112,19 +121,37 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # start of the decoding window
         self.read = 0    # tokens whose text has been emitted
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
-        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
-        if len(text) > len(done) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(done):]
-        return ""
+        piece = self._library_piece(token_id) if self._stream is not None else self._window_piece()
+        if piece is None:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return piece
 
     def flush(self) -> str:
         """What is left at the end of a stream (an incomplete character shows as U+FFFD)."""
+        piece = self._window_piece(final=True) or ""
+        self.prefix = self.read = len(self.ids)
+        self._stream = DecodeStream(skip_special_tokens=self.skip)  # a new window, as after any flush
+        return piece
+
+    def _library_piece(self, token_id: int) -> str | None:
+        try:
+            return self._stream.step(self.tokenizer.tokenizer, token_id)
+        except Exception as e:  # the Rust library raises a bare Exception
+            if "Invalid prefix" not in str(e):
+                raise
+        # The library's state is stale now; the rest of this stream uses the window rule.
+        self._stream = None
+        return self._window_piece()
+
+    def _window_piece(self, final: bool = False) -> str | None:
+        """The new text of the window past what was emitted, or None while it is not ready."""
         done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
         text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
-        self.prefix = self.read = len(self.ids)
-        return text[len(done):]
+        if final or (len(text) > len(done) and not text.endswith("\ufffd")):
+            return text[len(done):]
+        return None

@@ -118,3 +118,56 @@ def test_the_probe_finds_onednn_here_and_leaves_the_random_stream_alone():
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3))
     assert torch.float32 in found   # CI's x86 CPU runs the packed path
+
+
+# -- the private oneDNN ops of engine/models/linear.py -----------------------------------------------
+# torch.ops.mkldnn._reorder_linear_weight, _linear_pointwise and _is_mkldnn_bf16_supported are not
+# public API: any torch release may rename them or change their arguments. linear.py's probe would
+# then find no working dtype and quietly fall back to F.linear (decoding slower, and batch-variant
+# again), so this test is where such a change shows. The ops were checked, as linear.py calls them, on:
+MKLDNN_CHECKED_ON = ("2.13.0",)
+
+
+def _onednn_failure(what: str, error) -> str:
+    return (f"torch {torch.__version__}: {what} ({error}). engine/models/linear.py's private torch.ops.mkldnn "
+            f"calls were checked on torch {', '.join(MKLDNN_CHECKED_ON)}; look up how torch.compile's CPU "
+            "backend calls them in this release and update linear.py")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN decodes with F.linear")
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_private_onednn_ops_work_as_linear_py_calls_them(bias):
+    from engine.models import linear
+    try:
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError) as e:
+        pytest.fail(_onednn_failure("torch.ops.mkldnn._is_mkldnn_bf16_supported() failed", e))
+    assert isinstance(bf16, bool), _onednn_failure("_is_mkldnn_bf16_supported() is not a bool", type(bf16))
+    torch.manual_seed(0)
+    for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
+        w, b = torch.randn(48, 32, dtype=dtype), (torch.randn(48, dtype=dtype) if bias else None)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, linear.MIN_ROWS)
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError) as e:
+            pytest.fail(_onednn_failure(f"_reorder_linear_weight(weight, {linear.MIN_ROWS}) failed for {dtype}", e))
+        # the inputs fused_linear gives it: 4 to 16 rows, a lone row expanded to 4, rows of a [batch, time] input
+        x = torch.randn(16, 32, dtype=dtype)
+        inputs = [x[:rows] for rows in range(linear.MIN_ROWS, linear.MAX_ROWS + 1)]
+        inputs += [x[:1].expand(linear.MIN_ROWS, -1), x[:12].reshape(3, 4, 32)]
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        for rows in inputs:
+            try:
+                y = torch.ops.mkldnn._linear_pointwise(rows, packed, b, "none", [], "")
+            except (AttributeError, RuntimeError, NotImplementedError, TypeError) as e:
+                pytest.fail(_onednn_failure(f"_linear_pointwise on {tuple(rows.shape)} {dtype} rows failed", e))
+            expected = F.linear(rows, w, b).float()
+            if y.shape != expected.shape:
+                pytest.fail(_onednn_failure(f"_linear_pointwise on {tuple(rows.shape)} rows gave {tuple(y.shape)}",
+                                            f"F.linear gives {tuple(expected.shape)}"))
+            if not torch.allclose(y.float(), expected, atol=tolerance * 10, rtol=tolerance):
+                gap = (y.float() - expected).abs().max().item()
+                pytest.fail(_onednn_failure(f"_linear_pointwise on {tuple(rows.shape)} {dtype} rows disagrees "
+                                            "with F.linear", f"largest difference {gap:.3g}"))
+    found = linear._probe_onednn()
+    assert found == ({torch.float32, torch.bfloat16} if bf16 else {torch.float32}), _onednn_failure(
+        "linear.py's probe does not find the packed product working for every dtype oneDNN runs here", found)

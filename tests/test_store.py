@@ -165,6 +165,64 @@ def test_migration_from_a_version_1_database(tmp_path):
         s.flag("m1", "unsafe")
 
 
+V2_TRIGGERS = {"messages_fts_insert", "messages_fts_delete", "messages_fts_update"}   # written by hand
+SQLITE_UTILS_TRIGGERS = {"messages_ai", "messages_ad", "messages_au"}                  # enable_fts's
+
+
+def triggers(conn) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+
+
+def assert_index_matches_messages(conn):
+    # FTS5's integrity check with rank 1 also compares the index with its content table, row by row.
+    conn.execute("INSERT INTO messages_fts(messages_fts, rank) VALUES ('integrity-check', 1)")
+
+
+def test_migration_from_a_version_2_database_keeps_search(tmp_path):
+    """A database of the Parley before version 3 (hand-written search triggers) opens with its rows
+    and their search, gets sqlite-utils' triggers, and searches what is written afterwards."""
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, upto=2)  # migrations are never edited: this is the earlier Parley's database
+    assert triggers(conn) == V2_TRIGGERS
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
+    for mid, parent, role, content in [("m1", None, "user", "does the octopus 🐙 sing?"),
+                                       ("m2", "m1", "assistant", "only about the sea 海"),
+                                       ("m3", "m1", "assistant", "a draft reply"),
+                                       ("m4", "m1", "assistant", "a deleted zebra")]:
+        conn.execute("INSERT INTO messages (id, conversation_id, parent_id, role, content, created_at) "
+                     "VALUES (?, 'c1', ?, ?, ?, 't')", (mid, parent, role, content))
+    conn.execute("UPDATE messages SET content = 'the finished walrus reply' WHERE id = 'm3'")
+    conn.execute("DELETE FROM messages WHERE id = 'm4'")
+    conn.execute("UPDATE conversations SET current_leaf = 'm2' WHERE id = 'c1'")
+    conn.close()
+
+    with Store(path) as s:
+        assert schema.version(s.conn) == schema.LATEST
+        assert triggers(s.conn) == SQLITE_UTILS_TRIGGERS
+        assert_index_matches_messages(s.conn)
+        assert [m["content"] for m in s.thread("c1")] == ["does the octopus 🐙 sing?", "only about the sea 海"]
+        assert [h["id"] for h in s.search("octopus")] == ["m1"]
+        assert [h["id"] for h in s.search("海")] == ["m2"]
+        assert [h["id"] for h in s.search("walrus")] == ["m3"]
+        assert s.search("draft") == [] and s.search("zebra") == []
+        # New writes keep the index in step: insert, the reply's update, delete.
+        reply = s.start_reply("c1", "m2", "tiny", None)
+        s.finish_reply(reply, "a new narwhal reply", "eos")
+        assert [h["id"] for h in s.search("narwhal")] == [reply]
+        s.flag("m1", "unsafe")
+        assert_index_matches_messages(s.conn)
+        s.delete_conversation("c1")
+        assert s.search("octopus") == [] and s.search("narwhal") == []
+        assert_index_matches_messages(s.conn)
+
+
+def test_a_new_database_has_only_the_sqlite_utils_triggers(store):
+    assert triggers(store.conn) == SQLITE_UTILS_TRIGGERS
+    chat(store)
+    assert_index_matches_messages(store.conn)
+
+
 def test_newer_database_is_refused(tmp_path):
     path = tmp_path / "new.db"
     with Store(path) as s:

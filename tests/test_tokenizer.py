@@ -1,10 +1,11 @@
 """Chat templates render as transformers renders them; streaming decode never splits a character."""
 import pytest
-from tokenizers import processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, processors
 
 from engine import ParleyError
 from engine.tokenizer import Tokenizer
-from helpers import CHATML, LLAMA3, ZEPHYR, hf_tokenizer
+from helpers import CHATML, CORPUS, LLAMA3, ZEPHYR, hf_tokenizer
 
 TEMPLATES = {
     "chatml": (CHATML, "<|begin_of_text|>", "<|im_end|>"),
@@ -98,3 +99,71 @@ def test_streaming_holds_back_half_a_character(both):
     stream = ours.stream_decoder()
     assert [stream.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert stream.push(ids[-1]) == "🌊"
+
+
+# -- streaming over every kind of tokenizer Parley loads ------------------------------------------
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A SentencePiece-style tokenizer as Llama 2 and Mistral convert to tokenizer.json: letters and
+    "▁" for spaces, and any other character spelled as <0xNN> byte tokens (byte fallback)."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?:'"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             **{c: 259 + i for i, c in enumerate("▁" + letters)}}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(["<s>", "</s>"])
+    return Tokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>"})
+
+
+def parley_trained_tokenizer() -> Tokenizer:
+    """`parley train tokenizer`'s byte-level BPE (the n-gram models use it too)."""
+    from engine.train.tokenizer import train_tokenizer
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(params=["parley-byte-level", "byte-fallback"])
+def kind(request):
+    return {"parley-byte-level": parley_trained_tokenizer, "byte-fallback": byte_fallback_tokenizer}[request.param]()
+
+
+def stream_all(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    stream = tokenizer.stream_decoder()
+    return [stream.push(i) for i in ids] + [stream.flush()]
+
+
+@pytest.mark.parametrize("text", ["Hello there! 🌊 and 海, café.", "海🐙", "Plain words only."])
+def test_streaming_every_tokenizer_kind(kind, text):
+    ids = kind.encode(text, add_special_tokens=False)
+    pieces = stream_all(kind, ids)
+    assert "".join(pieces) == kind.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_streaming_holds_back_cjk_split_over_byte_tokens(kind):
+    ids = kind.encode("a海", add_special_tokens=False)
+    stream = kind.stream_decoder()
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == "a海" and pieces[-1].endswith("海")
+    assert len(ids) >= 3 and pieces[-3:-1] == ["", ""]  # 海 is three UTF-8 bytes, one token each here
+
+
+def test_flush_shows_an_unfinished_character():
+    tok = byte_fallback_tokenizer()
+    ids = tok.encode("a🌊", add_special_tokens=False)[:-1]  # the emoji's last byte never comes
+    stream = tok.stream_decoder()
+    assert [stream.push(i) for i in ids] == ["a", "", "", ""]
+    assert stream.flush() == "\ufffd" * 3  # byte fallback shows each byte of it as U+FFFD
+    assert stream.push(tok.token_id("b")) == "b"  # a new window after the flush
+
+
+def test_streaming_goes_on_after_bytes_that_are_not_utf8():
+    """Byte fallback rewrites text already shown when a run of byte tokens turns out not to be
+    UTF-8 (tokenizers' DecodeStream raises "Invalid prefix"); the stream goes on with the window
+    rule and gives what the hand-written decoder gave before it."""
+    tok = byte_fallback_tokenizer()
+    byte = {b: tok.token_id(f"<0x{b:02X}>") for b in (0x20, 0xE2, 0xC2, 0xBB)}
+    ids = [tok.token_id("a"), byte[0x20], byte[0xE2], byte[0xC2], byte[0xBB], tok.token_id("b"),
+           tok.token_id("▁"), tok.token_id("c")]
+    stream = tok.stream_decoder()
+    assert [stream.push(i) for i in ids] == ["a", " ", "", "", "", "\ufffd\ufffd\ufffdb", " ", "c"]
+    assert stream.flush() == "" and stream.ids == ids

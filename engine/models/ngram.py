@@ -14,7 +14,6 @@ from a "start of turn" context. Counts are kept as sorted arrays of n-gram keys 
 base V) with their counts, so lookups are binary searches, loading is a few array reads, and
 probabilities for every position of a text are computed in one vectorised pass per order.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -318,7 +317,3 @@ class NGramCache:
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.histories = [list(self.histories[i]) for i in index.tolist()]
-
-
-def write_config(directory: Path, ngram: NGramLM) -> None:
-    (Path(directory) / "config.json").write_text(json.dumps(ngram.config(), indent=2) + "\n")

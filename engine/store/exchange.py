@@ -228,11 +228,10 @@ def _write_conversations(store: Store, rows: list[dict]) -> dict:
         if list(store.db.query("SELECT 1 FROM conversations WHERE id = ?", [row["id"]])):
             skipped += 1
             continue
-        store.conn.execute(
-            "INSERT INTO conversations (id, title, system_prompt, model, created_at, updated_at, archived) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row["id"], row.get("title", ""), row.get("system_prompt", ""), row.get("model"),
-             row.get("created_at") or now(), row.get("updated_at") or now(), int(bool(row.get("archived")))))
+        store.db["conversations"].insert({
+            "id": row["id"], "title": row.get("title", ""), "system_prompt": row.get("system_prompt", ""),
+            "model": row.get("model"), "created_at": row.get("created_at") or now(),
+            "updated_at": row.get("updated_at") or now(), "archived": int(bool(row.get("archived")))})
         for m in row.get("messages", []):
             store.add_message(row["id"], m["role"], m["content"], m.get("parent_id"), model=m.get("model"),
                               settings=m.get("settings"), prompt_tokens=m.get("prompt_tokens"),

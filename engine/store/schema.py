@@ -1,9 +1,12 @@
 """The store's schema, as ordered migrations. `PRAGMA user_version` is the number applied.
 
-A migration is only ever appended, never edited: a database written by any earlier Parley opens
-by running the migrations it lacks, in order, each in its own transaction.
+A migration is SQL, or a function of a sqlite-utils Database where the library builds the schema.
+It is only ever appended, never edited: a database written by any earlier Parley opens by running
+the migrations it lacks, in order, each in its own transaction.
 """
 import sqlite3
+
+from sqlite_utils import Database
 
 V1 = """
 CREATE TABLE models (
@@ -90,7 +93,8 @@ CREATE TABLE metrics (
 );
 """
 
-# Version 2: full-text search over messages (kept in step by triggers) and candidate flags.
+# Version 2: full-text search over messages (kept in step by triggers; version 3 replaces both) and
+# candidate flags.
 V2 = """
 CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='rowid');
 INSERT INTO messages_fts(rowid, content) SELECT rowid, content FROM messages;
@@ -113,7 +117,18 @@ CREATE TABLE flags (
 );
 """
 
-MIGRATIONS = [V1, V2]
+
+def v3_search_index_by_sqlite_utils(db: Database) -> None:
+    """Version 3: the full-text index over messages and the triggers that keep it in step are
+    sqlite-utils' (messages_ai, messages_ad, messages_au) instead of version 2's hand-written ones.
+    The index is built again from the messages, so every message written before stays searchable."""
+    for trigger in ("messages_fts_insert", "messages_fts_delete", "messages_fts_update"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db["messages_fts"].drop(ignore=True)
+    db["messages"].enable_fts(["content"], create_triggers=True)
+
+
+MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils]
 LATEST = len(MIGRATIONS)
 
 
@@ -125,17 +140,25 @@ def migrate(conn: sqlite3.Connection, upto: int = LATEST) -> None:
     """Apply the missing migrations up to `upto`, each atomically (the connection is in autocommit).
     The version is read again under the write lock: processes that open a new database at the same
     moment (torchrun's) apply each migration once."""
+    db = Database(conn)
     for number in range(version(conn) + 1, upto + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             if version(conn) < number:
-                for statement in _statements(MIGRATIONS[number - 1]):
-                    conn.execute(statement)
+                _apply(MIGRATIONS[number - 1], db)
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _apply(migration, db: Database) -> None:
+    if callable(migration):
+        migration(db)  # sqlite-utils 4 runs its statements inside the open transaction
+        return
+    for statement in _statements(migration):
+        db.conn.execute(statement)
 
 
 def _statements(script: str) -> list[str]:

@@ -93,10 +93,10 @@ class Store:
             raise ParleyError("a model needs a name: give a non-empty name")
         try:
             with self.transaction():
-                self.conn.execute("INSERT INTO models (name, path, kind, added_at, notes) VALUES (?, ?, ?, ?, ?)",
-                                  (name, str(path), kind, now(), notes))
+                self.db["models"].insert({"name": name, "path": str(path), "kind": kind, "added_at": now(),
+                                          "notes": notes})
         except sqlite3.IntegrityError:
-            raise ParleyError(f"a model named {name!r} exists already: pick another name or remove it first") from None
+            raise ParleyError(f"a model named {name!r} exists already: pick another name") from None
 
     def models(self) -> list[dict]:
         return list(self.db.query("SELECT * FROM models ORDER BY added_at, name"))
@@ -104,13 +104,9 @@ class Store:
     def model(self, name: str) -> dict | None:
         return next(iter(self.db.query("SELECT * FROM models WHERE name = ?", [name])), None)
 
-    def remove_model(self, name: str) -> None:
-        with self.transaction():
-            self.conn.execute("DELETE FROM models WHERE name = ?", [name])
-
     def set_preference(self, key: str, value) -> None:
         with self.transaction():
-            self.conn.execute("INSERT OR REPLACE INTO preferences (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            self.db["preferences"].insert({"key": key, "value": json.dumps(value)}, replace=True)
 
     def preference(self, key: str, default=None):
         row = next(iter(self.db.query("SELECT value FROM preferences WHERE key = ?", [key])), None)
@@ -120,8 +116,8 @@ class Store:
     def create_conversation(self, title: str = "", system_prompt: str = "", model: str | None = None) -> str:
         cid, stamp = new_id(), now()
         with self.transaction():
-            self.conn.execute("INSERT INTO conversations (id, title, system_prompt, model, created_at, updated_at) "
-                              "VALUES (?, ?, ?, ?, ?, ?)", (cid, title, system_prompt, model, stamp, stamp))
+            self.db["conversations"].insert({"id": cid, "title": title, "system_prompt": system_prompt, "model": model,
+                                             "created_at": stamp, "updated_at": stamp})
         return cid
 
     def conversation(self, conversation_id: str) -> dict:
@@ -169,11 +165,12 @@ class Store:
             raise ParleyError(f"message {parent_id!r} belongs to another conversation")
         mid, stamp = message_id or new_id(), created_at or now()
         with self.transaction():
-            self.conn.execute(
-                "INSERT INTO messages (id, conversation_id, parent_id, role, content, model, settings, prompt_tokens, "
-                "completion_tokens, timings, finish_reason, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (mid, conversation_id, parent_id, role, content, model, _json(settings), prompt_tokens,
-                 completion_tokens, _json(timings), finish_reason, status, stamp))
+            # Settings and timings go in as Parley's own JSON text: sqlite-utils would encode dicts its way.
+            self.db["messages"].insert({
+                "id": mid, "conversation_id": conversation_id, "parent_id": parent_id, "role": role,
+                "content": content, "model": model, "settings": _json(settings), "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens, "timings": _json(timings), "finish_reason": finish_reason,
+                "status": status, "created_at": stamp})
             if make_current:
                 self.conn.execute("UPDATE conversations SET current_leaf = ?, updated_at = ? WHERE id = ?",
                                   (mid, now(), conversation_id))
@@ -271,11 +268,10 @@ class Store:
                 raise ParleyError(f"message {mid!r} is not an assistant reply to the compared context")
         comparison_id = new_id()
         with self.transaction():
-            self.conn.execute("INSERT INTO comparisons (id, conversation_id, parent_id, created_at) VALUES (?,?,?,?)",
-                              (comparison_id, conversation_id, parent_id, now()))
-            self.conn.executemany(
-                "INSERT INTO comparison_candidates (comparison_id, position, message_id) VALUES (?, ?, ?)",
-                [(comparison_id, i, mid) for i, mid in enumerate(message_ids)])
+            self.db["comparisons"].insert({"id": comparison_id, "conversation_id": conversation_id,
+                                           "parent_id": parent_id, "created_at": now()})
+            self.db["comparison_candidates"].insert_all(
+                {"comparison_id": comparison_id, "position": i, "message_id": mid} for i, mid in enumerate(message_ids))
         return comparison_id
 
     def comparison(self, comparison_id: str) -> dict:
@@ -299,13 +295,13 @@ class Store:
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks.values()):
             raise ParleyError("ranks are whole numbers from 1 (best) up")
         rid = ranking_id or new_id()
-        pairs = [(rid, a, b) for a, b in itertools.permutations(candidates, 2) if ranks[a] < ranks[b]]
+        pairs = [{"ranking_id": rid, "chosen_id": a, "rejected_id": b}
+                 for a, b in itertools.permutations(candidates, 2) if ranks[a] < ranks[b]]
         with self.transaction():
-            self.conn.execute("INSERT INTO rankings (id, comparison_id, kind, ranks, vote, annotator, created_at) "
-                              "VALUES (?,?,?,?,?,?,?)", (rid, comparison_id, kind, json.dumps(ranks), vote, annotator,
-                                                         created_at or now()))
-            self.conn.executemany("INSERT INTO preference_pairs (ranking_id, chosen_id, rejected_id) VALUES (?,?,?)",
-                                  pairs)
+            self.db["rankings"].insert({"id": rid, "comparison_id": comparison_id, "kind": kind,
+                                        "ranks": json.dumps(ranks), "vote": vote, "annotator": annotator,
+                                        "created_at": created_at or now()})
+            self.db["preference_pairs"].insert_all(pairs)
         return rid
 
     def vote(self, comparison_id: str, vote: str, best: str | None = None, worst: str | None = None,
@@ -335,8 +331,8 @@ class Store:
         if flag not in FLAGS:
             raise ParleyError(f"flag {flag!r} is not one of {', '.join(FLAGS)}")
         with self.transaction():
-            self.conn.execute("INSERT OR IGNORE INTO flags (message_id, flag, ranking_id, created_at) VALUES (?,?,?,?)",
-                              (message_id, flag, ranking_id, now()))
+            self.db["flags"].insert({"message_id": message_id, "flag": flag, "ranking_id": ranking_id,
+                                     "created_at": now()}, ignore=True)
 
     def flags(self, message_id: str) -> list[str]:
         return [r["flag"] for r in self.db.query("SELECT flag FROM flags WHERE message_id = ? ORDER BY flag",
@@ -406,9 +402,8 @@ class Store:
     def start_run(self, kind: str, config: dict, base_model: str | None = None, pid: int | None = None) -> str:
         rid = new_id()
         with self.transaction():
-            self.conn.execute("INSERT INTO runs (id, kind, config, status, base_model, started_at, pid) "
-                              "VALUES (?, ?, ?, 'running', ?, ?, ?)", (rid, kind, json.dumps(config), base_model,
-                                                                       now(), pid))
+            self.db["runs"].insert({"id": rid, "kind": kind, "config": json.dumps(config), "status": "running",
+                                    "base_model": base_model, "started_at": now(), "pid": pid})
         return rid
 
     def resume_run(self, run_id: str, pid: int | None = None) -> None:
@@ -428,9 +423,8 @@ class Store:
         stamp = now()
         with self.transaction():
             # A resumed run logs its steps again; the newer value wins.
-            self.conn.executemany("INSERT OR REPLACE INTO metrics (run_id, step, name, value, recorded_at) "
-                                  "VALUES (?, ?, ?, ?, ?)",
-                                  [(run_id, step, name, float(v), stamp) for name, v in values.items()])
+            self.db["metrics"].insert_all(({"run_id": run_id, "step": step, "name": name, "value": float(v),
+                                            "recorded_at": stamp} for name, v in values.items()), replace=True)
 
     def run(self, run_id: str) -> dict:
         r = self._one("SELECT * FROM runs WHERE id = ?", [run_id], "run")
