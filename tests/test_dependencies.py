@@ -28,6 +28,8 @@ def uses_torch():
     F.rms_norm(q, q.shape[-1:], eps=1e-6)                                        # engine/models/llama.py
     torch.autocast("cpu", dtype=torch.bfloat16)
     assert hasattr(torch.distributed, "all_gather_object")
+    from torch.nn.parallel import DistributedDataParallel
+    assert hasattr(DistributedDataParallel, "no_sync")
 
 
 def uses_tokenizers():
@@ -75,6 +77,21 @@ def uses_textual():
     from textual.app import App
     from textual.widgets import Input, Markdown, Select, Sparkline, TextArea
     assert App and Input and Markdown and Select and Sparkline and TextArea
+
+
+def uses_rich():
+    import io
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    out = io.StringIO()
+    console = Console(file=out, highlight=False)
+    assert not console.is_terminal
+    console.print("[b]step 1/2[/b]", markup=False, soft_wrap=True)
+    assert out.getvalue() == "[b]step 1/2[/b]\n"
+    progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[figures]}"), console=console, transient=True)
+    progress.update(progress.add_task("train", total=2, completed=0, figures=""), completed=1, figures="loss 1")
 
 
 def uses_platformdirs():
@@ -146,6 +163,8 @@ FIRST_WITH = {
     "textual": ("8.2.8", "the widgets the app uses; pinned: the snapshot tests compare rendered screens",
                 uses_textual),
     "platformdirs": ("4", "user_data_dir, user_config_dir", uses_platformdirs),
+    "rich": ("14.2", "Console(file=, highlight=), print(markup=, soft_wrap=), Progress columns (textual 8.2.8 needs "
+             "14.2)", uses_rich),
     "sqlite-utils": ("4.0", "db.atomic(); enable_fts and insert inside an open transaction without committing it",
                      uses_sqlite_utils),
     "numpy": ("1.24", "the arrays of engine/models/ngram.py", uses_numpy),
