@@ -1,3 +1,4 @@
+"""Shared fixtures: tiny random checkpoints of every family, built once per session (no downloads)."""
 import sys
 from pathlib import Path
 
