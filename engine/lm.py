@@ -48,7 +48,9 @@ class LM:
         return [] if eos is None else [eos]
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        # a count-based model (n-grams) has no weights to count and says its own size
+        own = getattr(self.model, "num_parameters", None)
+        return own() if own is not None else sum(p.numel() for p in self.model.parameters())
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -194,18 +194,20 @@ class NGramLM:
 
     def distribution(self, context: list[int]) -> np.ndarray:
         """P(w | context) for every w of the vocabulary."""
-        context = ([self.bos] * (self.order - 1) + list(context))[len(context):] if self.order > 1 else []
-        words = np.arange(self.V)
-        return self.prob(np.tile(np.asarray(context, dtype=np.int64), (self.V, 1)), words)
+        return self.distributions([context])[0]
 
-    def sequence_logprob(self, ids: list[int]) -> np.ndarray:
-        """log P of each token of `ids` given the ones before (BOS-padded), in one vectorised pass."""
-        padded = np.asarray([self.bos] * (self.order - 1) + list(ids), dtype=np.int64)
-        positions = np.arange(self.order - 1, len(padded))
-        contexts = np.stack([padded[positions - self.order + 1 + j] for j in range(self.order - 1)], axis=1) \
-            if self.order > 1 else np.zeros((len(positions), 0), dtype=np.int64)
-        with np.errstate(divide="ignore"):
-            return np.log(self.prob(contexts, padded[positions]))
+    def distributions(self, contexts: list[list[int]], rows_at_once: int = 64) -> np.ndarray:
+        """P(w | context) [len(contexts), V] for every w, `rows_at_once` contexts per vectorised pass."""
+        keep = self.order - 1
+        padded = np.asarray([([self.bos] * keep + list(c))[len(c):] if keep else [] for c in contexts],
+                            dtype=np.int64).reshape(len(contexts), keep)
+        words = np.arange(self.V)
+        out = np.empty((len(contexts), self.V))
+        for first in range(0, len(contexts), rows_at_once):
+            chunk = padded[first:first + rows_at_once]
+            probs = self.prob(np.repeat(chunk, self.V, axis=0), np.tile(words, len(chunk)))
+            out[first:first + len(chunk)] = probs.reshape(len(chunk), self.V)
+        return out
 
     # -- files ---------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -280,6 +282,10 @@ class NGramNetwork(torch.nn.Module):
     def weight(self):
         return self.anchor
 
+    def num_parameters(self) -> int:
+        """A count-based model's size: its stored n-grams (it has no weights to count)."""
+        return sum(len(k) for k in self.ngram.keys)
+
     def new_cache(self, batch: int, max_len: int) -> "NGramCache":
         return NGramCache(batch, self.ngram.order - 1)
 
@@ -290,14 +296,14 @@ class NGramNetwork(torch.nn.Module):
         histories = [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(rows, real)]
         if cache is not None:
             cache.push(histories)
-            out = [[self.ngram.distribution(history)] for history in cache.histories]
+            contexts = cache.histories
         else:
-            out = []
+            contexts = []
             for history, mask in zip(histories, real):
                 ends = np.cumsum(mask)   # real tokens up to each position (padding repeats the one before)
-                out.append([self.ngram.distribution(history[:end]) for end in (ends[-1:] if last_only else ends)])
+                contexts += [history[:end] for end in (ends[-1:] if last_only else ends)]
         with np.errstate(divide="ignore"):
-            logp = np.log(np.asarray(out))
+            logp = np.log(self.ngram.distributions(contexts)).reshape(len(rows), -1, self.ngram.V)
         return torch.tensor(logp, dtype=torch.float32, device=idx.device)
 
 

@@ -26,14 +26,8 @@ def words(example) -> int:
 def evaluate(lm, examples, max_examples: int | None = None) -> dict:
     total, tokens, n_words = 0.0, 0, 0
     window = lm.max_context
-    ngram = getattr(lm.model, "ngram", None)
     for example in examples[:max_examples]:
         ids, _ = data.encode(lm.tokenizer, example)
-        if ngram is not None:  # every position at once; the first token (BOS) is context, as below
-            total -= float(ngram.sequence_logprob(ids)[1:].sum())
-            tokens += len(ids) - 1
-            n_words += words(example)
-            continue
         for start in range(0, len(ids) - 1, window - 1):
             chunk = torch.tensor(ids[start:start + window], device=lm.device)[None]
             total += summed_loss(lm.model, chunk, torch.ones(1, chunk.shape[1] - 1, device=lm.device)).item()
@@ -71,9 +65,7 @@ def compare(models: dict, examples, max_examples: int | None = None) -> list[dic
     for name, lm in models.items():
         start = time.perf_counter()
         result = evaluate(lm, examples, max_examples)
-        ngram = getattr(lm.model, "ngram", None)
-        rows.append({"model": name, "family": describe(lm.config),
-                     "parameters": sum(len(k) for k in ngram.keys) if ngram is not None else lm.num_parameters(),
+        rows.append({"model": name, "family": describe(lm.config), "parameters": lm.num_parameters(),
                      "bytes": size_on_disk(lm.path) if lm.path else None, **result,
                      "eval_seconds": time.perf_counter() - start})
     return rows

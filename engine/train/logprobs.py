@@ -10,7 +10,9 @@ def token_logprobs(model, ids: torch.Tensor, pad_mask: torch.Tensor | None, targ
     """log p(token t + 1 | tokens <= t) at every position t of right-padded `ids` [B, T], zero
     outside `targets` [B, T-1]; logits are divided by `temperature`, as in the rollout that drew
     the tokens. With `entropy`, also the entropy of each next-token distribution."""
-    logits = model(ids[:, :-1], pad_mask=None if pad_mask is None else pad_mask[:, :-1]).float() / temperature
+    logits = model(ids[:, :-1], pad_mask=None if pad_mask is None else pad_mask[:, :-1]).float()
+    if temperature != 1.0:   # dividing by 1 changes nothing and would cost a pass over the logits
+        logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = torch.gather(logp_all, 2, ids[:, 1:, None])[..., 0] * targets
     if not entropy:
