@@ -8,7 +8,14 @@ counting its own tokens only. The cache rows are then repeated, one per sampled 
 every live row, applies every row's own processors as tensors, and yields events: a `Token` per
 sampled row and step, and a `Finished` per candidate. Between steps the caller may cancel
 candidates or change their settings. Finished rows leave the batch, so the rest speed up.
+
+The loop is laid out as gpt-fast's generate.py is: `prefill`, then per step `choose_tokens` (the
+rows' processors and sampling), the beam searches' bookkeeping, the events, the pruning of
+finished rows and `decode_step`, one forward pass: a pure function of tensors, ready for
+torch.compile and CUDA graphs, while Python keeps everything that reads values back (events,
+stop strings, beams).
 """
+import itertools
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -18,6 +25,7 @@ import torch
 from engine import sampling
 from engine.beam import BeamSearch
 from engine.errors import ParleyError
+from engine.models.cache import KVCache
 from engine.sampling import RowSettings
 from engine.settings import Settings
 from engine.stop import StopMatcher
@@ -117,119 +125,149 @@ class Generation:
         done = [e for e in self if isinstance(e, Finished)]
         return sorted(done, key=lambda f: f.candidate)
 
-    # -- the loop ----------------------------------------------------------------------------------
+    # -- the loop: prefill, then decoding steps (in the manner of gpt-fast's generate.py) -------------
     def __iter__(self):
-        lm, model, tok = self.lm, self.lm.model, self.lm.tokenizer
-        device = lm.device
-        # The prompts left-padded to one width, -1 at padding: what no-repeat n-grams read (-1 never
-        # matches a token), and the prefill's pad mask. One prompt needs no mask: today's fast path.
-        n_prompt = max(len(p) for p in self.prompts)
-        padded = torch.tensor([[-1] * (n_prompt - len(p)) + p for p in self.prompts], device=device)
-        pad_mask = padded >= 0 if len({len(p) for p in self.prompts}) > 1 else None
-        width = n_prompt + max(s.max_new_tokens for s in self.settings)
-        started = time.perf_counter()
-        # Inference mode, not just no_grad: no autograd bookkeeping at all, ~10% off a CPU step.
-        # Its tensors cannot be written to outside it, so the blocks below cover all such writes.
-        with torch.inference_mode():
-            cache = model.new_cache(len(self.prompts), width)
-            logits = model(padded.clamp(min=0), cache=cache, pad_mask=pad_mask, last_only=True)[:, -1].float()
-        self.prefill_s = time.perf_counter() - started
-        self._started = started
+        """Prefill, then a step per token of every live row, until every candidate has finished."""
+        logits, prompts = self._prefill()
+        batch = self._start_rows(prompts, logits)
+        for step in itertools.count():
+            batch, events = self._apply_controls(batch)
+            yield from events
+            if not len(batch.cand):
+                return
+            with torch.inference_mode():
+                logprobs, scores, chosen = choose_tokens(batch, step, self.n_prompt, self.eos_ids)
+            cand = batch.cand.tolist()
+            order, chosen, ended, events = self._advance_beams(batch, cand, scores, chosen, step)
+            if self.beams:   # each beam row now continues its parent beam's sequence
+                batch, logprobs, scores = batch.take(order), logprobs[order], scores[order]
+            batch.append(chosen, self.n_prompt + step)
+            tokens, stopped = self._token_events(cand, chosen, logprobs, scores, step)
+            yield from events + tokens
+            ended |= stopped
+            live = [c >= 0 and i not in ended for i, c in enumerate(cand)]
+            batch, order, chosen = self._prune(batch, live, order, chosen)
+            if not len(batch.cand):
+                return
+            batch.logits = self._decode(chosen, order)
 
-        # One row per sampled candidate, num_beams rows per beam candidate, each from its prompt's prefill.
+    def _prefill(self):
+        """Every prompt through the model at once into a new cache (`self.cache`), left-padded to one
+        width; returns their next-token logits [prompts, vocab] and the padded prompts, -1 at padding
+        (what no-repeat n-grams read: -1 never matches a token)."""
+        self.n_prompt = max(len(p) for p in self.prompts)
+        padded = torch.tensor([[-1] * (self.n_prompt - len(p)) + p for p in self.prompts], device=self.lm.device)
+        pad_mask = padded >= 0 if len({len(p) for p in self.prompts}) > 1 else None  # none: the fast path
+        self.width = self.n_prompt + max(s.max_new_tokens for s in self.settings)
+        self._started = time.perf_counter()
+        self.cache, logits = prefill(self.lm.model, padded.clamp(min=0), pad_mask, self.width)
+        self.prefill_s = time.perf_counter() - self._started
+        return logits, padded
+
+    def _start_rows(self, prompts: torch.Tensor, logits: torch.Tensor) -> "_Batch":
+        """One row per sampled candidate and num_beams rows per beam candidate, each repeating its
+        prompt's prefilled cache row; a beam search or a text stream per candidate."""
+        device = self.lm.device
         cand = torch.tensor([c for c, s in enumerate(self.settings) for _ in range(s.num_beams)], device=device)
         source = torch.tensor(self.prompt_of, device=device)[cand]
         with torch.inference_mode():
-            cache.select_rows(source)
-        batch = _Batch.start(cand, padded[source], logits[source], width, self.settings)
-        beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
-        streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
-                   if s.num_beams == 1}
-        step = 0
-        while len(batch.cand):
-            cancelled = self._cancel & set(batch.cand.tolist())
-            if cancelled:
-                for c in sorted(cancelled):
-                    if c in beams:
-                        beams[c].cancel()
-                        yield self._finish_beam(c, beams[c])
-                    else:
-                        streams[c].text.append(streams[c].flush())
-                        yield self._finish(c, "cancelled", streams[c])
-                keep = torch.tensor([c >= 0 and c not in cancelled for c in batch.cand.tolist()], device=device)
-                batch = batch.take(keep.nonzero()[:, 0])
-                cache.select_rows(keep.nonzero()[:, 0])
-                if not len(batch.cand):
-                    break
-            if self._updates:
-                self.settings = [self._updates.pop(c, s) for c, s in enumerate(self.settings)]
-                batch = batch.take(torch.arange(len(batch.cand), device=device), self.settings)
+            self.cache.select_rows(source)
+        tok = self.lm.tokenizer
+        self.beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
+        self.streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
+                        if s.num_beams == 1}
+        return _Batch.start(cand, prompts[source], logits[source], self.width, self.settings)
 
-            with torch.inference_mode():
-                rows = batch.rows
-                logprobs = batch.logits.log_softmax(dim=-1)
-                # Beams rank by log-probability, so their processors see log-probs, as in transformers.
-                scores = sampling.process(torch.where(rows.beam, logprobs, batch.logits), rows, batch.seen,
-                                          batch.counts, batch.sequences[:, :n_prompt + step],
-                                          torch.full_like(batch.seeds, step), self.eos_ids)
-                chosen = scores.argmax(dim=-1)
-                if bool(rows.sample.any()):
-                    drawn = sampling.sample(scores, batch.seeds, torch.full_like(batch.seeds, step))
-                    chosen = torch.where(rows.sample[:, 0], drawn, chosen)
-
-            order = torch.arange(len(batch.cand), device=device)  # where each row's cache comes from
-            keep = torch.ones(len(batch.cand), dtype=torch.bool, device=device)
-            events, cand_list = [], batch.cand.tolist()
-            if beams:
-                chosen = chosen.clone()   # made in inference mode, so not writable outside it
-            for c, search in beams.items():
-                idx = torch.tensor([i for i, rc in enumerate(cand_list) if rc == c], dtype=torch.long, device=device)
-                if len(idx):
-                    parents, tokens = search.step(scores[idx], batch.sequences[idx, n_prompt:n_prompt + step])
-                    order[idx], chosen[idx] = idx[parents], tokens
-                    if search.done:
-                        keep[idx] = False
-                        events.append(self._finish_beam(c, search))
-            if beams:
-                batch, logprobs, scores = batch.take(order), logprobs[order], scores[order]
-            batch.append(chosen, n_prompt + step)
-            step += 1
-
-            top = self._alternatives(logprobs, scores) if self.top_n else None
-            picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-            picked_sampled = scores.log_softmax(dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
-            for i, (c, token_id) in enumerate(zip(cand_list, chosen.tolist())):
-                if c < 0 or c in beams:   # a finished row still in the batch (see below), or a beam
-                    continue
-                stream = streams[c]
-                text = stream.push(token_id)
-                reason = ("eos" if token_id in self.eos_ids else "stop" if stream.matcher.stopped
-                          else "length" if step >= self.settings[c].max_new_tokens else None)
-                if reason in ("eos", "length"):
-                    text += stream.flush()
-                stream.text.append(text)
-                events.append(Token(c, step - 1, token_id, text, picked[i], picked_sampled[i],
-                                    top[0][i] if top else [], top[1][i] if top else []))
-                if reason:
-                    keep[i] = False
-                    events.append(self._finish(c, reason, stream))
-            yield from events
-
-            live = keep & (batch.cand >= 0)
-            if not bool(live.all()):
-                # Dropping rows copies the whole KV cache. Without beams, finished rows run on, ignored
-                # (candidate -1), until a quarter of the batch has finished: cheaper than a copy per
-                # step when many rows end one by one (RLHF rollouts). Rows never see each other.
-                if beams or 4 * int((~live).sum()) >= len(live) or not bool(live.any()):
-                    order, batch, chosen = order[live], batch.take(live.nonzero()[:, 0]), chosen[live]
-                else:
-                    batch.cand = torch.where(live, batch.cand, -1)
+    def _apply_controls(self, batch: "_Batch") -> tuple["_Batch", list]:
+        """What the caller asked for since the last step: cancelled candidates finish and leave the
+        batch, changed settings apply from this step's token."""
+        events = []
+        cancelled = self._cancel & set(batch.cand.tolist())
+        if cancelled:
+            events = [self._finish_cancelled(c) for c in sorted(cancelled)]
+            keep = torch.tensor([c >= 0 and c not in cancelled for c in batch.cand.tolist()], device=self.lm.device)
+            rows = keep.nonzero()[:, 0]
+            batch = batch.take(rows)
+            self.cache.select_rows(rows)
             if not len(batch.cand):
-                break
-            with torch.inference_mode():
-                if beams or len(order) != cache.batch:
-                    cache.select_rows(order)
-                batch.logits = model(chosen[:, None], cache=cache)[:, -1].float()
+                return batch, events
+        if self._updates:
+            self.settings = [self._updates.pop(c, s) for c, s in enumerate(self.settings)]
+            batch = batch.take(torch.arange(len(batch.cand), device=self.lm.device), self.settings)
+        return batch, events
+
+    def _advance_beams(self, batch: "_Batch", cand: list[int], scores, chosen, step: int):
+        """One step of every beam search. Returns where each row's cache comes from (`order`: beams
+        follow their parents), the tokens with the beams' own, the rows of searches that ended and
+        their Finished events."""
+        order = torch.arange(len(cand), device=self.lm.device)
+        ended, events = set(), []
+        if not self.beams:
+            return order, chosen, ended, events
+        chosen = chosen.clone()   # made in inference mode, so not writable outside it
+        for c, search in self.beams.items():
+            rows = [i for i, rc in enumerate(cand) if rc == c]
+            if not rows:
+                continue
+            idx = torch.tensor(rows, dtype=torch.long, device=self.lm.device)
+            parents, tokens = search.step(scores[idx], batch.sequences[idx, self.n_prompt:self.n_prompt + step])
+            order[idx], chosen[idx] = idx[parents], tokens
+            if search.done:
+                ended.update(rows)
+                events.append(self._finish_beam(c, search))
+        return order, chosen, ended, events
+
+    def _token_events(self, cand: list[int], chosen, logprobs, scores, step: int) -> tuple[list, set]:
+        """A Token per sampled row, and a Finished for each whose candidate ends with it; returns
+        the events and the rows that ended."""
+        top = self._alternatives(logprobs, scores) if self.top_n else None
+        picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        picked_sampled = scores.log_softmax(dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
+        events, ended = [], set()
+        for i, (c, token_id) in enumerate(zip(cand, chosen.tolist())):
+            if c < 0 or c in self.beams:   # a finished row still in the batch (see _prune), or a beam
+                continue
+            stream = self.streams[c]
+            text = stream.push(token_id)
+            reason = ("eos" if token_id in self.eos_ids else "stop" if stream.matcher.stopped
+                      else "length" if step + 1 >= self.settings[c].max_new_tokens else None)
+            if reason in ("eos", "length"):
+                text += stream.flush()
+            stream.text.append(text)
+            events.append(Token(c, step, token_id, text, picked[i], picked_sampled[i],
+                                top[0][i] if top else [], top[1][i] if top else []))
+            if reason:
+                ended.add(i)
+                events.append(self._finish(c, reason, stream))
+        return events, ended
+
+    def _prune(self, batch: "_Batch", live: list[bool], order, chosen):
+        """Drop the rows that are not `live` (and their entries of `order` and `chosen`)."""
+        if all(live):
+            return batch, order, chosen
+        live = torch.tensor(live, device=self.lm.device)
+        # Dropping rows copies the whole KV cache. Without beams, finished rows run on, ignored
+        # (candidate -1), until a quarter of the batch has finished: cheaper than a copy per
+        # step when many rows end one by one (RLHF rollouts). Rows never see each other.
+        if self.beams or 4 * int((~live).sum()) >= len(live) or not bool(live.any()):
+            return batch.take(live.nonzero()[:, 0]), order[live], chosen[live]
+        batch.cand = torch.where(live, batch.cand, -1)
+        return batch, order, chosen
+
+    def _decode(self, chosen: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """The next-token logits after `chosen`, once the cache's rows follow `order` (beams, dropped rows)."""
+        with torch.inference_mode():
+            if self.beams or len(order) != self.cache.batch:
+                self.cache.select_rows(order)
+            cache = self.cache.decode_slot() if isinstance(self.cache, KVCache) else self.cache
+            return decode_step(self.lm.model, chosen[:, None], cache)
+
+    def _finish_cancelled(self, c: int) -> "Finished":
+        if c in self.beams:
+            self.beams[c].cancel()
+            return self._finish_beam(c, self.beams[c])
+        self.streams[c].text.append(self.streams[c].flush())
+        return self._finish(c, "cancelled", self.streams[c])
 
     def _finish(self, c: int, reason: str, stream: "_Stream") -> "Finished":
         elapsed = time.perf_counter() - self._started - self.prefill_s
@@ -304,6 +342,41 @@ class _Batch:
     def append(self, chosen: torch.Tensor, position: int) -> None:
         self.sequences[:, position] = chosen
         self.counts[torch.arange(len(chosen), device=chosen.device), chosen] += 1
+
+
+def prefill(model, ids: torch.Tensor, pad_mask: torch.Tensor | None, width: int):
+    """Prompts [prompts, prompt width] through the model into a new cache of `width` slots (`pad_mask`:
+    False at left padding); returns the cache and the next-token logits [prompts, vocab], float32."""
+    # Inference mode, not just no_grad: no autograd bookkeeping at all, ~10% off a CPU step. Its
+    # tensors cannot be written to outside it, so every write to the cache happens inside one.
+    with torch.inference_mode():
+        cache = model.new_cache(len(ids), width)
+        return cache, model(ids, cache=cache, pad_mask=pad_mask, last_only=True)[:, -1].float()
+
+
+def decode_step(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """One new token per row, ids [rows, 1], through the model: next-token logits [rows, vocab], float32.
+
+    With a KV cache's DecodeSlot (KVCache.decode_slot) this is a pure function of tensors: it
+    writes the slot's keys, values, validity and position counts in place and changes nothing
+    else, has no Python branch on values and reads no number back, so
+    torch.compile(decode_step, fullgraph=True) traces it whole (tests/test_generate.py)."""
+    return model(ids, cache=cache)[:, -1].float()
+
+
+def choose_tokens(batch: "_Batch", step: int, n_prompt: int, eos_ids: list[int]):
+    """Every row's processors on its logits, then its token: greedy, drawn, or (beams) the best
+    scores, which BeamSearch then ranks. Returns the model's log-probs, the processed scores and
+    the tokens [rows]."""
+    rows, steps = batch.rows, torch.full_like(batch.seeds, step)
+    logprobs = batch.logits.log_softmax(dim=-1)
+    # Beams rank by log-probability, so their processors see log-probs, as in transformers.
+    scores = sampling.process(torch.where(rows.beam, logprobs, batch.logits), rows, batch.seen, batch.counts,
+                              batch.sequences[:, :n_prompt + step], steps, eos_ids)
+    chosen = scores.argmax(dim=-1)
+    if bool(rows.sample.any()):
+        chosen = torch.where(rows.sample[:, 0], sampling.sample(scores, batch.seeds, steps), chosen)
+    return logprobs, scores, chosen
 
 
 def _timings(prefill_s: float, decode_s: float, n_tokens: int) -> dict:

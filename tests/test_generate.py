@@ -1,6 +1,9 @@
 """Batched, streamed generation against transformers' generate(), and its controls."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
 from engine import ParleyError
@@ -221,3 +224,58 @@ def test_unseeded_candidates_record_their_seed(llama):
     assert isinstance(result.settings.seed, int)
     again = generate(lm, prompt, result.settings)[0]
     assert again.token_ids == result.token_ids
+
+
+@pytest.mark.parametrize("name, width", [("llama_gqa_untied", "filled"), ("gpt2", "filled"), ("mistral", "fixed")])
+def test_decode_step_compiles_whole_and_gives_the_eager_bits(checkpoints, monkeypatch, name, width):
+    """decode_step through a DecodeSlot reads no value back (no .item(): a device sync, which CUDA
+    graphs cannot hold), is one graph for torch.compile (fullgraph: no graph break, no branch on a
+    value) and computes what the eager step does. Two prompts of different lengths
+    take the padded-mask path; Mistral's sliding window the pattern path. "filled" views grow by a
+    slot a step (one recompile, then a dynamic length); "fixed" views keep one shape: no recompile."""
+    from engine.generate import decode_step, prefill
+    from engine.models import linear
+    lm = engine.load(checkpoints(name)[0], device="cpu")
+    prompts = [lm.tokenizer.encode("Hello there! How are you?"), lm.tokenizer.encode("Hi")]
+    n, room = max(map(len, prompts)), 6
+    ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts])
+    pad_mask = torch.tensor([[False] * (n - len(p)) + [True] * len(p) for p in prompts])
+
+    def run(step, watch=None):
+        cache, logits = prefill(lm.model, ids, pad_mask, n + room)
+        out = []
+        with torch.inference_mode():
+            for _ in range(room - 1):
+                slot = cache.decode_slot(n + room if width == "fixed" else None)
+                with watch or contextlib.nullcontext():
+                    logits = step(lm.model, logits.argmax(-1)[:, None], slot)
+                out.append(logits)
+        return out
+
+    # The compiled step leaves oneDNN's packed products (engine/models/linear.py) for F.linear;
+    # the eager step takes F.linear too here, so that both round alike.
+    ops = _OpsSeen()
+    with monkeypatch.context() as off:
+        off.setattr(linear, "_onednn_dtypes", set())
+        eager = run(decode_step, ops)
+    aten = torch.ops.aten   # what .item(), int() and bool() of a tensor dispatch to:
+    read_back = ops.seen & {aten.item, aten._local_scalar_dense, aten.is_nonzero}
+    assert not read_back, f"the decoding step reads values back: {read_back}"
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", width == "fixed")
+    compiled = run(torch.compile(decode_step, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    for e, c in zip(eager, compiled, strict=True):
+        assert torch.equal(e, c)
+
+
+class _OpsSeen(TorchDispatchMode):
+    """Records every ATen operation run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))

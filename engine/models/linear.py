@@ -75,6 +75,10 @@ def _probe_onednn() -> set:
 
 def _onednn_decodes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     global _onednn_dtypes
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace the packed weights (opaque oneDNN tensors, a cache keyed on
+        # data pointers): a compiled decoding step takes F.linear, and its compiler picks kernels.
+        return False
     if _onednn_dtypes is None:
         with torch.no_grad():
             _onednn_dtypes = _probe_onednn()
