@@ -431,3 +431,16 @@ async def test_the_store_is_read_and_written_the_same_number_of_times_for_any_re
         short = await reply(pilot, 8)
         long = await reply(pilot, 80)
     assert short == long and sum(short.values()) > 0, (short, long)
+
+
+@sync
+async def test_quitting_closes_the_store_so_the_database_is_one_whole_file(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 4)
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+    wal = app.store.path.with_name(app.store.path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0, "the data was left in the WAL"
+    import sqlite3
+    with sqlite3.connect(f"file:{app.store.path}?immutable=1", uri=True) as db:   # reads the main file only
+        assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2

@@ -51,6 +51,11 @@ class ParleyApp(App):
         # after the first frame: the load imports torch, which holds the interpreter for a second or more
         self.call_after_refresh(self.load_model)
 
+    def on_unmount(self) -> None:
+        # Closing the last connection checkpoints the WAL into parley.db: a clean quit leaves one
+        # whole file, not the data in parley.db-wal.
+        self.store.close()
+
     def load_model(self) -> None:
         from engine.chat import open_model
 

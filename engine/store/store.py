@@ -58,6 +58,7 @@ class Store:
         self.db = Database(conn)
 
     def close(self) -> None:
+        """Close the connection (again: nothing); the last one to close folds the WAL into the file."""
         self.conn.close()
 
     def __enter__(self):
