@@ -185,3 +185,23 @@ def test_eval_prints_per_token_and_per_word_perplexity(workspace, tmp_path):
     assert result["ppl_per_word"] > result["ppl_per_token"] > 1
     assert math.isclose(math.log(result["ppl_per_token"]) * result["tokens"],
                         math.log(result["ppl_per_word"]) * result["words"], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_keeps_a_line_for_the_first_step_each_evaluation_and_the_end(monkeypatch, terminal):
+    import io
+
+    from engine.train.progress import StepProgress
+    if terminal:
+        monkeypatch.setenv("FORCE_COLOR", "1")   # Rich then draws its bar, as on a terminal
+    out = io.StringIO()
+    progress = StepProgress(6, 0, ("loss", "eval_loss"), stream=out)
+    assert (progress.bar is not None) == terminal
+    for step in range(1, 7):
+        progress.show(step, {"loss": 1.0 / step, "lr": 0.1, **({"eval_loss": 2.0} if step == 3 else {})})
+    progress.close()
+    import re
+    lines = [line for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).splitlines()
+             if line.startswith("step ") and "━" not in line]   # kept lines, not the bar
+    expected = ["step 3/6  loss 0.3333  eval_loss 2", "step 6/6  loss 0.1667"]
+    assert lines == (expected if terminal else ["step 1/6  loss 1"] + expected)
