@@ -444,3 +444,64 @@ async def test_quitting_closes_the_store_so_the_database_is_one_whole_file(app):
     import sqlite3
     with sqlite3.connect(f"file:{app.store.path}?immutable=1", uri=True) as db:   # reads the main file only
         assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+
+
+@sync
+async def test_help_lists_every_key_of_the_screen_as_remapped_and_the_palette_runs_them(app):
+    from textual.binding import Binding
+    from textual.widgets import DataTable
+
+    from tui_app.screens.help import HelpScreen
+    app.keys = {"compare": "ctrl+k"}
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        table = app.screen.query_one(DataTable)
+        shown = {tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)}
+        for binding in chat.BINDINGS:
+            keys = {key for key, does in shown if does == binding.description}
+            assert keys, f"{binding.description} is not in the help"
+            if binding.action == "compare":
+                assert keys == {app.get_key_display(Binding("ctrl+k", "compare"))}   # the remap, not the default
+        assert any(does == "Help" for _, does in shown)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is chat)
+        titles = {c.title: c for c in app.get_system_commands(chat)}
+        assert {b.description for b in chat.BINDINGS} <= set(titles)
+        from tui_app.screens import ModelsScreen
+        await titles["Models"].callback()          # the palette runs the action itself
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        await pilot.pause(0.3)
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is chat)
+        footer = {b.binding.description for b in chat.active_bindings.values() if b.binding.show}
+        assert "Help" in footer and "Models" in footer and "Copy" not in footer
+
+
+@sync
+async def test_new_archive_and_delete_leave_no_old_title_and_templates_do_not_nest(app):
+    from engine.settings import TEMPLATES
+    async with app.run_test(size=(160, 50)) as pilot:
+        screen = app.screen
+        set_setting(screen, "max_new_tokens", 3)
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        assert screen.sub_title == "Hello there!"
+        conversation = app.store.conversations()[0]["id"]
+        for key in ("ctrl+n", "f5", "f8"):
+            await screen.open_conversation(conversation)
+            assert screen.sub_title == "Hello there!"
+            await pilot.press(*([key] * (2 if key == "f8" else 1)))   # F8 asks to be pressed twice
+            await pilot.pause(0.2)
+            assert screen.sub_title == "new conversation", key
+            if key == "f5":
+                app.store.db.execute("UPDATE conversations SET archived = 0")   # back, for F8
+        assert not app.store.conversations()
+        prompt = screen.query_one(PromptArea)
+        prompt.focus()
+        prompt.text = "why is the sky blue?"
+        names = list(TEMPLATES)
+        for i in range(len(names) + 1):
+            await pilot.press("ctrl+t")
+            assert prompt.text == TEMPLATES[names[i % len(names)]].replace("{question}", "why is the sky blue?")

@@ -205,3 +205,12 @@ def test_progress_keeps_a_line_for_the_first_step_each_evaluation_and_the_end(mo
              if line.startswith("step ") and "━" not in line]   # kept lines, not the bar
     expected = ["step 3/6  loss 0.3333  eval_loss 2", "step 6/6  loss 0.1667"]
     assert lines == (expected if terminal else ["step 1/6  loss 1"] + expected)
+
+
+def test_train_takes_known_model_names_as_generate_does():
+    from engine.registry import resolve_model
+    from engine.train.run import load_model
+    lm = load_model("default", "cpu")         # the shipped model, by name
+    assert lm.path == resolve_model("default") and lm.dtype == torch.float32
+    with pytest.raises(ParleyError):
+        load_model("no-such-model", "cpu")

@@ -11,6 +11,7 @@ import threading
 import tomllib
 
 from textual.app import App
+from textual.binding import Binding
 
 from engine.errors import ParleyError
 from engine.paths import config_dir
@@ -30,6 +31,7 @@ def load_config() -> dict:
 
 class ParleyApp(App):
     TITLE = "Parley"
+    BINDINGS = [Binding("f1", "help", "Help"), Binding("question_mark", "help", "Help", show=False)]
 
     def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None):
         super().__init__()
@@ -50,6 +52,17 @@ class ParleyApp(App):
         self.push_screen(ChatScreen())
         # after the first frame: the load imports torch, which holds the interpreter for a second or more
         self.call_after_refresh(self.load_model)
+
+    def action_help(self) -> None:
+        from tui_app.screens.help import HelpScreen
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    def get_system_commands(self, screen):
+        """The command palette (Ctrl+P) holds every action of the screen, then Textual's own."""
+        from tui_app.screens.help import palette_commands
+        yield from palette_commands(screen)
+        yield from super().get_system_commands(screen)
 
     def on_unmount(self) -> None:
         # Closing the last connection checkpoints the WAL into parley.db: a clean quit leaves one

@@ -24,21 +24,22 @@ class ChatScreen(RepliesMixin, Screen):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+r", "regenerate", "Regen"),
         Binding("ctrl+o", "compare", "Compare"),
-        Binding("alt+left", "branch(-1)", "◀ Branch"),
-        Binding("alt+right", "branch(1)", "Branch ▶"),
-        Binding("ctrl+f", "search", "Search"),
-        Binding("ctrl+t", "template", "Template"),
+        # the footer shows the keys used most; F1 lists them all, Ctrl+P searches them
+        Binding("alt+left", "branch(-1)", "◀ Branch", show=False),
+        Binding("alt+right", "branch(1)", "Branch ▶", show=False),
+        Binding("ctrl+f", "search", "Search", show=False),
+        Binding("ctrl+t", "template", "Template", show=False),
         Binding("f2", "toggle_settings", "Settings"),
-        Binding("f3", "edit_last", "Edit"),
-        Binding("f4", "copy_reply", "Copy"),
-        Binding("f5", "archive", "Archive"),
-        Binding("f8", "delete", "Delete"),
+        Binding("f3", "edit_last", "Edit", show=False),
+        Binding("f4", "copy_reply", "Copy", show=False),
+        Binding("f5", "archive", "Archive", show=False),
+        Binding("f8", "delete", "Delete", show=False),
         Binding("f9", "inspect", "Inspect"),
         Binding("ctrl+l", "models", "Models"),
         Binding("ctrl+b", "training", "Training"),
-        Binding("ctrl+g", "conversation", "Conversation"),
+        Binding("ctrl+g", "conversation", "Conversation", show=False),
     ]
     DEFAULT_CSS = """
     #sidebar { width: 30; border-right: solid $primary; }
@@ -106,9 +107,10 @@ class ChatScreen(RepliesMixin, Screen):
         self.views.clear()
         self.query_one("#notice", Label).update("")
         if conversation_id is None:
+            self.sub_title = "new conversation"
             return
         conversation = self.store.conversation(conversation_id)
-        self.sub_title = conversation["title"]
+        self.sub_title = conversation["title"] or "untitled"
         if conversation["model"] and conversation["model"] != self.app.model_name:
             self.app.switch_model(conversation["model"])   # each conversation keeps its own model
         if conversation["system_prompt"]:
@@ -260,8 +262,11 @@ class ChatScreen(RepliesMixin, Screen):
         names = list(TEMPLATES)
         current = getattr(self, "_template", -1)
         self._template = (current + 1) % len(names)
-        question = prompt.text.strip() or "{question}"
-        prompt.text = TEMPLATES[names[self._template]].replace("{question}", question)
+        # Ctrl+T again cycles the template around the same question, rather than wrapping the
+        # previous template's text inside the next one
+        if prompt.text != getattr(self, "_templated", None):
+            self._question = prompt.text.strip() or "{question}"
+        prompt.text = self._templated = TEMPLATES[names[self._template]].replace("{question}", self._question)
         self.app.notify(f"{names[self._template]} template (Ctrl+T again for the next)")
 
     async def action_archive(self) -> None:

@@ -12,4 +12,4 @@ def remap_keys(screen: Screen, keys: dict[str, str]) -> None:
         old = known[action]
         for k in old.key.split(",") + [key]:   # the user's choice wins over a default on that key
             screen._bindings.key_to_bindings.pop(k, None)
-        screen._bindings.bind(key, action, old.description)
+        screen._bindings.bind(key, action, old.description, show=old.show)
