@@ -435,13 +435,17 @@ async def test_the_store_is_read_and_written_the_same_number_of_times_for_any_re
 
 @sync
 async def test_quitting_closes_the_store_so_the_database_is_one_whole_file(app):
+    app.store.close()                                      # the fixture's, handed in: not the app's to close
+    app = ParleyApp(model=app.model_name, device="cpu")    # opens (and so closes) its own store
     async with app.run_test(size=(160, 50)) as pilot:
         set_setting(app.screen, "max_new_tokens", 4)
         await send(pilot, "Hello there!")
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+    import sqlite3
+    with pytest.raises(sqlite3.ProgrammingError):   # closed on quit
+        app.store.conn.execute("SELECT 1")
     wal = app.store.path.with_name(app.store.path.name + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0, "the data was left in the WAL"
-    import sqlite3
     with sqlite3.connect(f"file:{app.store.path}?immutable=1", uri=True) as db:   # reads the main file only
         assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
 

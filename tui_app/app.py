@@ -36,6 +36,7 @@ class ParleyApp(App):
     def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None):
         super().__init__()
         self.config = load_config()
+        self.owns_store = store is None   # a store handed in (tests, embedding) stays its giver's to close
         self.store = store or Store()
         self.model_name = model or self.store.preference("last_model") or "default"
         self.device = device
@@ -67,7 +68,8 @@ class ParleyApp(App):
     def on_unmount(self) -> None:
         # Closing the last connection checkpoints the WAL into parley.db: a clean quit leaves one
         # whole file, not the data in parley.db-wal.
-        self.store.close()
+        if self.owns_store:
+            self.store.close()
 
     def load_model(self) -> None:
         from engine.chat import open_model
