@@ -509,3 +509,31 @@ async def test_new_archive_and_delete_leave_no_old_title_and_templates_do_not_ne
         for i in range(len(names) + 1):
             await pilot.press("ctrl+t")
             assert prompt.text == TEMPLATES[names[i % len(names)]].replace("{question}", "why is the sky blue?")
+
+
+@sync
+async def test_the_models_list_opens_on_the_current_model_and_a_pick_stays_the_conversations(app, checkpoints):
+    from textual.widgets import ListView
+
+    from tui_app.screens import ModelsScreen
+    app.store.add_model("first", str(checkpoints("qwen2")[0]))
+    app.store.add_model("second", str(checkpoints("llama_gqa_untied")[0]))
+    app = ParleyApp(model="first", store=app.store, device="cpu")
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        set_setting(chat, "max_new_tokens", 3)
+        await send(pilot, "Hello")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen) and app.screen.query_one(ListView).children)
+        await pilot.pause(0.2)
+        view = app.screen.query_one(ListView)
+        assert view.highlighted_child.name == "first"
+        while view.highlighted_child.name != "second":
+            await pilot.press("down")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen is chat and app.lm is not None and app.model_name == "second")
+        assert app.store.conversation(chat.conversation_id)["model"] == "second"
+        await send(pilot, "And now?")
+        await until(pilot, lambda: len(replies(app.store)) == 2 and replies(app.store)[1]["status"] == "complete")
+        assert app.model_name == "second" and replies(app.store)[1]["model"] == "second"

@@ -31,13 +31,22 @@ class ModelsScreen(ModalScreen):
         from engine.registry import BUILTIN, known_models
         view = self.query_one("#model-list", ListView)
         await view.clear()
-        for name, path in known_models().items():
+        names = list(known_models().items())
+        for name, path in names:
             mark = "● " if name == self.app.model_name else "  "
             where = "shipped with Parley" if BUILTIN.get(name) == path else str(path)
             await view.append(ListItem(Label(f"{mark}{name}  {where}", markup=False), name=name))
+        # the list opens on the model in use, so Down + Enter picks the next one, not this one again
+        current = self.app.model_name
+        view.index = next((i for i, (name, path) in enumerate(names) if current in (name, str(path))), 0)
 
     @on(ListView.Selected, "#model-list")
     def pick(self, event: ListView.Selected) -> None:
+        # The pick is the open conversation's model from now on (stored with it), so its next
+        # message is answered by this model, not switched back to the one it started with.
+        conversation = getattr(self.app.screen_stack[-2], "conversation_id", None)   # the screen below
+        if conversation:
+            self.app.store.update_conversation(conversation, model=event.item.name)
         self.app.switch_model(event.item.name)
         self.dismiss(event.item.name)
 
