@@ -81,17 +81,22 @@ class SFTConfig(PretrainConfig):
 
 
 @dataclass
-class RewardModelConfig(StepsConfig):
+class PreferenceConfig(StepsConfig):
+    """What the reward model and DPO share: the pairs, read as whole prompts in one length."""
+    prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
+    prompts_per_step: int = option(8, "prompts per step, each with all its pairs")
+    max_len: int = option(256, "tokens per prompt + reply; a pair whose reply alone is longer is skipped and counted")
+
+
+@dataclass
+class RewardModelConfig(PreferenceConfig):
     """InstructGPT's pairwise loss on whole prompts, then rewards normalised on the base's samples."""
     mode: ClassVar[str] = "rm"
     base: str = option(None, "the backbone model (a directory or known name)", required=True)
-    prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
     max_steps: int = option(200, "optimizer steps")
     lr: float = option(5e-4, "learning rate")
     eval_every: int = option(50, "steps between held-out evaluations")
     save_every: int = option(50, "steps between checkpoints")
-    prompts_per_step: int = option(8, "prompts per step, each with all its pairs")
-    max_len: int = option(256, "tokens per prompt + reply; a pair whose reply alone is longer is skipped and counted")
     normalise_samples: int = option(64, "base-policy samples the reward offset and scale are measured on")
     reward_scale: bool = option(True, "scale rewards to standard deviation 1 on the base policy's samples, besides "
                                 "shifting them to mean 0")
@@ -100,18 +105,15 @@ class RewardModelConfig(StepsConfig):
 
 
 @dataclass
-class DPOConfig(StepsConfig):
+class DPOConfig(PreferenceConfig):
     """The sigmoid DPO loss against the frozen starting policy."""
     mode: ClassVar[str] = "dpo"
     policy: str = option(None, "the policy to fine-tune (also the frozen reference)", required=True)
-    prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
     beta: float = option(0.1, "the KL strength beta")
     max_steps: int = option(100, "optimizer steps")
     lr: float = option(5e-5, "learning rate")
     eval_every: int = option(25, "steps between held-out evaluations")
     save_every: int = option(50, "steps between checkpoints")
-    prompts_per_step: int = option(8, "prompts per step, each with all its pairs")
-    max_len: int = option(256, "tokens per prompt + reply; a pair whose reply alone is longer is skipped and counted")
 
 
 @dataclass

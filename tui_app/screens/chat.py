@@ -305,7 +305,13 @@ class ChatScreen(RepliesMixin, Screen):
         self.app.push_screen(TrainingScreen())
 
     def action_models(self) -> None:
-        self.app.push_screen(ModelsScreen())
+        self.app.push_screen(ModelsScreen(), self.model_picked)
+
+    def model_picked(self, name: str | None) -> None:
+        """The pick is the open conversation's model from now on (stored with it), so its next
+        message is answered by this model, not switched back to the one it started with."""
+        if name and self.conversation_id:
+            self.store.update_conversation(self.conversation_id, model=name)
 
     def action_inspect(self) -> None:
         reply = self.focused_message() or self.last("assistant")

@@ -42,11 +42,6 @@ class ModelsScreen(ModalScreen):
 
     @on(ListView.Selected, "#model-list")
     def pick(self, event: ListView.Selected) -> None:
-        # The pick is the open conversation's model from now on (stored with it), so its next
-        # message is answered by this model, not switched back to the one it started with.
-        conversation = getattr(self.app.screen_stack[-2], "conversation_id", None)   # the screen below
-        if conversation:
-            self.app.store.update_conversation(conversation, model=event.item.name)
         self.app.switch_model(event.item.name)
         self.dismiss(event.item.name)
 
