@@ -158,8 +158,14 @@ async def test_compare_and_rank_writes_pairs(app):
                     and all(m["status"] == "complete" for m in app.store.comparison(app.screen.comparison_id)["candidates"]))
         ids = app.screen.message_ids
         rank = app.screen.query_one("#rank", Input)
+        labels = [str(label.render())[:1] for label in app.screen.query(".pane-title")]
+        assert labels == ["A", "B", "C"]   # ranking names panes as their titles do
         rank.value = "2 1=3"
         rank.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, CompareScreen) and not app.store.preference_pairs()   # refused
+        rank.value = "B a=c"
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen))
         pairs = {(p["chosen_id"], p["rejected_id"]) for p in app.store.preference_pairs()}

@@ -72,8 +72,8 @@ class CompareScreen(RepliesMixin, Screen):
         yield Header()
         yield Horizontal(id="panes")
         yield Static(GUIDANCE, id="guidance", markup=False)
-        yield Input(placeholder="rank: pane numbers best first, = for a tie (2 1=3); two panes: a, b, tie, bad",
-                    id="rank")
+        yield Input(placeholder="rank: pane letters best first, = for a tie (b a=c); one letter: the best; "
+                                "tie; bad", id="rank")
         yield Footer()
 
     async def on_mount(self) -> None:
@@ -88,7 +88,7 @@ class CompareScreen(RepliesMixin, Screen):
             model = self.models.get(i, self.app.model_name)
             typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(i, {}).items()]
                              + ([f"model={self.models[i]}"] if i in self.models else []))
-            pane = Vertical(Label(f"{chr(65 + i)}  {model}  temperature {s.temperature}", markup=False,
+            pane = Vertical(Label(f"{pane_letter(i).upper()}  {model}  temperature {s.temperature}", markup=False,
                                   classes="pane-title"),
                             Input(typed,
                                   placeholder="e.g. temperature=0.3 top_k=20 model=NAME (Enter runs again)",
@@ -152,23 +152,29 @@ class CompareScreen(RepliesMixin, Screen):
         self.dismiss(best)
 
     def record(self, text: str) -> str | None:
-        """Save the ranking typed as text; return the candidate that continues the conversation."""
+        """Save the ranking typed as text; return the candidate that continues the conversation.
+        Panes are named by the letters on their titles, for any number of panes."""
         store, ids = self.app.store, self.message_ids
-        if len(ids) == 2 and text in ("a", "b", "tie", "bad"):
-            if text in ("a", "b"):
-                best = ids[0] if text == "a" else ids[1]
-                store.vote(self.comparison_id, "best", best=best)
-                return best
+        if text in ("tie", "bad"):
             store.vote(self.comparison_id, "tie" if text == "tie" else "both_bad")
             return ids[0]
+        letters = [pane_letter(i) for i in range(len(ids))]
         groups = [g.split("=") for g in text.split()]
-        order = [p for g in groups for p in g]
-        if sorted(order) != [str(i + 1) for i in range(len(ids))]:
-            raise ParleyError(f"a ranking names every pane 1..{len(ids)} once, best first (= joins ties): "
-                              f"got {text!r}")
-        ranks = {ids[int(p) - 1]: rank for rank, g in enumerate(groups, 1) for p in g}
+        named = [p for g in groups for p in g]
+        if len(named) == 1 and named[0] in letters:   # just the best one: a quick vote
+            best = ids[letters.index(named[0])]
+            store.vote(self.comparison_id, "best", best=best)
+            return best
+        if sorted(named) != letters:
+            raise ParleyError(f"a ranking names every pane {letters[0]}..{letters[-1]} once, best first (= joins "
+                              f"ties), or just the best pane, or tie, or bad: got {text!r}")
+        ranks = {ids[letters.index(p)]: rank for rank, g in enumerate(groups, 1) for p in g}
         store.rank(self.comparison_id, ranks)
-        return ids[int(groups[0][0]) - 1]
+        return ids[letters.index(groups[0][0])]
+
+
+def pane_letter(i: int) -> str:
+    return chr(ord("a") + i)
 
 
 NUMBERS = [name for name, (kind, _) in FIELDS.items() if kind is not None]   # what a pane override can set
