@@ -296,7 +296,7 @@ async def test_models_screen_adds_a_valid_directory_and_refuses_a_bad_one(app, c
 @sync
 async def test_key_bindings_can_be_remapped_in_config(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
-    (tmp_path / "config.toml").write_text('[keys]\nregenerate = "ctrl+g"\n')
+    (tmp_path / "config.toml").write_text('[keys]\nregenerate = "f12"\n')
     path, _ = checkpoints("qwen2")
     app = ParleyApp(model=str(path), device="cpu")
     async with app.run_test(size=(160, 50)) as pilot:
@@ -306,8 +306,28 @@ async def test_key_bindings_can_be_remapped_in_config(checkpoints, tmp_path, mon
         await pilot.press("ctrl+r")   # no longer bound
         await pilot.pause(0.5)
         assert len(replies(app.store)) == 1
-        await pilot.press("ctrl+g")
+        await pilot.press("f12")
         await until(pilot, lambda: len(replies(app.store)) == 2)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('regenerate = 7', 'regenerate = 7 is not a string'),
+    ('regenerate = "ctrl+shoe"', '"ctrl+shoe" is not a key name'),
+    ('regenerate = "f12"\ncompare = "f12"', 'line 3: "f12" is already the key of compare'),
+    ('regenerate = "ctrl+o"', '"ctrl+o" is already the key of compare'),   # compare would be lost
+    ('regnerate = "f12"', "'regnerate' is not an action"),
+])
+def test_a_bad_key_remap_stops_the_start_with_one_line_naming_the_config_line(tmp_path, monkeypatch, capsys,
+                                                                             line, problem):
+    from tui_app.main import main
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    monkeypatch.setattr(ParleyApp, "run", lambda self: pytest.fail("the app started with a bad remap"))
+    (tmp_path / "config.toml").write_text('system_prompt = "hi"\n[keys]\n' + line + "\n")
+    with pytest.raises(SystemExit) as exit:
+        main([])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 1 and "\n" not in err and "Traceback" not in err, err
+    assert problem in err and "config.toml line 3:" in err, err
 
 
 @sync
@@ -462,7 +482,7 @@ async def test_help_lists_every_key_of_the_screen_as_remapped_and_the_palette_ru
     from textual.widgets import DataTable
 
     from tui_app.screens.help import HelpScreen
-    app.keys = {"compare": "ctrl+k"}
+    app.set_keymap({"compare": "ctrl+k"})
     async with app.run_test(size=(160, 50)) as pilot:
         chat = app.screen
         await pilot.press("f1")

@@ -2,10 +2,11 @@
 
 The UI is up before the model and before torch: nothing here imports it (settings come from
 engine/settings.py), loading starts after the first frame in a worker thread, and a message sent
-meanwhile waits for it. Key bindings can be remapped in config.toml in the user config directory:
+meanwhile waits for it. Key bindings can be remapped in config.toml in the user config directory
+(checked in tui_app/keys.py, applied as Textual's keymap):
 
     [keys]
-    regenerate = "ctrl+g"
+    regenerate = "f12"
 """
 import threading
 import tomllib
@@ -17,21 +18,28 @@ from engine.errors import ParleyError
 from engine.paths import config_dir
 from engine.settings import PRESETS, Settings
 from engine.store import Store
+from tui_app.keys import check_keymap
 from tui_app.screens import ChatScreen
 
 def load_config() -> dict:
+    """config.toml, its [keys] checked against every screen's bindings (a bad entry stops the start)."""
     path = config_dir() / "config.toml"
     if not path.is_file():
         return {}
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        config = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ParleyError(f"{path} is not valid TOML ({e}): fix or delete it") from None
+    if "keys" in config:
+        from tui_app.screens import SCREENS
+        config["keys"] = check_keymap(config["keys"], SCREENS, ParleyApp, str(path), text)
+    return config
 
 
 class ParleyApp(App):
     TITLE = "Parley"
-    BINDINGS = [Binding("f1", "help", "Help"), Binding("question_mark", "help", "Help", show=False)]
+    BINDINGS = [Binding("f1", "help", "Help", id="help"), Binding("question_mark", "help", "Help", show=False, id="help")]
 
     def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None):
         super().__init__()
@@ -47,7 +55,7 @@ class ParleyApp(App):
         self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
         self.system_prompt = self.config.get("system_prompt", "")
         self.last_tokens: dict[str, list] = {}
-        self.keys = self.config.get("keys", {})   # action -> key, applied by each screen
+        self.set_keymap(self.config.get("keys", {}))   # binding id (the action's name) -> key
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())

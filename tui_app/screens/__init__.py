@@ -6,5 +6,9 @@ from tui_app.screens.inspector import InspectorScreen
 from tui_app.screens.models import ModelsScreen
 from tui_app.screens.training import TrainingScreen
 
-__all__ = ["ChatScreen", "CompareScreen", "ConversationScreen", "InspectorScreen", "ModelsScreen", "TrainingScreen",
+from tui_app.screens.help import HelpScreen
+
+SCREENS = [ChatScreen, CompareScreen, ConversationScreen, HelpScreen, InspectorScreen, ModelsScreen, TrainingScreen]
+
+__all__ = ["SCREENS", "ChatScreen", "CompareScreen", "ConversationScreen", "InspectorScreen", "ModelsScreen", "TrainingScreen",
            "parse_overrides"]

@@ -10,7 +10,6 @@ from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, St
 from engine.errors import ParleyError
 from engine.settings import TEMPLATES, Settings
 from engine.store import Store
-from tui_app.screens.common import remap_keys
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
 from tui_app.screens.inspector import InspectorScreen
@@ -22,24 +21,24 @@ from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 
 class ChatScreen(RepliesMixin, Screen):
     BINDINGS = [
-        Binding("ctrl+n", "new_conversation", "New"),
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+r", "regenerate", "Regen"),
-        Binding("ctrl+o", "compare", "Compare"),
+        Binding("ctrl+n", "new_conversation", "New", id="new_conversation"),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("ctrl+r", "regenerate", "Regen", id="regenerate"),
+        Binding("ctrl+o", "compare", "Compare", id="compare"),
         # the footer shows the keys used most; F1 lists them all, Ctrl+P searches them
-        Binding("alt+left", "branch(-1)", "◀ Branch", show=False),
-        Binding("alt+right", "branch(1)", "Branch ▶", show=False),
-        Binding("ctrl+f", "search", "Search", show=False),
-        Binding("ctrl+t", "template", "Template", show=False),
-        Binding("f2", "toggle_settings", "Settings"),
-        Binding("f3", "edit_last", "Edit", show=False),
-        Binding("f4", "copy_reply", "Copy", show=False),
-        Binding("f5", "archive", "Archive", show=False),
-        Binding("f8", "delete", "Delete", show=False),
-        Binding("f9", "inspect", "Inspect"),
-        Binding("ctrl+l", "models", "Models"),
-        Binding("ctrl+b", "training", "Training"),
-        Binding("ctrl+g", "conversation", "Conversation", show=False),
+        Binding("alt+left", "branch(-1)", "◀ Branch", show=False, id="branch_previous"),
+        Binding("alt+right", "branch(1)", "Branch ▶", show=False, id="branch_next"),
+        Binding("ctrl+f", "search", "Search", show=False, id="search"),
+        Binding("ctrl+t", "template", "Template", show=False, id="template"),
+        Binding("f2", "toggle_settings", "Settings", id="toggle_settings"),
+        Binding("f3", "edit_last", "Edit", show=False, id="edit_last"),
+        Binding("f4", "copy_reply", "Copy", show=False, id="copy_reply"),
+        Binding("f5", "archive", "Archive", show=False, id="archive"),
+        Binding("f8", "delete", "Delete", show=False, id="delete"),
+        Binding("f9", "inspect", "Inspect", id="inspect"),
+        Binding("ctrl+l", "models", "Models", id="models"),
+        Binding("ctrl+b", "training", "Training", id="training"),
+        Binding("ctrl+g", "conversation", "Conversation", show=False, id="conversation"),
     ]
     DEFAULT_CSS = """
     #sidebar { width: 30; border-right: solid $primary; }
@@ -73,7 +72,6 @@ class ChatScreen(RepliesMixin, Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
-        remap_keys(self, self.app.keys)
         await self.refresh_conversations()
         self.query_one(PromptArea).focus()
 

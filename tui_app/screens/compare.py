@@ -22,11 +22,11 @@ class CompareScreen(RepliesMixin, Screen):
     """2-6 candidates for one context, side by side, in one batched run; then rank them."""
 
     BINDINGS = [
-        Binding("escape", "close", "Back"),
-        Binding("ctrl+s", "stop", "Stop"),
-        Binding("ctrl+up", "more", "+ Pane"),
-        Binding("ctrl+down", "fewer", "- Pane"),
-        Binding("ctrl+g", "run", "Run"),
+        Binding("escape", "close", "Back", id="close"),
+        Binding("ctrl+s", "stop", "Stop", id="stop"),
+        Binding("ctrl+up", "more", "+ Pane", id="more"),
+        Binding("ctrl+down", "fewer", "- Pane", id="fewer"),
+        Binding("ctrl+g", "run", "Run", id="run"),
     ]
     DEFAULT_CSS = """
     #panes { height: 1fr; }

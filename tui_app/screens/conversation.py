@@ -8,7 +8,7 @@ from textual.widgets import Input, Label, TextArea
 class ConversationScreen(ModalScreen):
     """A conversation's title, system prompt and model."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("ctrl+s", "save", "Save")]
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="dismiss"), Binding("ctrl+s", "save", "Save", id="save")]
     DEFAULT_CSS = """
     ConversationScreen { align: center middle; }
     #conversation-box { width: 80%; height: auto; border: solid $primary; background: $surface; padding: 0 1; }

@@ -12,7 +12,9 @@ def key_bindings(screen: Screen) -> list[tuple[str, str, str]]:
     remaps included; each action once, on its first key."""
     rows, seen = [], set()
     for node in (screen, screen.app):
-        for key, bindings in node._bindings.key_to_bindings.items():
+        live = node._bindings.copy()
+        live.apply_keymap(screen.app._keymap)   # as Textual does when it dispatches a key
+        for key, bindings in live.key_to_bindings.items():
             for b in bindings:
                 if (node, b.action) in seen or b.system:
                     continue
@@ -30,7 +32,7 @@ def palette_commands(screen: Screen):
 
 
 class HelpScreen(ModalScreen):
-    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="dismiss")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     #help { width: 70; height: 80%; border: solid $primary; background: $surface; }

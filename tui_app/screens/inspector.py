@@ -12,7 +12,7 @@ class InspectorScreen(ModalScreen):
     """Each token of a reply; for the selected one, the model's top alternatives before and after
     the reply's own temperature / top-k / top-p / ... filtering: what the settings actually did."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="dismiss")]
     DEFAULT_CSS = """
     InspectorScreen { align: center middle; }
     #inspector { width: 90%; height: 80%; border: solid $primary; background: $surface; }

@@ -11,7 +11,7 @@ from engine.errors import ParleyError
 class ModelsScreen(ModalScreen):
     """The models Parley knows: pick one (it becomes the default), or add a directory."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Close")]
+    BINDINGS = [Binding("escape", "dismiss", "Close", id="dismiss")]
     DEFAULT_CSS = """
     ModelsScreen { align: center middle; }
     #models-box { width: 80%; height: 70%; border: solid $primary; background: $surface; padding: 0 1; }
