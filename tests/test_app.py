@@ -517,14 +517,15 @@ async def test_new_archive_and_delete_leave_no_old_title_and_templates_do_not_ne
         set_setting(screen, "max_new_tokens", 3)
         await send(pilot, "Hello there!")
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
-        assert screen.sub_title == "Hello there!"
+        model = Path(app.model_name).name
+        assert screen.sub_title == f"Hello there! · {model} answers"
         conversation = app.store.conversations()[0]["id"]
         for key in ("ctrl+n", "f5", "f8"):
             await screen.open_conversation(conversation)
-            assert screen.sub_title == "Hello there!"
+            assert screen.sub_title == f"Hello there! · {model} answers"
             await pilot.press(*([key] * (2 if key == "f8" else 1)))   # F8 asks to be pressed twice
             await pilot.pause(0.2)
-            assert screen.sub_title == "new conversation", key
+            assert screen.sub_title == f"new conversation · {model} answers", key
             if key == "f5":
                 app.store.db.execute("UPDATE conversations SET archived = 0")   # back, for F8
         assert not app.store.conversations()
@@ -563,3 +564,133 @@ async def test_the_models_list_opens_on_the_current_model_and_a_pick_stays_the_c
         await send(pilot, "And now?")
         await until(pilot, lambda: len(replies(app.store)) == 2 and replies(app.store)[1]["status"] == "complete")
         assert app.model_name == "second" and replies(app.store)[1]["model"] == "second"
+
+
+async def reply_to(pilot, text, count):
+    """Send `text` and wait until the store holds `count` complete replies."""
+    await send(pilot, text)
+    await until(pilot, lambda: len(replies(pilot.app.store)) == count
+                and all(r["status"] == "complete" for r in replies(pilot.app.store)))
+    await pilot.pause(0.1)
+
+
+@sync
+async def test_any_message_takes_focus_and_switches_its_own_branches_and_the_tree_shows_them_all(app):
+    from textual.widgets import Tree
+
+    from tui_app.screens import TreeScreen
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        set_setting(chat, "max_new_tokens", 3)
+        await reply_to(pilot, "Hello", 1)
+        await pilot.press("f3")   # edit the first message: a second branch at the root
+        await reply_to(pilot, "Hi again", 2)
+        conversation = chat.conversation_id
+        first_user, second_user = app.store.children(conversation, None)
+        first_reply, second_reply = replies(app.store)
+        await pilot.press("shift+tab")             # from the prompt to the thread: its last message
+        assert app.focused is chat.views[second_reply["id"]]
+        await pilot.press("up")                    # to the earlier message, whose siblings are switched
+        assert app.focused is chat.views[second_user["id"]]
+        await pilot.press("alt+left")
+        await until(pilot, lambda: app.store.conversation(conversation)["current_leaf"] == first_reply["id"])
+        assert app.focused is chat.views[first_user["id"]]   # the sibling keeps the focus
+        assert "‹ 1/2 ›" in str(chat.views[first_user["id"]].query_one(Label).render())
+
+        await pilot.press("alt+t")
+        await until(pilot, lambda: isinstance(app.screen, TreeScreen))
+        tree = app.screen.query_one(Tree)
+        nodes = {}
+        stack = [tree.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.data:
+                nodes[node.data] = str(node.label)
+        assert set(nodes) == {first_user["id"], second_user["id"], first_reply["id"], second_reply["id"]}
+        assert app.model_name in nodes[second_reply["id"]] and "temperature=" in nodes[second_reply["id"]]
+        assert nodes[first_user["id"]].startswith("● user: Hello")     # the path shown
+        assert nodes[second_user["id"]].startswith("○ user: Hi again")
+        assert tree.cursor_node.data == first_user["id"]              # opens on the focused message
+        tree.move_cursor(next(n for n in tree.root.children if n.data == second_user["id"]))
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen is chat)
+        assert app.store.conversation(conversation)["current_leaf"] == second_reply["id"]
+        assert app.focused is chat.views[second_user["id"]]
+
+
+@sync
+async def test_tab_moves_between_regions_and_arrows_within_them(app):
+    from textual.widgets import ListView, Select
+
+    from tui_app.widgets import SettingsPanel
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        set_setting(chat, "max_new_tokens", 3)
+        await reply_to(pilot, "Hello", 1)
+        panel = chat.query_one(SettingsPanel)
+        stops = []
+        for _ in range(5):
+            await pilot.press("tab")
+            stops.append(app.focused)
+        assert stops[0] in panel.fields() and stops[4] is chat.query_one(PromptArea)   # one stop per region
+        assert stops[1:4] == [chat.query_one("#search"), chat.query_one("#conversations"),
+                              chat.views[replies(app.store)[0]["id"]]]
+        assert chat.query_one("#conversations", ListView).index == 0   # the list has a highlighted row
+        await pilot.press("tab")
+        first = app.focused
+        await pilot.press("down", "down")
+        assert app.focused is panel.fields()[2] and isinstance(first, Select)
+        await pilot.press("f2")                    # hiding the panel with the focus in it
+        assert not panel.display and app.focused is chat.query_one(PromptArea)
+
+
+@sync
+async def test_archived_conversations_can_be_listed_opened_and_restored(app):
+    from textual.widgets import ListView
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        set_setting(chat, "max_new_tokens", 3)
+        await reply_to(pilot, "Keep me for later", 1)
+        conversation = chat.conversation_id
+        await pilot.press("f5")
+        await pilot.pause(0.2)
+        view = chat.query_one("#conversations", ListView)
+        assert not view.children
+        await pilot.press("alt+a")
+        await pilot.pause(0.2)
+        assert [item.name for item in view.children] == [conversation] and app.focused is view
+        await pilot.press("enter")
+        await until(pilot, lambda: chat.conversation_id == conversation and chat.views)
+        await pilot.press("f5")                    # in the archived list, F5 restores
+        await pilot.press("alt+a")
+        await pilot.pause(0.2)
+        assert [item.name for item in view.children] == [conversation]
+        assert not app.store.conversation(conversation)["archived"]
+
+
+@sync
+async def test_a_search_result_shows_its_whole_snippet(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        set_setting(chat, "max_new_tokens", 2)
+        await reply_to(pilot, "the quick brown fox jumps over the lazy dog near the riverbank at dawn", 1)
+        search = chat.query_one("#search", Input)
+        search.focus()
+        search.value = "riverbank"
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        label = chat.query_one("#conversations ListItem Label", Label)
+        snippet = app.store.search("riverbank")[0]["snippet"]
+        assert len(snippet) > 29 and snippet in str(label.render())
+        assert label.size.height >= 2 and label.size.width <= chat.query_one("#sidebar").size.width
+
+
+@sync
+async def test_keys_typed_while_the_app_starts_go_to_the_prompt(app):
+    for i in range(300):   # a long list to read and show at the start: keys arrive before that is done
+        app.store.create_conversation(f"conversation {i}")
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("h", "i")
+        await pilot.pause(0.2)
+        assert app.screen.query_one(PromptArea).text == "hi" and app.screen.query_one("#search", Input).value == ""

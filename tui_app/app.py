@@ -106,12 +106,20 @@ class ParleyApp(App):
         self.model_ready.clear()
         self.lm, self.model_name = None, name
         self.set_status(f"loading {name}…")
+        self.update_headers()
         self.load_model()
 
     def model_loaded(self, info) -> None:
-        self.sub_title = f"{info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M · {info.device}"
         self.store.set_preference("last_model", self.model_name)
-        self.set_status(f"ready: {info.name} ({info.max_context} tokens of context)")
+        self.set_status(f"ready: {info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M parameters · "
+                        f"{info.device} · {info.max_context} tokens of context")
+        self.update_headers()
+
+    def update_headers(self) -> None:
+        """Every open screen that names the answering model in its header says the current one."""
+        for screen in self.screen_stack:
+            if hasattr(screen, "update_header"):
+                screen.update_header()
 
     def model_failed(self, message: str) -> None:
         self.notify(message, title="model not loaded", severity="error", timeout=30)

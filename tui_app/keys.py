@@ -9,6 +9,7 @@ import unicodedata
 
 from textual.binding import Binding
 from textual.keys import Keys
+from textual.widgets import Input, TextArea
 
 from engine.errors import ParleyError
 
@@ -46,7 +47,8 @@ def check_keymap(keys, screens: list[type], app: type, where: str, text: str) ->
     same screen (or the app, whose keys work on every screen) keeps."""
     if not isinstance(keys, dict):
         raise ParleyError(f"{where}: [keys] must be a table of action = \"key\" lines")
-    bindings = {cls: declared(cls) + declared(app) for cls in screens}
+    # the text boxes' own keys too: a screen key they take never reaches the screen while one has focus
+    bindings = {cls: declared(cls) + declared(app) + declared(TextArea) + declared(Input) for cls in screens}
     actions = {b.id for bs in bindings.values() for b in bs if b.id}
     for action, key in keys.items():
         line = f"{where} {config_line(text, action)}"

@@ -1,6 +1,7 @@
 """Widgets of the chat and compare screens. Text from users and models is never read as markup:
 Static widgets get markup=False, and replies render as Markdown (which has no Rich markup)."""
 from textual import events
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Label, Markdown, Select, Static, TextArea
@@ -10,11 +11,17 @@ from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
 
 
 class MessageView(Static):
-    """One message: a role line, then the content (Markdown for replies, plain text otherwise)."""
+    """One message: a role line, then the content (Markdown for replies, plain text otherwise).
+    Messages take focus (Tab reaches the last, ↑/↓ move between them), so the branch keys and the
+    inspector act on any message of the thread, not only the last."""
 
+    can_focus = True
+    BINDINGS = [Binding("up", "step(-1)", "Previous message", show=False),
+                Binding("down", "step(1)", "Next message", show=False)]
     DEFAULT_CSS = """
-    MessageView { height: auto; margin: 0 0 1 0; padding: 0 1; }
+    MessageView { height: auto; margin: 0 0 1 0; padding: 0 1; border-left: blank; }
     MessageView.user { background: $boost; }
+    MessageView:focus { border-left: thick $accent; }
     MessageView .role { color: $text-muted; }
     """
 
@@ -43,6 +50,13 @@ class MessageView(Static):
         if m.get("status") == "partial":
             parts.append("(partial)")
         return "  ".join(parts)
+
+    def action_step(self, step: int) -> None:
+        views = list(self.parent.query_children(MessageView))
+        index = views.index(self) + step
+        if 0 <= index < len(views):
+            views[index].focus()
+            views[index].scroll_visible(animate=False)
 
     async def append(self, text: str) -> None:
         """Stream more text into a reply: Textual's stream batches what arrives faster than it draws."""
@@ -84,7 +98,11 @@ class PromptArea(TextArea):
 
 
 class SettingsPanel(VerticalScroll):
-    """Live decoding controls. Every change posts `Changed` with validated settings."""
+    """Live decoding controls. Every change posts `Changed` with validated settings.
+    The panel is one Tab stop; ↑/↓ move between its fields (an open list keeps its own ↑/↓)."""
+
+    BINDINGS = [Binding("up", "field(-1)", "Previous field", show=False, priority=True),
+                Binding("down", "field(1)", "Next field", show=False, priority=True)]
 
     DEFAULT_CSS = """
     SettingsPanel { width: 34; border-left: solid $primary; padding: 0 1; }
@@ -113,6 +131,22 @@ class SettingsPanel(VerticalScroll):
             yield Input("" if value is None else str(value), id=f"set-{name}", tooltip=FIELDS[name][1].help)
         yield Input(placeholder="save as preset…", id="save-preset")
         yield Label("", id="settings-error", classes="error", markup=False)
+
+    def fields(self) -> list:
+        return [w for w in self.query("Select, Input") if w.focusable]
+
+    def focus_field(self, index: int) -> None:
+        fields = self.fields()
+        if fields:
+            fields[index % len(fields)].focus()
+
+    def action_field(self, step: int) -> None:
+        from textual.actions import SkipAction
+        fields, focused = self.fields(), self.screen.focused
+        here = next((i for i, f in enumerate(fields) if focused is f), None)
+        if here is None:   # inside an open Select list: its ↑/↓ pick an option
+            raise SkipAction()
+        self.focus_field(max(0, min(len(fields) - 1, here + step)))
 
     def show(self, settings: Settings) -> None:
         self.settings = settings

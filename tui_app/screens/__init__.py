@@ -2,13 +2,14 @@
 from tui_app.screens.chat import ChatScreen
 from tui_app.screens.compare import CompareScreen, parse_overrides
 from tui_app.screens.conversation import ConversationScreen
+from tui_app.screens.help import HelpScreen
 from tui_app.screens.inspector import InspectorScreen
 from tui_app.screens.models import ModelsScreen
 from tui_app.screens.training import TrainingScreen
+from tui_app.screens.tree import TreeScreen
 
-from tui_app.screens.help import HelpScreen
+SCREENS = [ChatScreen, CompareScreen, ConversationScreen, HelpScreen, InspectorScreen, ModelsScreen, TrainingScreen,
+           TreeScreen]
 
-SCREENS = [ChatScreen, CompareScreen, ConversationScreen, HelpScreen, InspectorScreen, ModelsScreen, TrainingScreen]
-
-__all__ = ["SCREENS", "ChatScreen", "CompareScreen", "ConversationScreen", "InspectorScreen", "ModelsScreen", "TrainingScreen",
-           "parse_overrides"]
+__all__ = ["SCREENS", "ChatScreen", "CompareScreen", "ConversationScreen", "HelpScreen", "InspectorScreen",
+           "ModelsScreen", "TrainingScreen", "TreeScreen", "parse_overrides"]

@@ -16,6 +16,7 @@ from tui_app.screens.inspector import InspectorScreen
 from tui_app.screens.models import ModelsScreen
 from tui_app.screens.replies import ReplyFinished, RepliesMixin, ReplyToken, stream_replies
 from tui_app.screens.training import TrainingScreen
+from tui_app.screens.tree import TreeScreen
 from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 
 
@@ -39,12 +40,18 @@ class ChatScreen(RepliesMixin, Screen):
         Binding("ctrl+l", "models", "Models", id="models"),
         Binding("ctrl+b", "training", "Training", id="training"),
         Binding("ctrl+g", "conversation", "Conversation", show=False, id="conversation"),
+        # not F6/F7: the prompt (a TextArea) takes them; Alt+letter reaches the screen from any widget
+        Binding("alt+t", "tree", "Tree", id="tree"),
+        Binding("alt+a", "toggle_archived", "Archived", show=False, id="toggle_archived"),
     ]
+    AUTO_FOCUS = "#prompt"   # from the first frame: keys typed while the app starts go to the prompt
     DEFAULT_CSS = """
     #sidebar { width: 30; border-right: solid $primary; }
     #log { height: 1fr; padding: 0 1; }
     PromptArea { height: 5; }
     #notice { color: $warning; height: auto; }
+    #conversations Label { width: 1fr; }
+    #list-title { color: $text-muted; }
     """
 
     def __init__(self):
@@ -52,6 +59,7 @@ class ChatScreen(RepliesMixin, Screen):
         self.conversation_id: str | None = None
         self.init_replies()
         self.editing: dict | None = None
+        self.archived = False   # the sidebar lists the archived conversations (Alt+A) instead
 
     @property
     def store(self) -> Store:
@@ -62,6 +70,7 @@ class ChatScreen(RepliesMixin, Screen):
         with Horizontal():
             with Vertical(id="sidebar"):
                 yield Input(placeholder="search (Ctrl+F)", id="search")
+                yield Label("", id="list-title", markup=False)
                 yield ListView(id="conversations")
             with Vertical():
                 yield VerticalScroll(id="log")
@@ -72,8 +81,7 @@ class ChatScreen(RepliesMixin, Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
-        await self.refresh_conversations()
-        self.query_one(PromptArea).focus()
+        await self.refresh_conversations()   # the prompt has the focus already (AUTO_FOCUS)
 
     # -- conversation list ---------------------------------------------------------------------------
     async def refresh_conversations(self, query: str = "") -> None:
@@ -85,9 +93,15 @@ class ChatScreen(RepliesMixin, Screen):
                 seen.setdefault(hit["conversation_id"], hit)
             items = [(cid, f"{hit['conversation_title'] or 'untitled'}: {hit['snippet']}") for cid, hit in seen.items()]
         else:
-            items = [(c["id"], c["title"] or "untitled") for c in self.store.conversations()]
+            items = [(c["id"], c["title"] or "untitled") for c in self.store.conversations(archived=self.archived)]
+        self.query_one("#list-title", Label).update(
+            f"found: {query!r} (an empty search lists all)" if query else
+            "archived (Alt+A: back, F5: restore)" if self.archived else "conversations (Alt+A: archived)")
         for cid, title in items:
             await view.append(ListItem(Label(title, markup=False), name=cid))
+        # the list opens on the open conversation (or its first row), never on nothing
+        ids = [cid for cid, _ in items]
+        view.index = ids.index(self.conversation_id) if self.conversation_id in ids else 0 if ids else None
 
     @on(ListView.Selected, "#conversations")
     async def open_selected(self, event: ListView.Selected) -> None:
@@ -105,17 +119,24 @@ class ChatScreen(RepliesMixin, Screen):
         self.views.clear()
         self.query_one("#notice", Label).update("")
         if conversation_id is None:
-            self.sub_title = "new conversation"
+            self.update_header()
             return
         conversation = self.store.conversation(conversation_id)
-        self.sub_title = conversation["title"] or "untitled"
         if conversation["model"] and conversation["model"] != self.app.model_name:
             self.app.switch_model(conversation["model"])   # each conversation keeps its own model
+        self.update_header()
         if conversation["system_prompt"]:
             await log.mount(Static(f"system: {conversation['system_prompt']}", markup=False, classes="system"))
         for m in self.store.thread(conversation_id):
             await self.show_message(m)
         log.scroll_end(animate=False)
+
+    def update_header(self) -> None:
+        """The header names the conversation and the model that will answer its next message."""
+        title = (self.store.conversation(self.conversation_id)["title"] or "untitled") if self.conversation_id \
+            else "new conversation"
+        name = self.app.model_name.rstrip("/").rsplit("/", 1)[-1]   # a directory by its own name
+        self.sub_title = f"{title} · {name}{'' if self.app.lm is not None else ' (loading)'} answers"
 
     async def drop_views_from(self, message_id: str) -> None:
         """Take a message and all after it off the screen (a branch replaces them)."""
@@ -229,16 +250,21 @@ class ChatScreen(RepliesMixin, Screen):
             self.app.notify("editing: Enter sends the edit as a new branch")
 
     async def action_branch(self, step: int) -> None:
-        """Show the previous or next sibling of the last message, with its newest continuation."""
+        """Show the previous or next sibling of the focused message (the last one when none has
+        focus), with its newest continuation; the sibling keeps the focus."""
         thread = self.store.thread(self.conversation_id) if self.conversation_id else []
         if not thread:
             return
-        target = self.focused_message() or thread[-1]
+        focused = self.focused_message()
+        target = focused or thread[-1]
         siblings = [s["id"] for s in self.store.siblings(target["id"])]
         index = siblings.index(target["id"]) + step
         if 0 <= index < len(siblings):
             self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(siblings[index]))
             await self.open_conversation(self.conversation_id)
+            if focused is not None:
+                self.views[siblings[index]].focus()
+                self.views[siblings[index]].scroll_visible(animate=False)
 
     def focused_message(self) -> dict | None:
         node = self.app.focused
@@ -268,10 +294,17 @@ class ChatScreen(RepliesMixin, Screen):
         self.app.notify(f"{names[self._template]} template (Ctrl+T again for the next)")
 
     async def action_archive(self) -> None:
+        """F5 archives the open conversation; in the archived list (Alt+A) it restores it."""
         if self.conversation_id:
-            self.store.archive_conversation(self.conversation_id)
+            self.store.archive_conversation(self.conversation_id, archived=not self.archived)
+            self.app.notify("restored" if self.archived else "archived: Alt+A lists the archived conversations")
             await self.open_conversation(None)
             await self.refresh_conversations()
+
+    async def action_toggle_archived(self) -> None:
+        self.archived = not self.archived
+        await self.refresh_conversations()
+        self.query_one("#conversations", ListView).focus()
 
     async def action_delete(self) -> None:
         if not self.conversation_id:
@@ -287,7 +320,40 @@ class ChatScreen(RepliesMixin, Screen):
 
     def action_toggle_settings(self) -> None:
         panel = self.query_one(SettingsPanel)
+        inside = self.focused is not None and panel in self.focused.ancestors_with_self
         panel.display = not panel.display
+        if inside:   # hiding the panel must not leave the focus nowhere
+            self.query_one(PromptArea).focus()
+
+    # -- Tab moves between regions: search, conversations, messages, prompt, settings ---------------
+    def focus_regions(self) -> list:
+        regions = [self.query_one("#search"), self.query_one("#conversations")]
+        regions += list(self.views.values())[-1:]   # the last message; ↑/↓ move from there
+        regions.append(self.query_one(PromptArea))
+        panel = self.query_one(SettingsPanel)
+        if panel.display:
+            regions.append(panel)
+        return regions
+
+    def focus_next(self, selector="*"):
+        return self._focus_region(+1)
+
+    def focus_previous(self, selector="*"):
+        return self._focus_region(-1)
+
+    def _focus_region(self, step: int):
+        """One Tab stop per region, not one per field: within the settings panel ↑/↓ move between
+        fields, within the thread between messages."""
+        regions, focused = self.focus_regions(), self.focused
+        here = next((i for i, r in enumerate(regions) if focused is not None and (
+            r in focused.ancestors_with_self or (isinstance(r, MessageView) and isinstance(focused, MessageView)))),
+            len(regions) - 1 if step > 0 else 0)
+        target = regions[(here + step) % len(regions)]
+        if isinstance(target, SettingsPanel):
+            target.focus_field(0)
+        else:
+            target.focus()
+        return self.focused
 
     def action_conversation(self) -> None:
         if self.conversation_id:
@@ -298,6 +364,20 @@ class ChatScreen(RepliesMixin, Screen):
         if fields:
             await self.refresh_conversations()
             await self.open_conversation(self.conversation_id)
+
+    def action_tree(self) -> None:
+        if self.conversation_id:
+            focused = self.focused_message()
+            self.app.push_screen(TreeScreen(self.store, self.conversation_id, focused and focused["id"]),
+                                 callback=self.branch_picked)
+
+    async def branch_picked(self, message_id: str | None) -> None:
+        """Show the path through the message picked in the tree, and focus that message."""
+        if message_id:
+            self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(message_id))
+            await self.open_conversation(self.conversation_id)
+            self.views[message_id].focus()
+            self.views[message_id].scroll_visible(animate=False)
 
     def action_training(self) -> None:
         self.app.push_screen(TrainingScreen())
