@@ -4,10 +4,14 @@ The app never touches torch: it loads a model with `open_model`, asks `Replies` 
 more candidates to a point of a conversation, iterates its events in a worker thread, and may
 `cancel` or `update` candidates from the UI thread between tokens. Each candidate is an assistant
 message in the store from its first token on (marked partial, saved as it grows), so a reply is
-kept even if the app dies mid-stream.
+kept even if the app dies mid-stream. At its end the reply keeps every token with its
+alternatives, and the settings it started with and each change made while it streamed
+(segments), so that `replay` regenerates it exactly and `continue_from` starts a sibling reply
+from any alternative token.
 """
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.errors import ParleyError
 from engine.generate import Finished, Generation, Token
@@ -41,8 +45,7 @@ def open_model(name_or_path: str | None, device: str | None = None, dtype: str |
 def prompt_ids(lm, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
     """Token ids of `messages` in the chat template, and how many of the oldest turns were dropped
     to leave room for the reply in the model's context (the system prompt is always kept)."""
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
+    system, turns = _split_system(messages)
     dropped = 0
     while True:
         ids = lm.tokenizer.encode_chat(system + turns[dropped:])
@@ -53,6 +56,11 @@ def prompt_ids(lm, messages: list[dict], max_new_tokens: int) -> tuple[list[int]
         raise ParleyError(f"the last message alone is {len(ids)} tokens and the model's context holds "
                           f"{lm.max_context}: shorten it")
     return ids, dropped
+
+
+def _split_system(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    return system, messages[len(system):]
 
 
 @dataclass
@@ -68,7 +76,13 @@ class Replies:
     """Generate candidates for the reply after `parent_id`; see the module docstring.
 
     `models` gives a candidate a model of its own, as (lm, name), where None keeps `lm`: the
-    candidates of each model run as one batch, and the batches stream together."""
+    candidates of each model run as one batch, and the batches stream together.
+
+    `forced` (token ids): every candidate starts with these tokens, taken, not generated (a
+    continuation: see `continue_from`); the model generates on from the prompt and them. The
+    reply's content starts with their text, its token data with `forced_tokens` (their stored
+    records, as `Store.reply_tokens` gives them; without, records without probabilities), and its
+    tokens' `step` counts from the reply's first token, forced ones included."""
     lm: object
     store: object
     conversation_id: str
@@ -79,11 +93,15 @@ class Replies:
     dropped_turns: int = 0
     message_ids: list[str] = field(default_factory=list)
     comparison_id: str | None = None
+    forced: list[int] | None = None
+    forced_tokens: list[dict] | None = None
 
     def __post_init__(self):
         messages = self.store.prompt_messages(self.conversation_id, self.parent_id)
         if not messages or messages[-1]["role"] == "assistant":
             raise ParleyError("a reply needs a user message to answer: write one first")
+        self.forced = _checked_forced(self.lm, self.forced)
+        self.forced_tokens, self.forced_text = _forced_records(self.lm.tokenizer, self.forced, self.forced_tokens)
         chosen = [m or (self.lm, self.model_name) for m in (self.models or [None] * len(self.settings))]
         # one Generation per model, each with its candidates' global numbers
         self.groups: list[tuple[Generation, list[int]]] = []
@@ -91,16 +109,17 @@ class Replies:
         for lm in {id(lm): lm for lm, _ in chosen}.values():
             members = [i for i, (m, _) in enumerate(chosen) if m is lm]
             settings = [self.settings[i] for i in members]
-            ids, dropped = prompt_ids(lm, messages, max(s.max_new_tokens for s in settings))
+            ids, dropped = prompt_ids(lm, messages, len(self.forced) + max(s.max_new_tokens for s in settings))
             self.dropped_turns = max(self.dropped_turns, dropped)
-            generation = Generation(lm, ids, settings)
+            generation = Generation(lm, ids + self.forced, settings)
             for i, s in zip(members, generation.settings):   # with the seeds drawn for unseeded candidates
                 self.settings[i] = s
                 self.prompt_tokens[i] = len(ids)
             self.groups.append((generation, members))
         for s, (_, name) in zip(self.settings, chosen):
             self.message_ids.append(self.store.start_reply(self.conversation_id, self.parent_id, name,
-                                                           s.to_dict(), make_current=False))
+                                                           s.to_dict(), make_current=False,
+                                                           content=self.forced_text))
         if len(self.message_ids) > 1:
             self.comparison_id = self.store.create_comparison(self.conversation_id, self.parent_id,
                                                               self.message_ids)
@@ -137,18 +156,168 @@ class Replies:
                     yield members[event.candidate], event
 
     def __iter__(self):
-        parts = [[] for _ in self.settings]   # text pieces, joined only to save: linear in the reply's length
+        # text pieces, joined only to save: linear in the reply's length
+        parts = [[self.forced_text] for _ in self.settings]
+        tokens = [[] for _ in self.settings]
         saved = [time.monotonic()] * len(self.settings)
         for c, event in self.events():
             mid = self.message_ids[c]
             if isinstance(event, Token):
+                if self.forced:
+                    event = replace(event, step=event.step + len(self.forced))
                 parts[c].append(event.text)
+                tokens[c].append(event)
                 if time.monotonic() - saved[c] > SAVE_EVERY_S:
                     self.store.save_partial(mid, "".join(parts[c]))
                     saved[c] = time.monotonic()
                 yield ReplyEvent(c, mid, token=event)
             else:
-                self.store.finish_reply(mid, event.text, event.finish_reason, prompt_tokens=self.prompt_tokens[c],
-                                        completion_tokens=len(event.token_ids), timings=event.timings,
-                                        settings=event.settings.to_dict())
+                self._finish(c, event, tokens[c])
                 yield ReplyEvent(c, mid, finished=event)
+
+    def _finish(self, c: int, event: Finished, tokens: list[Token]) -> None:
+        """The reply's row, its settings and segments (their steps counted from the reply's first
+        token) and its tokens, in one transaction: two writes whatever the reply's length."""
+        forced = len(self.forced)
+        segments = [{"from": step + forced, "settings": s.to_dict()} for step, s in event.segments]
+        # beams stream no tokens: their best sequence is kept, without probabilities
+        generated = (_forced_records(self.lm.tokenizer, event.token_ids, None)[0] if event.beams
+                     else [token_record(t) for t in tokens])
+        with self.store.transaction():
+            self.store.finish_reply(self.message_ids[c], self.forced_text + event.text, event.finish_reason,
+                                    prompt_tokens=self.prompt_tokens[c],
+                                    completion_tokens=forced + len(event.token_ids), timings=event.timings,
+                                    settings=segments[0]["settings"], segments=segments)
+            self.store.save_reply_tokens(self.message_ids[c], self.forced_tokens + generated, forced=forced)
+
+
+def token_record(token: Token) -> dict:
+    """A streamed token as the store keeps it (`Store.save_reply_tokens`)."""
+    def alternatives(top):
+        return [{"token_id": a.token_id, "piece": a.text, "prob": a.prob} for a in top]
+    return {"token_id": token.token_id, "piece": token.piece, "text": token.text, "logprob": token.logprob,
+            "sampled_logprob": token.sampled_logprob, "before": alternatives(token.top_before),
+            "after": alternatives(token.top_after)}
+
+
+def _checked_forced(lm, forced: list[int] | None) -> list[int]:
+    forced = list(forced or [])
+    vocab = lm.config.get("vocab_size") or lm.tokenizer.vocab_size
+    bad = next((t for t in forced if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ParleyError(f"forced token {bad!r} is not a token id of this model (0 to {vocab - 1}): "
+                          "give the ids of a stored reply's tokens")
+    return forced
+
+
+def _forced_records(tokenizer, ids: list[int], given: list[dict] | None) -> tuple[list[dict], str]:
+    """Token records for tokens taken, not generated, and their text: `given` records keep their
+    probabilities; piece and text come from the tokenizer, so that they match the ids."""
+    if given is not None and [r.get("token_id") for r in given] != list(ids):
+        raise ParleyError("forced_tokens must be the records of the forced tokens, one each, in order: "
+                          "give the tokens of `continue_from`, or none")
+    decoder = tokenizer.stream_decoder()
+    texts = [decoder.push(t) for t in ids]
+    if texts:
+        texts[-1] += decoder.flush()
+    kept = [{k: v for k, v in r.items() if k != "step"} for r in given] if given else [{} for _ in ids]
+    records = [{"logprob": None, "sampled_logprob": None, "before": [], "after": [], **r,
+                "token_id": t, "piece": tokenizer.decode([t], skip_special_tokens=False), "text": text}
+               for r, t, text in zip(kept, ids, texts)]
+    return records, "".join(texts)
+
+
+@dataclass
+class Continuation:
+    """What a sibling reply that takes another token at `step` of a stored reply needs; unpacks as
+    (parent_id, forced, settings). `tokens`: the records of the forced tokens, for Replies'
+    `forced_tokens` (the kept ones as stored; the new one with the source's alternatives there)."""
+    parent_id: str | None
+    forced: list[int]
+    settings: Settings
+    tokens: list[dict]
+
+    def __iter__(self):
+        return iter((self.parent_id, self.forced, self.settings))
+
+
+def continue_from(store, message_id: str, step: int, token_id: int) -> Continuation:
+    """A new reply keeping the first `step` tokens of reply `message_id` and taking `token_id` in
+    place of the one at `step`, with the settings (seed included) in force at that step:
+    `Replies(lm, store, conversation, c.parent_id, [c.settings], forced=c.forced, forced_tokens=c.tokens)`."""
+    message, stored = _stored_reply(store, message_id)
+    tokens = stored["tokens"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(tokens):
+        raise ParleyError(f"step {step!r} is not a token of reply {message_id!r}: it has tokens 0 to "
+                          f"{len(tokens) - 1}" if tokens else f"reply {message_id!r} has no tokens to continue from")
+    settings = Settings.from_dict(settings_at(message, step))
+    return Continuation(message["parent_id"], [t["token_id"] for t in tokens[:step]] + [token_id], settings,
+                        tokens[:step] + [_taken_instead(tokens[step], token_id)])
+
+
+def settings_at(message: dict, step: int) -> dict:
+    """The settings a stored reply drew its token `step` with (its first ones for forced tokens)."""
+    segments = _segments(message)
+    return next((s["settings"] for s in reversed(segments) if s["from"] <= step), segments[0]["settings"])
+
+
+def _segments(message: dict) -> list[dict]:
+    return message.get("segments") or [{"from": 0, "settings": message["settings"]}]
+
+
+def _taken_instead(source: dict, token_id: int) -> dict:
+    """The record of `token_id` put where `source` was drawn: the same distribution, so the same
+    alternatives, and its own probabilities where they hold it."""
+    if token_id == source["token_id"]:
+        return dict(source)
+
+    def logprob(side):
+        prob = next((a["prob"] for a in source[side] if a["token_id"] == token_id), None)
+        return math.log(prob) if prob else None
+    return {**source, "token_id": token_id, "logprob": logprob("before"), "sampled_logprob": logprob("after")}
+
+
+def replay(lm, store, message_id: str) -> Finished:
+    """Generate a stored reply again: its prompt, forced tokens, settings and seed, each segment's
+    settings from the step they took effect at, and a cancelled one cut where it was."""
+    message, stored = _stored_reply(store, message_id)
+    forced = [t["token_id"] for t in stored["tokens"][:stored["forced"]]]
+    prompt = _stored_prompt(lm, store.prompt_messages(message["conversation_id"], message["parent_id"]),
+                            message["prompt_tokens"], message_id)
+    # segments count from the reply's first token; the generation's steps from its first generated one
+    (_, first), *later = [(s["from"] - len(forced), Settings.from_dict(s["settings"])) for s in _segments(message)]
+    generation = Generation(lm, prompt + forced, [first], top_alternatives=0)
+    for step, settings in later:
+        generation.update(0, settings, step=step)
+    cut = len(stored["tokens"]) - len(forced) if message["finish_reason"] == "cancelled" else None
+    if cut == 0:
+        generation.cancel(0)
+    for event in generation:
+        if isinstance(event, Finished):
+            return event
+        if event.step + 1 == cut:
+            generation.cancel(0)
+
+
+def _stored_reply(store, message_id: str) -> tuple[dict, dict]:
+    message = store.message(message_id)
+    stored = store.reply_tokens(message_id)
+    if stored is None or message["role"] != "assistant" or not message["settings"]:
+        raise ParleyError(f"message {message_id!r} has no stored tokens: only replies Parley generated "
+                          "(since schema 4) can be replayed or continued")
+    return message, stored
+
+
+def _stored_prompt(lm, messages: list[dict], length: int | None, message_id: str) -> list[int]:
+    """The prompt a reply was generated after: its conversation with as many of the oldest turns
+    dropped as give its recorded prompt length."""
+    system, turns = _split_system(messages)
+    for dropped in range(max(len(turns), 1)):
+        ids = lm.tokenizer.encode_chat(system + turns[dropped:])
+        if length is None or len(ids) == length:
+            return ids
+        if len(ids) < length:
+            break
+    raise ParleyError(f"reply {message_id!r} was generated after a prompt of {length} tokens and its conversation "
+                      "now gives another (a changed system prompt, or another model's chat template): replay it "
+                      "with the model that wrote it")

@@ -48,7 +48,8 @@ class Token:
     logprob: float             # log-probability under the model, before this candidate's processors
     sampled_logprob: float     # log-probability under the distribution it was drawn from
     top_before: list[Alternative] = field(default_factory=list)  # the model's top tokens
-    top_after: list[Alternative] = field(default_factory=list)   # the same after temperature, top-k, ...
+    top_after: list[Alternative] = field(default_factory=list)   # the same after temperature, top-k, ... (p > 0)
+    piece: str = ""            # the token's own text, special tokens shown (only with top_alternatives)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Finished:
     timings: dict
     beams: list[dict] = field(default_factory=list)  # beam search: every returned sequence, best first
     prompt: int = 0            # the index of the prompt it continues (0 when the run has one prompt)
+    segments: list[tuple[int, Settings]] = field(default_factory=list)  # (step, settings in force from it), in order
 
 
 class Generation:
@@ -103,14 +105,19 @@ class Generation:
         self.eos_ids = lm.eos_token_ids
         self._cancel: set[int] = set()
         self._updates: dict[int, Settings] = {}
+        self._scheduled: dict[int, dict[int, Settings]] = {}   # step -> {candidate: settings} (replays)
+        # the step each candidate's settings took effect at: what replaying it needs
+        self.segments: list[list[tuple[int, Settings]]] = [[(0, s)] for s in self.settings]
+        self._pieces: dict[int, str] = {}
 
     # -- control, between steps ------------------------------------------------------------------
     def cancel(self, candidate: int | None = None) -> None:
         """Stop one candidate (or all); it finishes with reason "cancelled" before the next step."""
         self._cancel.update(range(len(self.settings)) if candidate is None else [candidate])
 
-    def update(self, candidate: int, settings: Settings) -> None:
-        """Change a candidate's settings; they apply from its next token."""
+    def update(self, candidate: int, settings: Settings, step: int | None = None) -> None:
+        """Change a candidate's settings; they apply from its next token, or from `step` on (a
+        replay's recorded segments: beams yield no event per step to change them after)."""
         old = self.settings[candidate]
         settings = settings.validate()
         if (settings.num_beams, settings.num_return_sequences) != (old.num_beams, old.num_return_sequences):
@@ -118,7 +125,11 @@ class Generation:
                               "start a new generation")
         if settings.max_new_tokens > old.max_new_tokens:
             raise ParleyError(f"max_new_tokens can only be lowered while generating (it is {old.max_new_tokens})")
-        self._updates[candidate] = replace(settings, seed=settings.seed if settings.seed is not None else old.seed)
+        settings = replace(settings, seed=settings.seed if settings.seed is not None else old.seed)
+        if step is None:
+            self._updates[candidate] = settings
+        else:
+            self._scheduled.setdefault(step, {})[candidate] = settings
 
     def run(self) -> list["Finished"]:
         """Generate to the end; return every candidate's result in candidate order."""
@@ -131,7 +142,7 @@ class Generation:
         logits, prompts = self._prefill()
         batch = self._start_rows(prompts, logits)
         for step in itertools.count():
-            batch, events = self._apply_controls(batch)
+            batch, events = self._apply_controls(batch, step)
             yield from events
             if not len(batch.cand):
                 return
@@ -178,9 +189,9 @@ class Generation:
                         if s.num_beams == 1}
         return _Batch.start(cand, prompts[source], logits[source], self.width, self.settings)
 
-    def _apply_controls(self, batch: "_Batch") -> tuple["_Batch", list]:
+    def _apply_controls(self, batch: "_Batch", step: int) -> tuple["_Batch", list]:
         """What the caller asked for since the last step: cancelled candidates finish and leave the
-        batch, changed settings apply from this step's token."""
+        batch, changed settings apply from this step's token (and start a segment at `step`)."""
         events = []
         cancelled = self._cancel & set(batch.cand.tolist())
         if cancelled:
@@ -191,10 +202,27 @@ class Generation:
             self.cache.select_rows(rows)
             if not len(batch.cand):
                 return batch, events
-        if self._updates:
-            self.settings = [self._updates.pop(c, s) for c, s in enumerate(self.settings)]
+        scheduled = self._scheduled.pop(step, {})
+        if not (self._updates or scheduled):
+            return batch, events
+        changed = {}
+        for c, current in enumerate(self.settings):
+            # one pop at a time: the UI thread may call update() meanwhile (what it adds waits a step)
+            new = self._updates.pop(c, None) or scheduled.get(c)
+            if new is not None and new != current:
+                changed[c] = new
+        if changed:
+            for c, s in changed.items():
+                self._start_segment(c, step, s)
+            self.settings = [changed.get(c, s) for c, s in enumerate(self.settings)]
             batch = batch.take(torch.arange(len(batch.cand), device=self.lm.device), self.settings)
         return batch, events
+
+    def _start_segment(self, c: int, step: int, settings: Settings) -> None:
+        segments = self.segments[c]
+        if segments[-1][0] == step:   # changed again before any token was drawn with the last ones
+            segments.pop()
+        segments.append((step, settings))
 
     def _advance_beams(self, batch: "_Batch", cand: list[int], scores, chosen, step: int):
         """One step of every beam search. Returns where each row's cache comes from (`order`: beams
@@ -235,7 +263,8 @@ class Generation:
                 text += stream.flush()
             stream.text.append(text)
             events.append(Token(c, step, token_id, text, picked[i], picked_sampled[i],
-                                top[0][i] if top else [], top[1][i] if top else []))
+                                top[0][i] if top else [], top[1][i] if top else [],
+                                self._piece(token_id) if top else ""))
             if reason:
                 ended.add(i)
                 events.append(self._finish(c, reason, stream))
@@ -272,25 +301,33 @@ class Generation:
     def _finish(self, c: int, reason: str, stream: "_Stream") -> "Finished":
         elapsed = time.perf_counter() - self._started - self.prefill_s
         return Finished(c, reason, "".join(stream.text), list(stream.decoder.ids), self.settings[c],
-                        _timings(self.prefill_s, elapsed, len(stream.decoder.ids)), prompt=self.prompt_of[c])
+                        _timings(self.prefill_s, elapsed, len(stream.decoder.ids)), prompt=self.prompt_of[c],
+                        segments=list(self.segments[c]))
+
+    def _piece(self, token_id: int) -> str:
+        """A token's own text, special tokens included (EOS shows as itself, not as nothing)."""
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.lm.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._pieces[token_id]
 
     def _alternatives(self, logprobs, scores):
-        """The top tokens before and after each row's processors, as plain lists."""
-        tok = self.lm.tokenizer
+        """The top tokens before and after each row's processors, as plain lists; after them, a
+        token filtered out (probability 0) is no alternative."""
         before = logprobs.exp().topk(self.top_n, dim=-1)
         after = scores.softmax(dim=-1).topk(self.top_n, dim=-1)
 
-        def as_lists(top):
-            return [[Alternative(t, tok.decode([t], skip_special_tokens=False), p)
-                     for t, p in zip(ids, probs)] for ids, probs in zip(top.indices.tolist(), top.values.tolist())]
-        return as_lists(before), as_lists(after)
+        def as_lists(top, least):
+            return [[Alternative(t, self._piece(t), p) for t, p in zip(ids, probs) if p > least]
+                    for ids, probs in zip(top.indices.tolist(), top.values.tolist())]
+        return as_lists(before, -1.0), as_lists(after, 0.0)
 
     def _finish_beam(self, c: int, search: BeamSearch) -> "Finished":
         results = search.results()
         best = results[0]
         elapsed = time.perf_counter() - self._started - self.prefill_s
         return Finished(c, best["finish_reason"], best["text"], best["token_ids"], self.settings[c],
-                        _timings(self.prefill_s, elapsed, search.steps), results, self.prompt_of[c])
+                        _timings(self.prefill_s, elapsed, search.steps), results, self.prompt_of[c],
+                        list(self.segments[c]))
 
 
 class _Stream:

@@ -1,5 +1,6 @@
 """Batched, streamed generation against transformers' generate(), and its controls."""
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,10 +142,26 @@ def test_token_alternatives_are_the_models_and_the_filtered_distribution(llama):
         assert [a.prob for a in t.top_before] == pytest.approx(top.values.tolist(), abs=1e-5)
         after = (lm.logits(torch.tensor([context]))[0, -1] / 0.5).topk(3)
         assert [a.token_id for a in t.top_after[:3]] == after.indices.tolist()
-        assert sum(a.prob for a in t.top_after[:3]) == pytest.approx(1.0, abs=1e-5)
-        assert [a.prob for a in t.top_after[3:]] == [0.0, 0.0]  # filtered out by top-k
+        assert sum(a.prob for a in t.top_after) == pytest.approx(1.0, abs=1e-5)
+        assert len(t.top_after) == 3   # the two tokens top-k filtered out are no alternatives
         assert t.logprob == pytest.approx(probs[t.token_id].log().item(), abs=1e-4)
+        assert t.piece == lm.tokenizer.decode([t.token_id], skip_special_tokens=False) and t.piece
         context.append(t.token_id)
+    plain = [e for e in Generation(lm, prompt, [s], top_alternatives=0) if isinstance(e, Token)]
+    assert [t.token_id for t in plain] == [t.token_id for t in tokens] and {t.piece for t in plain} == {""}
+
+
+def test_a_special_tokens_piece_is_its_name(llama):
+    """EOS streams no text, but the inspector shows the token itself."""
+    lm, _, prompt = llama
+    lm = engine.load(lm.path, device="cpu")   # its own copy: the head is changed so that EOS comes first
+    eos = lm.eos_token_ids[0]
+    first = generate(lm, prompt, Settings(**GREEDY, max_new_tokens=1))[0].token_ids[0]
+    with torch.no_grad():
+        lm.model.lm_head.weight[eos] = lm.model.lm_head.weight[first] * 3
+    token = next(e for e in Generation(lm, prompt, [Settings(**GREEDY, max_new_tokens=4)]) if isinstance(e, Token))
+    assert (token.token_id, token.text, token.piece) == (eos, "", "<|im_end|>")
+    assert token.top_before[0].text == "<|im_end|>"
 
 
 def test_finish_reasons_eos_stop_length_cancelled(llama):
@@ -201,6 +218,38 @@ def test_settings_change_mid_stream_from_the_next_token(llama):
     assert ids[:4] == sampled
     greedy_rest = generate(lm, prompt + ids[:4], Settings(**GREEDY, max_new_tokens=8))[0].token_ids
     assert ids[4:] == greedy_rest
+
+
+def test_segments_record_the_step_each_change_took_effect_at(llama):
+    """An update made while token s streams applies from token s + 1: that is the step recorded.
+    Two changes before one step make one segment; a change to the same settings makes none."""
+    lm, _, prompt = llama
+    first = [Settings(temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, seed=3, max_new_tokens=12) for _ in range(2)]
+    cooler, greedy = Settings(temperature=0.3, top_k=5, seed=3, max_new_tokens=12), Settings(**GREEDY, max_new_tokens=10)
+    gen = Generation(lm, prompt, first)
+    done = {}
+    for e in gen:
+        if isinstance(e, Finished):
+            done[e.candidate] = e
+        elif e.candidate == 0 and e.step == 3:
+            gen.update(0, replace(cooler, temperature=0.9))
+            gen.update(0, cooler)
+            gen.update(1, first[1])
+        elif e.candidate == 0 and e.step == 6:
+            gen.update(0, greedy)
+    assert [(step, s.temperature) for step, s in done[0].segments] == [(0, 1.2), (4, 0.3), (7, 0)]
+    assert done[0].segments[2][1].seed == 3   # an update without a seed keeps the running one
+    assert done[1].segments == [(0, gen.settings[1])]
+    # the same changes scheduled before the start (what a replay does) give the same tokens
+    again = Generation(lm, prompt, [first[0]])
+    for step, s in done[0].segments[1:]:
+        again.update(0, s, step=step)
+    replayed = again.run()[0]
+    assert replayed.token_ids == done[0].token_ids and replayed.segments == done[0].segments
+    assert generate(lm, prompt, first[0])[0].token_ids != done[0].token_ids
+    before_any = Generation(lm, prompt, [first[0]])
+    before_any.update(0, cooler)   # before the first token: the settings it starts with
+    assert before_any.run()[0].segments == [(0, cooler)]
 
 
 def test_bad_generation_requests(llama):

@@ -165,6 +165,112 @@ def test_migration_from_a_version_1_database(tmp_path):
         s.flag("m1", "unsafe")
 
 
+def test_migration_from_a_version_3_database(tmp_path):
+    """A database of the Parley before reply tokens: its replies open without tokens or segments,
+    their settings as they were, and take tokens from then on."""
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, upto=3)
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
+    conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) VALUES ('u', 'c1', 'user', 'hi', 't')")
+    conn.execute("INSERT INTO messages (id, conversation_id, parent_id, role, content, settings, created_at) "
+                 "VALUES ('a', 'c1', 'u', 'assistant', 'an old reply', '{\"seed\": 7}', 't')")
+    conn.close()
+    with Store(path) as s:
+        assert schema.version(s.conn) == schema.LATEST == 4
+        old = s.message("a")
+        assert (old["settings"], old["segments"], s.reply_tokens("a")) == ({"seed": 7}, None, None)
+        s.save_reply_tokens("a", [{"token_id": 3, "piece": "an", "text": "an"}])
+        assert s.reply_tokens("a")["tokens"][0]["token_id"] == 3
+        assert [h["id"] for h in s.search("old")] == ["a"]
+        s.delete_conversation("c1")
+        assert s.db["reply_tokens"].count == 0
+
+
+def token(i: int, piece: str, rng) -> dict:
+    """A token as a reply keeps it: 5 alternatives each side, probabilities with many digits."""
+    def alternatives():
+        return [{"token_id": rng.randrange(150_000), "piece": piece, "prob": 10 ** rng.uniform(-6, 0)}
+                for _ in range(5)]
+    return {"step": i, "token_id": rng.randrange(150_000), "piece": piece, "text": piece,
+            "logprob": -rng.uniform(0, 12), "sampled_logprob": -rng.uniform(0, 12), "before": alternatives(),
+            "after": alternatives()}
+
+
+def test_reply_tokens_are_kept_compact_and_come_back(store):
+    import random
+    rng = random.Random(0)
+    c, u, a = chat(store)
+    tokens = [token(i, "Hi" if i else "<|im_end|>", rng) for i in range(3)]
+    tokens[2]["sampled_logprob"] = float("-inf")    # JSON has no infinity: no probability to keep
+    store.save_reply_tokens(a, tokens, forced=1)
+    back = store.reply_tokens(a)
+    assert back["forced"] == 1 and [t["step"] for t in back["tokens"]] == [0, 1, 2]
+    for got, given in zip(back["tokens"], tokens):
+        assert set(got) == set(given)
+        assert (got["token_id"], got["piece"], got["text"]) == (given["token_id"], given["piece"], given["text"])
+        assert got["logprob"] == pytest.approx(given["logprob"], rel=1e-3) and got["logprob"] != given["logprob"]
+        for side in ("before", "after"):
+            assert [x["token_id"] for x in got[side]] == [x["token_id"] for x in given[side]]
+            assert [x["prob"] for x in got[side]] == pytest.approx([x["prob"] for x in given[side]], rel=1e-3)
+    assert back["tokens"][2]["sampled_logprob"] is None
+    store.save_reply_tokens(a, tokens[:1])                   # saved again: replaced
+    assert len(store.reply_tokens(a)["tokens"]) == 1
+    with pytest.raises(ParleyError, match="forced = 2 is out of range: a reply of 1 tokens forces 0 to 1"):
+        store.save_reply_tokens(a, tokens[:1], forced=2)
+    store.save_reply_tokens("gone", tokens)                  # a reply discarded while it streamed: nothing to keep
+    assert store.reply_tokens("gone") is None and store.reply_tokens(u) is None
+
+
+# Bytes one token takes in reply_tokens.tokens at 5 alternatives each side, pieces of 6 characters
+# (longer than most of a 50k-vocabulary's), ids of a 150k vocabulary, probabilities down to 1e-6:
+# measured 305 a token; README's store section states this budget.
+TOKEN_BUDGET = 320
+
+
+def test_a_200_token_reply_stays_within_the_size_budget(store):
+    import random
+    rng = random.Random(1)
+    c, u, a = chat(store)
+    store.save_reply_tokens(a, [token(i, " piece", rng) for i in range(200)])
+    size = store.conn.execute("SELECT length(CAST(tokens AS BLOB)) FROM reply_tokens").fetchone()[0]
+    assert size <= 200 * TOKEN_BUDGET, size / 200
+
+
+def test_an_unranked_comparison_is_discarded_with_what_follows(store):
+    c, u, a = chat(store)
+    b, d = (store.add_message(c, "assistant", text, u, make_current=False) for text in ("B", "D"))
+    store.save_reply_tokens(b, [{"token_id": 1}])
+    follow = store.add_message(c, "user", "go on", b)
+    below = store.add_message(c, "assistant", "going on", follow)
+    comparison = store.create_comparison(c, u, [b, d])
+    store.set_current_leaf(c, below)
+    assert sorted(store.discard_comparison(comparison)) == sorted([b, d, follow, below])
+    assert [m["id"] for m in store.children(c, u)] == [a]        # the reply from before stays
+    assert store.reply_tokens(b) is None and store.db["comparison_candidates"].count == 0
+    assert store.conversation(c)["current_leaf"] == a             # the newest branch left
+    with pytest.raises(ParleyError, match="no comparison matches"):
+        store.discard_comparison(comparison)
+
+
+def test_a_ranked_comparison_is_not_discarded(store):
+    c, u, a = chat(store)
+    b = store.add_message(c, "assistant", "B", u, make_current=False)
+    ranked = store.create_comparison(c, u, [a, b])
+    store.vote(ranked, "best", best=b)
+    with pytest.raises(ParleyError, match=f"comparison '{ranked}' cannot be discarded: it has a ranking or vote"):
+        store.discard_comparison(ranked)
+    d = store.add_message(c, "assistant", "D", u, make_current=False)
+    e = store.add_message(c, "assistant", "E", u, make_current=False)
+    above = store.create_comparison(c, u, [d, e])
+    follow = store.add_message(c, "user", "and?", d)
+    f, g = (store.add_message(c, "assistant", text, follow) for text in ("F", "G"))
+    store.rank(store.create_comparison(c, follow, [f, g]), {f: 1, g: 2})
+    with pytest.raises(ParleyError, match="below its candidates, has a ranking or vote"):
+        store.discard_comparison(above)
+    assert store.counts()["messages"] == 8 and len(store.preference_pairs()) == 2
+
+
 V2_TRIGGERS = {"messages_fts_insert", "messages_fts_delete", "messages_fts_update"}   # written by hand
 SQLITE_UTILS_TRIGGERS = {"messages_ai", "messages_ad", "messages_au"}                  # enable_fts's
 

@@ -128,7 +128,20 @@ def v3_search_index_by_sqlite_utils(db: Database) -> None:
     db["messages"].enable_fts(["content"], create_triggers=True)
 
 
-MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils]
+# Version 4: every reply keeps its tokens (what the token inspector shows, what a continuation from
+# an alternative token starts from), and the settings of a reply changed while it was generated.
+V4 = """
+CREATE TABLE reply_tokens (
+    message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    forced INTEGER NOT NULL DEFAULT 0,   -- the first `forced` tokens were taken from another reply, not generated
+    tokens TEXT NOT NULL                 -- compact JSON, one array per token: [token_id, piece, text, logprob,
+                                         -- sampled_logprob, [[id, piece, prob], ...] before, [...] after]
+);
+-- JSON [{"from": token index, "settings": {...}}, ...]: the settings in force from each token on
+ALTER TABLE messages ADD COLUMN segments TEXT;
+"""
+
+MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4]
 LATEST = len(MIGRATIONS)
 
 

@@ -8,6 +8,7 @@ failing. A `Store` is used from one thread; open another for another thread or p
 import contextlib
 import itertools
 import json
+import math
 import secrets
 import sqlite3
 import time
@@ -178,9 +179,10 @@ class Store:
         return mid
 
     def start_reply(self, conversation_id: str, parent_id, model: str | None, settings: dict | None,
-                    make_current: bool = True) -> str:
-        """An assistant message that is still being generated: kept, marked partial, if the app dies."""
-        return self.add_message(conversation_id, "assistant", "", parent_id, model=model, settings=settings,
+                    make_current: bool = True, content: str = "") -> str:
+        """An assistant message that is still being generated: kept, marked partial, if the app dies.
+        `content`: the text it starts with (a continuation's tokens taken from another reply)."""
+        return self.add_message(conversation_id, "assistant", content, parent_id, model=model, settings=settings,
                                 status="partial", make_current=make_current)
 
     def save_partial(self, message_id: str, content: str) -> None:
@@ -190,13 +192,40 @@ class Store:
 
     def finish_reply(self, message_id: str, content: str, finish_reason: str, *, prompt_tokens: int | None = None,
                      completion_tokens: int | None = None, timings: dict | None = None,
-                     settings: dict | None = None) -> None:
+                     settings: dict | None = None, segments: list[dict] | None = None) -> None:
+        """`settings`: those the reply started with; `segments`: [{"from": token index, "settings"}, ...],
+        the settings in force from each token on, when they were changed while it was generated."""
         with self.transaction():
             self.conn.execute(
                 "UPDATE messages SET content = ?, finish_reason = ?, status = 'complete', prompt_tokens = ?, "
-                "completion_tokens = ?, timings = ?, settings = COALESCE(?, settings) WHERE id = ?",
+                "completion_tokens = ?, timings = ?, settings = COALESCE(?, settings), "
+                "segments = COALESCE(?, segments) WHERE id = ?",
                 (content, finish_reason, prompt_tokens, completion_tokens, _json(timings), _json(settings),
-                 message_id))
+                 _json(segments), message_id))
+
+    def save_reply_tokens(self, message_id: str, tokens: list[dict], forced: int = 0) -> None:
+        """Keep a reply's tokens, as `reply_tokens` gives them back (`step` is their place in the list;
+        missing fields are empty), the first `forced` of them taken rather than generated. A reply
+        discarded while it was generated has no row left to keep them for: nothing is written."""
+        if not 0 <= forced <= len(tokens):
+            raise ParleyError(f"forced = {forced} is out of range: a reply of {len(tokens)} tokens forces "
+                              f"0 to {len(tokens)} of them")
+        rows = [_token_row(t, i) for i, t in enumerate(tokens)]
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO reply_tokens (message_id, forced, tokens) "
+                "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?)",
+                (message_id, forced, json.dumps(rows, separators=(",", ":"), ensure_ascii=False), message_id))
+
+    def reply_tokens(self, message_id: str) -> dict | None:
+        """{"forced": how many of the first tokens were taken, "tokens": [{step, token_id, piece, text,
+        logprob, sampled_logprob, before, after}]}, `before`/`after` lists of {token_id, piece, prob};
+        None for a message without them (written by hand, imported, or before schema 4)."""
+        row = next(iter(self.db.query("SELECT forced, tokens FROM reply_tokens WHERE message_id = ?",
+                                      [message_id])), None)
+        if row is None:
+            return None
+        return {"forced": row["forced"], "tokens": [_token_dict(i, t) for i, t in enumerate(json.loads(row["tokens"]))]}
 
     def edit_message(self, message_id: str, content: str) -> str:
         """Editing makes a sibling with the new content; the original stays."""
@@ -274,6 +303,29 @@ class Store:
             self.db["comparison_candidates"].insert_all(
                 {"comparison_id": comparison_id, "position": i, "message_id": mid} for i, mid in enumerate(message_ids))
         return comparison_id
+
+    def discard_comparison(self, comparison_id: str) -> list[str]:
+        """Delete an unranked comparison with its candidates and everything written below them;
+        returns the deleted messages' ids. A ranked one (or one with a ranked comparison below it)
+        is preference data and is refused. The conversation moves to the newest branch left."""
+        comparison = self._one("SELECT * FROM comparisons WHERE id = ?", [comparison_id], "comparison")
+        below = ("WITH RECURSIVE doomed(id) AS (SELECT message_id FROM comparison_candidates WHERE comparison_id = ? "
+                 "UNION SELECT m.id FROM messages m JOIN doomed ON m.parent_id = doomed.id) ")
+        with self.transaction():
+            doomed = [r["id"] for r in self.db.query(below + "SELECT id FROM doomed", [comparison_id])]
+            ranked = [r["comparison_id"] for r in self.db.query(
+                below + "SELECT DISTINCT r.comparison_id FROM rankings r JOIN comparison_candidates c "
+                "ON c.comparison_id = r.comparison_id WHERE c.message_id IN (SELECT id FROM doomed)", [comparison_id])]
+            if ranked:
+                where = "it has" if comparison_id in ranked else f"comparison {ranked[0]!r}, below its candidates, has"
+                raise ParleyError(f"comparison {comparison_id!r} cannot be discarded: {where} a ranking or vote, "
+                                  "which is preference data; only unranked comparisons are discarded")
+            leaf = self.conversation(comparison["conversation_id"])["current_leaf"]
+            self.conn.execute(f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(doomed))})", doomed)
+            self.conn.execute("DELETE FROM comparisons WHERE id = ?", [comparison_id])
+            if leaf in doomed and comparison["parent_id"] is not None:
+                self.set_current_leaf(comparison["conversation_id"], self.newest_leaf(comparison["parent_id"]))
+        return doomed
 
     def comparison(self, comparison_id: str) -> dict:
         c = self._one("SELECT * FROM comparisons WHERE id = ?", [comparison_id], "comparison")
@@ -462,8 +514,31 @@ def _json(value) -> str | None:
     return None if value is None else json.dumps(value)
 
 
+def _round(value: float | None) -> float | None:
+    """Four significant digits: what the inspector shows, at a third of the size of a float's 17.
+    JSON has no infinity: a token the processors removed has no probability to keep (None)."""
+    return None if value is None or not math.isfinite(value) else float(f"{value:.4g}")
+
+
+def _token_row(token: dict, step: int) -> list:
+    if "token_id" not in token:
+        raise ParleyError(f"token {step} of the reply has no token_id: give each token its id")
+    alternatives = [[[a["token_id"], a.get("piece", ""), _round(a.get("prob"))] for a in token.get(side) or []]
+                    for side in ("before", "after")]
+    return [token["token_id"], token.get("piece", ""), token.get("text", ""), _round(token.get("logprob")),
+            _round(token.get("sampled_logprob")), *alternatives]
+
+
+def _token_dict(step: int, row: list) -> dict:
+    token_id, piece, text, logprob, sampled_logprob, before, after = row
+    return {"step": step, "token_id": token_id, "piece": piece, "text": text, "logprob": logprob,
+            "sampled_logprob": sampled_logprob,
+            "before": [{"token_id": t, "piece": p, "prob": prob} for t, p, prob in before],
+            "after": [{"token_id": t, "piece": p, "prob": prob} for t, p, prob in after]}
+
+
 def _decode(row: dict) -> dict:
-    for key in ("settings", "timings"):
+    for key in ("settings", "timings", "segments"):
         if row.get(key) is not None:
             row[key] = json.loads(row[key])
     return row
