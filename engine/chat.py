@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import ParleyError
 from engine.generate import Finished, Generation, Token
-from engine.settings import Settings
+from engine.settings import Settings, segments, settings_at
 
 SAVE_EVERY_S = 0.5
 
@@ -179,7 +179,7 @@ class Replies:
         """The reply's row, its settings and segments (their steps counted from the reply's first
         token) and its tokens, in one transaction: two writes whatever the reply's length."""
         forced = len(self.forced)
-        segments = [{"from": step + forced, "settings": s.to_dict()} for step, s in event.segments]
+        held = [{"from": step + forced, "settings": s.to_dict()} for step, s in event.segments]
         # beams stream no tokens: their best sequence is kept, without probabilities
         generated = (_forced_records(self.lm.tokenizer, event.token_ids, None)[0] if event.beams
                      else [token_record(t) for t in tokens])
@@ -187,7 +187,7 @@ class Replies:
             self.store.finish_reply(self.message_ids[c], self.forced_text + event.text, event.finish_reason,
                                     prompt_tokens=self.prompt_tokens[c],
                                     completion_tokens=forced + len(event.token_ids), timings=event.timings,
-                                    settings=segments[0]["settings"], segments=segments)
+                                    settings=held[0]["settings"], segments=held)
             self.store.save_reply_tokens(self.message_ids[c], self.forced_tokens + generated, forced=forced)
 
 
@@ -255,16 +255,6 @@ def continue_from(store, message_id: str, step: int, token_id: int) -> Continuat
                         tokens[:step] + [_taken_instead(tokens[step], token_id)])
 
 
-def settings_at(message: dict, step: int) -> dict:
-    """The settings a stored reply drew its token `step` with (its first ones for forced tokens)."""
-    segments = _segments(message)
-    return next((s["settings"] for s in reversed(segments) if s["from"] <= step), segments[0]["settings"])
-
-
-def _segments(message: dict) -> list[dict]:
-    return message.get("segments") or [{"from": 0, "settings": message["settings"]}]
-
-
 def _taken_instead(source: dict, token_id: int) -> dict:
     """The record of `token_id` put where `source` was drawn: the same distribution, so the same
     alternatives, and its own probabilities where they hold it."""
@@ -285,7 +275,7 @@ def replay(lm, store, message_id: str) -> Finished:
     prompt = _stored_prompt(lm, store.prompt_messages(message["conversation_id"], message["parent_id"]),
                             message["prompt_tokens"], message_id)
     # segments count from the reply's first token; the generation's steps from its first generated one
-    (_, first), *later = [(s["from"] - len(forced), Settings.from_dict(s["settings"])) for s in _segments(message)]
+    (_, first), *later = [(s["from"] - len(forced), Settings.from_dict(s["settings"])) for s in segments(message)]
     generation = Generation(lm, prompt + forced, [first], top_alternatives=0)
     for step, settings in later:
         generation.update(0, settings, step=step)

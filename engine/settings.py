@@ -147,3 +147,14 @@ TEMPLATES = {
     "few-shot": "Here are some examples:\n\nQ: {example question}\nA: {example answer}\n\nQ: {question}\nA:",
     "chain-of-thought": "{question}\n\nLet's think step by step.",
 }
+
+
+def segments(message: dict) -> list[dict]:
+    """A stored reply's settings segments, [{"from": token index, "settings": {...}}], oldest first."""
+    return message.get("segments") or [{"from": 0, "settings": message["settings"]}]
+
+
+def settings_at(message: dict, step: int) -> dict:
+    """The settings a stored reply drew its token `step` with (its first ones for forced tokens)."""
+    held = segments(message)
+    return next((s["settings"] for s in reversed(held) if s["from"] <= step), held[0]["settings"])

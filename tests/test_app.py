@@ -52,6 +52,11 @@ def set_setting(screen, name, value):
     screen.query_one(f"#set-{name}", Input).value = str(value)
 
 
+def streaming_text(screen):
+    """Whether a reply on the screen has shown its first tokens."""
+    return screen.replies is not None and any(v.markdown_stream for v in screen.views.values())
+
+
 def replies(store):
     rows = store.db.query("SELECT id FROM messages WHERE role = 'assistant' ORDER BY created_at, rowid")
     return [store.message(r["id"]) for r in rows]
@@ -96,7 +101,7 @@ async def test_escape_stops_and_the_partial_reply_is_kept(app):
         set_setting(app.screen, "max_new_tokens", 2000)
         set_setting(app.screen, "min_new_tokens", 2000)   # only Esc can end it
         await send(pilot, "Tell me a long story")
-        await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
+        await until(pilot, lambda: streaming_text(app.screen))
         await pilot.press("escape")
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
         assert replies(app.store)[0]["finish_reason"] == "cancelled"
@@ -128,13 +133,17 @@ async def test_settings_change_mid_stream_applies_to_the_rest(app):
         set_setting(app.screen, "max_new_tokens", 2000)
         set_setting(app.screen, "min_new_tokens", 2000)   # the reply cannot end before the change
         await send(pilot, "Go on")
-        await until(pilot, lambda: app.screen.replies is not None and app.last_tokens)
+        await until(pilot, lambda: streaming_text(app.screen))
         set_setting(app.screen, "temperature", 0.25)
         await pilot.pause(0.5)
         await pilot.press("escape")
         await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete", 60)
         reply = replies(app.store)[0]
-        assert reply["settings"]["temperature"] == 0.25 and reply["finish_reason"] == "cancelled"
+        first, *later = reply["segments"]
+        # stored as segments: the settings it started with, then from which token the change held
+        assert reply["settings"] == first["settings"] and first["settings"]["temperature"] != 0.25
+        assert later and later[-1]["settings"]["temperature"] == 0.25 and later[-1]["from"] > 0
+        assert reply["finish_reason"] == "cancelled"
 
 
 async def open_compare(pilot, max_new_tokens):
@@ -237,32 +246,58 @@ async def test_reply_events_after_quitting_are_dropped_and_others_raise(app):
 
 
 @sync
-async def test_token_inspector_shows_the_engines_values(app):
+async def test_token_inspector_shows_the_engines_values_for_any_reply_and_continues_from_an_alternative(app):
+    from textual.widgets import DataTable
+
+    import engine
+    from engine.generate import Generation, Token
+    from engine.settings import Settings
     from tui_app.screens import InspectorScreen
     async with app.run_test(size=(160, 50)) as pilot:
         set_setting(app.screen, "max_new_tokens", 6)
         set_setting(app.screen, "top_k", 3)
-        await send(pilot, "Hello")
-        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
-        await pilot.pause(0.2)
-        reply = replies(app.store)[0]
+        await reply_to(pilot, "Hello", 1)
+    source = replies(app.store)[0]
+    # a later session: the reply was generated before this app started, and is inspected all the same
+    app = ParleyApp(model=app.model_name, store=app.store, device="cpu")
+    async with app.run_test(size=(160, 50)) as pilot:
+        chat = app.screen
+        await chat.open_conversation(source["conversation_id"])
+        await until(pilot, lambda: app.lm is not None)
         await pilot.press("f9")
         await until(pilot, lambda: isinstance(app.screen, InspectorScreen))
         await pilot.press("down")
         await pilot.pause(0.1)
-        shown = str(app.screen.query_one("#alternatives").render())
+        info = str(app.screen.query_one("#token-info").render())
+        table = app.screen.query_one("#alternatives", DataTable)
+        rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
         # the engine's own numbers for this reply's second token
-        import engine
-        from engine.generate import Generation, Token
-        from engine.settings import Settings
         lm = engine.load(app.model_name, device="cpu")
         prompt = lm.tokenizer.encode_chat([{"role": "user", "content": "Hello"}])
-        events = [e for e in Generation(lm, prompt, [Settings.from_dict(reply["settings"])]) if isinstance(e, Token)]
+        events = [e for e in Generation(lm, prompt, [Settings.from_dict(source["settings"])]) if isinstance(e, Token)]
         second = events[1]
-        assert f"token 1: {second.text!r}" in shown
-        for before, after in zip(second.top_before, second.top_after):
-            assert f"{before.prob:>10.4f}" in shown and f"{after.prob:>10.4f}" in shown
-        assert [a.prob for a in second.top_after[3:]] == [0.0, 0.0]   # top-k 3 filtered the rest
+        assert f"token 1: {second.piece!r} (id {second.token_id})" in info
+        after = {a.token_id: a.prob for a in second.top_after}
+        assert len(after) == 3                      # top-k 3: the filtered ones are not listed as 0
+        for row, before in zip(rows, second.top_before):
+            assert row[0] == repr(before.text) and abs(float(row[1]) - before.prob) < 1e-4
+            assert (row[2] == "—") == (before.token_id not in after)
+            if before.token_id in after:
+                assert abs(float(row[2]) - after[before.token_id]) < 1e-4
+        other = next(a for a in second.top_after if a.token_id != second.token_id)
+        table.focus()
+        table.move_cursor(row=[r[0] for r in rows].index(repr(other.text)))
+        await pilot.press("enter")                  # a new branch that takes `other` at token 1
+        await until(pilot, lambda: app.screen is chat and len(replies(app.store)) == 2
+                    and replies(app.store)[1]["status"] == "complete")
+        branch = replies(app.store)[1]
+        tokens = app.store.reply_tokens(branch["id"])["tokens"]
+        assert branch["parent_id"] == source["parent_id"]
+        assert [t["token_id"] for t in tokens[:2]] == [events[0].token_id, other.token_id]
+        assert branch["content"].startswith(events[0].text + other.text)
+        assert app.store.conversation(source["conversation_id"])["current_leaf"] == branch["id"]
+        await pilot.pause(0.2)
+        assert "‹ 2/2 ›" in str(chat.views[branch["id"]].query_one(Label).render())
 
 
 @sync
@@ -446,8 +481,8 @@ async def test_the_store_is_read_and_written_the_same_number_of_times_for_any_re
         await send(pilot, "Tell me more")
         await until(pilot, lambda: len(replies(app.store)) > before and replies(app.store)[-1]["status"] == "complete")
         await pilot.pause(0.3)
-        assert len(app.last_tokens[replies(app.store)[-1]["id"]]) == tokens
         counts = dict(calls)
+        assert len(app.store.reply_tokens(replies(app.store)[-1]["id"])["tokens"]) == tokens
         counts.pop("message", None)    # the test's own `replies` reads
         return counts
 

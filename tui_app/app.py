@@ -54,7 +54,6 @@ class ParleyApp(App):
         self.settings = Settings()
         self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
         self.system_prompt = self.config.get("system_prompt", "")
-        self.last_tokens: dict[str, list] = {}
         self.set_keymap(self.config.get("keys", {}))   # binding id (the action's name) -> key
 
     def on_mount(self) -> None:

@@ -8,7 +8,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
 from engine.errors import ParleyError
-from engine.settings import TEMPLATES, Settings
+from engine.settings import TEMPLATES, Settings, settings_at
 from engine.store import Store
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
@@ -174,16 +174,16 @@ class ChatScreen(RepliesMixin, Screen):
         await self.show_message(self.store.message(user_id))
         self.start_replies(user_id, [self.query_one(SettingsPanel).settings])
 
-    def start_replies(self, parent_id: str, settings: list[Settings]) -> None:
+    def start_replies(self, parent_id: str, settings: list[Settings], continuation: tuple | None = None) -> None:
         self.streaming = True
         self.query_one("#status", StatusLine).update("waiting for the model…" if not self.app.model_ready.is_set()
                                                      else "generating…")
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
-        self.generate(self.conversation_id, parent_id, settings)
+        self.generate(self.conversation_id, parent_id, settings, continuation)
 
     @work(thread=True, exclusive=True, group="generate")
-    def generate(self, conversation_id: str, parent_id: str, settings: list[Settings]) -> None:
-        stream_replies(self, conversation_id, parent_id, settings)
+    def generate(self, conversation_id: str, parent_id: str, settings: list[Settings], continuation) -> None:
+        stream_replies(self, conversation_id, parent_id, settings, continuation=continuation)
 
     async def mount_replies(self, replies, messages: list[dict]) -> None:
         for m in messages:
@@ -193,7 +193,6 @@ class ChatScreen(RepliesMixin, Screen):
                 f"the {replies.dropped_turns} oldest turns no longer fit the model's context and were left out")
 
     def after_token(self, message: ReplyToken) -> None:
-        self.app.last_tokens.setdefault(message.message_id, []).append(message.token)
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
 
     def after_finish(self, message: ReplyFinished) -> None:
@@ -392,12 +391,27 @@ class ChatScreen(RepliesMixin, Screen):
             self.store.update_conversation(self.conversation_id, model=name)
 
     def action_inspect(self) -> None:
-        reply = self.focused_message() or self.last("assistant")
-        tokens = self.app.last_tokens.get(reply["id"]) if reply else None
-        if not tokens:
-            self.app.notify("the inspector shows replies generated in this session", severity="warning")
+        """The inspector on the focused reply (or the last): any reply, from this session or not."""
+        reply = self.focused_message()
+        if reply is None or reply["role"] != "assistant":
+            reply = self.last("assistant")
+        record = self.store.reply_tokens(reply["id"]) if reply else None
+        if not record or not record["tokens"]:
+            self.app.notify("no token data for this reply (written by hand, imported, or from before Parley "
+                            "kept it)" if reply else "no reply to inspect yet", severity="warning")
             return
-        self.app.push_screen(InspectorScreen(tokens, reply.get("settings")))
+        message = self.store.message(reply["id"])
+        self.app.push_screen(InspectorScreen(record, lambda step: settings_at(message, step)),
+                             callback=lambda choice: self.continue_reply(message, choice))
+
+    async def continue_reply(self, reply: dict, choice: tuple[int, int] | None) -> None:
+        """A new sibling of `reply` that keeps its tokens before `step`, takes `token_id` there and
+        generates on with the settings and seed in force at that step."""
+        if choice is None or self.streaming:
+            return
+        step, token_id = choice
+        await self.drop_views_from(reply["id"])
+        self.start_replies(reply["parent_id"], [], continuation=(reply["id"], step, token_id))
 
     def action_compare(self) -> None:
         user = self.last("user")

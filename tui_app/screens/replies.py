@@ -42,10 +42,12 @@ class ReplyFailed(Message):
         self.error = error
 
 
-def stream_replies(screen: Screen, conversation_id: str, parent_id: str, settings: list, models=None) -> None:
+def stream_replies(screen: Screen, conversation_id: str, parent_id: str, settings: list, models=None,
+                   continuation: tuple | None = None) -> None:
     """In a worker thread: wait for the model, generate, and post every event to `screen`.
-    `models` ({candidate: model name}) gives candidates another model than the chat's."""
-    from engine.chat import Replies   # imports torch: only once a reply is asked for
+    `models` ({candidate: model name}) gives candidates another model than the chat's;
+    `continuation` (reply id, step, token id) makes one reply that takes that token there instead."""
+    from engine.chat import Replies, continue_from   # imports torch: only once a reply is asked for
     app = screen.app
     app.model_ready.wait()   # a message sent while the model loads waits for it
     if app.lm is None:
@@ -53,9 +55,13 @@ def stream_replies(screen: Screen, conversation_id: str, parent_id: str, setting
         return
     with Store(app.store.path) as store:   # SQLite connections are per thread
         try:
+            forced = {}
+            if continuation:
+                c = continue_from(store, *continuation)
+                parent_id, settings, forced = c.parent_id, [c.settings], dict(forced=c.forced, forced_tokens=c.tokens)
             own = [(app.other_model(models[i]), models[i]) if models and models.get(i) else None
                    for i in range(len(settings))]
-            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name, own)
+            replies = Replies(app.lm, store, conversation_id, parent_id, settings, app.model_name, own, **forced)
         except ParleyError as e:
             screen.post_message(ReplyFailed(str(e)))
             return
