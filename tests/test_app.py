@@ -166,6 +166,9 @@ async def test_compare_and_rank_writes_pairs(app):
         await until(pilot, lambda: len(app.store.comparison(app.screen.comparison_id)["candidates"]) == 3
                     and all(m["status"] == "complete" for m in app.store.comparison(app.screen.comparison_id)["candidates"]))
         ids = app.screen.message_ids
+        # the two-pane run before Ctrl+Up was replaced, not kept as branches: one comparison, three replies
+        assert app.store.db.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 1
+        assert len(app.store.siblings(ids[0])) == 4   # the chat's reply and the three candidates
         rank = app.screen.query_one("#rank", Input)
         labels = [str(label.render())[:1] for label in app.screen.query(".pane-title")]
         assert labels == ["A", "B", "C"]   # ranking names panes as their titles do

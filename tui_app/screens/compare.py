@@ -82,6 +82,11 @@ class CompareScreen(RepliesMixin, Screen):
     async def action_run(self) -> None:
         if self.streaming:
             return
+        if self.comparison_id:
+            # a rerun (more panes, new overrides) replaces the candidates not ranked yet, rather than
+            # leaving them as branches of the conversation
+            self.app.store.discard_comparison(self.comparison_id)
+            self.comparison_id, self.message_ids = None, []
         panes = self.query_one("#panes", Horizontal)
         await panes.remove_children()
         for i, s in enumerate(self.pane_settings()):
