@@ -110,8 +110,8 @@ class ParleyApp(App):
 
     def model_loaded(self, info) -> None:
         self.store.set_preference("last_model", self.model_name)
-        self.set_status(f"ready: {info.name} · {info.model_type} · {info.parameters / 1e6:.1f}M parameters · "
-                        f"{info.device} · {info.max_context} tokens of context")
+        self.set_status(f"ready: {info.name} · {info.model_type} {info.parameters / 1e6:.1f}M · {info.device} · "
+                        f"{info.max_context}-token context")
         self.update_headers()
 
     def update_headers(self) -> None:

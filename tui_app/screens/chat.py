@@ -23,7 +23,7 @@ from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
 class ChatScreen(RepliesMixin, Screen):
     BINDINGS = [
         Binding("ctrl+n", "new_conversation", "New", id="new_conversation"),
-        Binding("escape", "stop", "Stop", id="stop"),
+        Binding("escape", "stop", "Stop", show=False, id="stop"),   # the status line says "Esc stops"
         Binding("ctrl+r", "regenerate", "Regen", id="regenerate"),
         Binding("ctrl+o", "compare", "Compare", id="compare"),
         # the footer shows the keys used most; F1 lists them all, Ctrl+P searches them
@@ -96,7 +96,7 @@ class ChatScreen(RepliesMixin, Screen):
             items = [(c["id"], c["title"] or "untitled") for c in self.store.conversations(archived=self.archived)]
         self.query_one("#list-title", Label).update(
             f"found: {query!r} (an empty search lists all)" if query else
-            "archived (Alt+A: back, F5: restore)" if self.archived else "conversations (Alt+A: archived)")
+            "archived · F5 restores" if self.archived else "chats · Alt+A: archived")
         for cid, title in items:
             await view.append(ListItem(Label(title, markup=False), name=cid))
         # the list opens on the open conversation (or its first row), never on nothing
@@ -176,8 +176,8 @@ class ChatScreen(RepliesMixin, Screen):
 
     def start_replies(self, parent_id: str, settings: list[Settings], continuation: tuple | None = None) -> None:
         self.streaming = True
-        self.query_one("#status", StatusLine).update("waiting for the model…" if not self.app.model_ready.is_set()
-                                                     else "generating…")
+        self.query_one("#status", StatusLine).update("waiting for the model… (Esc stops)"
+                                                     if not self.app.model_ready.is_set() else "generating… (Esc stops)")
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
         self.generate(self.conversation_id, parent_id, settings, continuation)
 
