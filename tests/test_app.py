@@ -169,6 +169,7 @@ async def test_compare_and_rank_writes_pairs(app):
         # the two-pane run before Ctrl+Up was replaced, not kept as branches: one comparison, three replies
         assert app.store.db.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 1
         assert len(app.store.siblings(ids[0])) == 4   # the chat's reply and the three candidates
+        assert all(app.store.reply_tokens(i)["tokens"] for i in ids)   # the inspector opens on any of them
         rank = app.screen.query_one("#rank", Input)
         labels = [str(label.render())[:1] for label in app.screen.query(".pane-title")]
         assert labels == ["A", "B", "C"]   # ranking names panes as their titles do
