@@ -401,6 +401,27 @@ async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_p
         await pilot.pause(1.5)   # the dashboard refreshes and selects the newest run
         await pilot.press("f8")
         await until(pilot, lambda: app.store.runs()[0]["status"] == "cancelled", 60)
+        await until(pilot, lambda: not app.screen.processes, 30)   # both processes ended and were seen
+        assert not app.screen.query_one("#run-error").display    # finishing and cancelling are no failures
+
+
+@sync
+async def test_a_run_that_fails_before_it_starts_shows_why_on_the_dashboard(app, tmp_path):
+    from tui_app.screens import TrainingScreen
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        box = app.screen.query_one("#start-run", Input)
+        box.value = f"train sft --model no-such-model --out {tmp_path / 'out'} --device cpu"
+        box.focus()
+        await pilot.press("enter")
+        error = app.screen.query_one("#run-error", Static)
+        await until(pilot, lambda: error.display, 60)
+        shown = str(error.render())
+        assert shown.startswith("train sft (pid ") and "no model directory or known model named 'no-such-model'" in shown
+        assert not app.store.runs()   # nothing but the log and the dashboard says why
+        (log,) = app.store.path.parent.glob("run-*.log")
+        assert log.name in shown and "no-such-model" in log.read_text()
 
 
 @sync
