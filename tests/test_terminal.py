@@ -20,8 +20,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GREETING = "Hello there!"
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
-                                reason="tmux is not installed (.ci/run installs it with apt-get where it can)")
+def tmux_cannot_start() -> str:
+    """Why tmux cannot run a session here ("" when it can): not installed, or its server will not start."""
+    if shutil.which("tmux") is None:
+        return "tmux is not installed (.ci/run installs it with apt-get where it can)"
+    name = f"parley-probe-{uuid.uuid4().hex[:8]}"
+    probe = subprocess.run(["tmux", "-L", name, "-f", "/dev/null", "new-session", "-d", "-x", "20", "-y", "5",
+                            "sleep 1"], capture_output=True, text=True)
+    subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True)
+    return "" if probe.returncode == 0 else f"tmux cannot start a server here: {probe.stderr.strip()}"
+
+
+WHY_NOT = tmux_cannot_start()
+pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
 
 
 def parley_command() -> list[str]:
