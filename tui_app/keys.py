@@ -61,12 +61,13 @@ def check_keymap(keys, screens: list[type], app: type, where: str, text: str) ->
             raise ParleyError(f'{line}: "{key}" is not a key name: write modifiers and a key, e.g. "ctrl+k", '
                               '"alt+r", "f6"')
     for bs in bindings.values():
-        for action, key in keys.items():
-            for b in bs if any(b.id == action for b in bs) else []:
-                name = b.id or b.description or b.action   # Textual's own (ctrl+q quit, tab) have no id
-                if b.id != action and key in keys.get(b.id, b.key).split(","):
-                    raise ParleyError(f'{where} {config_line(text, action)}: "{key}" is already the key of '
-                                      f"{name}: pick another key (or move {name} too)")
+        ids = {b.id for b in bs}
+        for action, key in ((a, k) for a, k in keys.items() if a in ids):   # the actions this screen has
+            clash = next((b for b in bs if b.id != action and key in keys.get(b.id, b.key).split(",")), None)
+            if clash is not None:
+                name = clash.id or clash.description or clash.action   # Textual's own (ctrl+q, tab) have no id
+                raise ParleyError(f'{where} {config_line(text, action)}: "{key}" is already the key of '
+                                  f"{name}: pick another key (or move {name} too)")
     return dict(keys)
 
 

@@ -55,8 +55,12 @@ class MessageView(Static):
         views = list(self.parent.query_children(MessageView))
         index = views.index(self) + step
         if 0 <= index < len(views):
-            views[index].focus()
-            views[index].scroll_visible(animate=False)
+            views[index].select()
+
+    def select(self) -> None:
+        """Focus this message and bring it into view."""
+        self.focus()
+        self.scroll_visible(animate=False)
 
     async def append(self, text: str) -> None:
         """Stream more text into a reply: Textual's stream batches what arrives faster than it draws."""

@@ -259,11 +259,14 @@ class ChatScreen(RepliesMixin, Screen):
         siblings = [s["id"] for s in self.store.siblings(target["id"])]
         index = siblings.index(target["id"]) + step
         if 0 <= index < len(siblings):
-            self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(siblings[index]))
-            await self.open_conversation(self.conversation_id)
-            if focused is not None:
-                self.views[siblings[index]].focus()
-                self.views[siblings[index]].scroll_visible(animate=False)
+            await self.show_path_through(siblings[index], focus=focused is not None)
+
+    async def show_path_through(self, message_id: str, focus: bool) -> None:
+        """Open the branch through `message_id` (its newest continuation), focusing that message."""
+        self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(message_id))
+        await self.open_conversation(self.conversation_id)
+        if focus:
+            self.views[message_id].select()
 
     def focused_message(self) -> dict | None:
         node = self.app.focused
@@ -371,12 +374,8 @@ class ChatScreen(RepliesMixin, Screen):
                                  callback=self.branch_picked)
 
     async def branch_picked(self, message_id: str | None) -> None:
-        """Show the path through the message picked in the tree, and focus that message."""
-        if message_id:
-            self.store.set_current_leaf(self.conversation_id, self.store.newest_leaf(message_id))
-            await self.open_conversation(self.conversation_id)
-            self.views[message_id].focus()
-            self.views[message_id].scroll_visible(animate=False)
+        if message_id:   # picked in the tree
+            await self.show_path_through(message_id, focus=True)
 
     def action_training(self) -> None:
         self.app.push_screen(TrainingScreen())
