@@ -9,6 +9,14 @@ import signal
 import sys
 
 from engine.errors import ParleyError
+from engine.terminal import printable
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals on one line like every other error (its usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, printable(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -65,9 +73,15 @@ def cmd_generate(args) -> None:
     from engine.generate import Finished, Generation, Token
     from engine.registry import resolve_model
 
+    from engine.generate import MAX_ROWS
     base = settings_from_args(args)
-    if args.n < 1:
-        raise ParleyError(f"--n {args.n} is out of range: it must be 1 or more")
+    if not 1 <= args.n <= MAX_ROWS:
+        raise ParleyError(f"--n {args.n} is out of range: it must be between 1 and {MAX_ROWS}")
+    if base.seed is not None and base.seed + args.n - 1 >= 2**63:
+        raise ParleyError(f"--seed {base.seed} with --n {args.n} seeds candidates up to {base.seed + args.n - 1}, "
+                          "past 2**63 - 1: use a smaller --seed")
+    for flag in ("prompt", "system"):
+        check_utf8(f"--{flag}", getattr(args, flag))
     lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
     if args.raw:
         prompt_ids = lm.tokenizer.encode(args.prompt)
@@ -83,7 +97,7 @@ def cmd_generate(args) -> None:
     try:
         for event in gen:
             if stream and isinstance(event, Token):
-                print(event.text, end="", flush=True)
+                print(printable(event.text), end="", flush=True)
             elif isinstance(event, Finished):
                 results.append(event)
     except KeyboardInterrupt:
@@ -101,7 +115,17 @@ def cmd_generate(args) -> None:
         else:
             if args.n > 1:
                 print(f"--- candidate {r.candidate} (seed {r.settings.seed}, {r.finish_reason}) ---")
-            print(r.text)
+            print(printable(r.text))
+
+
+def check_utf8(flag: str, text: str | None) -> None:
+    """Refuse an argument that is not UTF-8 (Python keeps its bad bytes as lone surrogates)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else ord(text[e.start])
+        raise ParleyError(f"{flag} is not valid UTF-8 (byte 0x{bad:02x} at character {e.start}): "
+                          "pass UTF-8 text (check the terminal's or the file's encoding)") from None
 
 
 def cmd_export(args) -> None:
@@ -119,10 +143,6 @@ def cmd_import(args) -> None:
     with Store() as store:
         counts = import_file(store, args.kind, args.file)
     print("imported " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def add_config_options(p: argparse.ArgumentParser, config_class) -> None:
@@ -158,6 +178,7 @@ def cmd_train(args) -> None:
     # the run as "cancelled", after the last complete step.
     signal.signal(signal.SIGTERM, _interrupt)
     config = config_from_args(configs.CONFIGS[args.mode], args)
+    configs.validate(config)   # before the store opens: a refused run leaves no trace
     # under torchrun only the first process records the run
     if args.no_store or args.mode in ("tokenizer", "ngram") or os.environ.get("RANK", "0") != "0":
         configs.run(config)
@@ -194,7 +215,7 @@ def cmd_eval(args) -> None:
 
 
 def build_parser(app=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="Talk to local language models, compare decoding "
+    parser = Parser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if app is not None:
@@ -268,7 +289,7 @@ def main(argv: list[str] | None = None, app=None) -> int:
     try:
         args.func(args)
     except ParleyError as e:
-        print(f"parley: error: {e}", file=sys.stderr)
+        print(printable(f"parley: error: {e}").replace("\n", " "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -102,6 +102,8 @@ class Generation:
         self.settings = [replace(s.validate(), seed=s.seed if s.seed is not None else _random_seed(),
                                  max_new_tokens=min(s.max_new_tokens, lm.max_context - len(prompts[p])))
                          for s, p in zip(settings, prompt_of)]
+        check_memory(lm, sum(s.num_beams for s in self.settings),
+                     max(len(p) for p in prompts) + max(s.max_new_tokens for s in self.settings))
         self.eos_ids = lm.eos_token_ids
         self._cancel: set[int] = set()
         self._updates: dict[int, Settings] = {}
@@ -419,6 +421,41 @@ def choose_tokens(batch: "_Batch", step: int, n_prompt: int, eos_ids: list[int])
 def _timings(prefill_s: float, decode_s: float, n_tokens: int) -> dict:
     return {"prefill_s": prefill_s, "decode_s": decode_s, "tokens": n_tokens,
             "decode_tokens_per_s": n_tokens / decode_s if decode_s > 0 else 0.0}
+
+
+# Rows (candidates x beams) one generation may hold. They decode side by side in one batch, so a
+# person compares or ranks them; thousands are a typo (`--n 100000`), refused before any allocation.
+MAX_ROWS = 1024
+
+
+def check_memory(lm, rows: int, width: int) -> None:
+    """Refuse a batch of `rows` rows of `width` tokens that cannot fit: before, not during, allocation."""
+    if rows > MAX_ROWS:
+        raise ParleyError(f"{rows} rows (candidates x beams) is more than one run holds ({MAX_ROWS}): "
+                          "use fewer candidates or beams")
+    with torch.inference_mode():
+        cache = lm.model.new_cache(1, width)
+    per_row = sum(t.numel() * t.element_size() for t in vars(cache).values() if isinstance(t, torch.Tensor))
+    # besides its cache, a row has ~8 vocabulary-sized buffers (logits, counts, seen, processors' scores)
+    per_row += 8 * 4 * lm.tokenizer.vocab_size + 8 * width
+    need, free = rows * per_row, available_memory(lm.device)
+    if free is not None and need > free:
+        raise ParleyError(f"{rows} rows (candidates x beams) of {width} tokens need about {need / 2**30:.1f} GiB and "
+                          f"{lm.device} has {free / 2**30:.1f} GiB free: use fewer candidates or beams, or lower "
+                          "max_new_tokens")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (the CPU: MemAvailable of Linux's /proc/meminfo), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def _random_seed() -> int:

@@ -10,7 +10,7 @@ import torch
 from engine import checkpoint
 from engine.device import dtype_name, pick_device, pick_dtype
 from engine.errors import ParleyError
-from engine.files import atomic_dir, write_json
+from engine.files import output_dir, write_json
 from engine.models import family
 from engine.tokenizer import Tokenizer
 
@@ -66,8 +66,8 @@ class LM:
         return self.model(input_ids, pad_mask=attention_mask).float()
 
     def save(self, path: str | Path) -> None:
-        """Write config.json, model.safetensors and the tokenizer files, atomically."""
-        with atomic_dir(path) as tmp:
+        """Write config.json, model.safetensors and the tokenizer files, each atomically (engine/files.py)."""
+        with output_dir(path) as tmp:
             self.write(tmp)
         self.path = Path(path)
 

@@ -21,13 +21,14 @@ class Run:
     err: str
 
 
-def run_cli(*argv, home: Path, monkeypatch) -> Run:
-    """`parley ARGV` with PARLEY_HOME=home, in this process (a subprocess per case would cost a torch import)."""
+def run_cli(*argv, home: Path, monkeypatch, app=None) -> Run:
+    """`parley ARGV` with PARLEY_HOME=home, in this process (a subprocess per case would cost a torch
+    import); `app` is what `parley app` runs (tui_app.main.run_app for the real one)."""
     monkeypatch.setenv("PARLEY_HOME", str(home))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            rc = main([str(a) for a in argv])
+            rc = main([str(a) for a in argv], app=app)
         except SystemExit as e:    # argparse's own refusals
             rc = e.code if isinstance(e.code, int) else 1
     return Run(rc, out.getvalue(), err.getvalue())
@@ -71,6 +72,9 @@ def assert_one_line_error(run: Run, *words: str, rc: int = 1) -> None:
 @contextlib.contextmanager
 def unchanged(home: Path, *roots: Path):
     """Assert that the store's row counts and every file under `roots` are the same after the block."""
-    before = (row_counts(home), files_under(*roots))
+    rows, files = row_counts(home), files_under(*roots)
     yield
-    assert (row_counts(home), files_under(*roots)) == before
+    assert row_counts(home) == rows
+    now = files_under(*roots)
+    changed = sorted(p for p in set(files) | set(now) if files.get(p) != now.get(p))
+    assert not changed, f"changed on disk: {changed}"

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import engine
+from engine.errors import ParleyError
 from helpers import CONFIGS
 
 NAMES = list(CONFIGS)
@@ -117,15 +118,27 @@ def test_save_then_transformers_load_gives_same_logits(checkpoints, tmp_path, na
     assert again.tokenizer.chat_template == lm.tokenizer.chat_template
 
 
-def test_save_replaces_an_existing_directory_whole(checkpoints, tmp_path):
-    path, _ = checkpoints("gpt2")
-    lm = engine.load(path, device="cpu")
+def test_save_replaces_only_its_own_files(checkpoints, tmp_path):
+    """A second save into a directory Parley wrote replaces the files it wrote there (and removes
+    those it wrote before and not now); a file the person put there stays; a directory of foreign
+    files is refused, untouched."""
+    lm = engine.load(checkpoints("gpt2")[0], device="cpu")
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an older save")
+    lm.generation_config = {"do_sample": False}
     lm.save(out)
-    assert not (out / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary directories left behind
+    assert (out / "generation_config.json").exists()
+    (out / "notes.txt").write_text("mine")
+    lm.generation_config = {}   # this save writes no generation_config.json: the earlier one goes
+    lm.save(out)
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "generation_config.json").exists()
+    assert engine.load(out, device="cpu").num_parameters() == lm.num_parameters()
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]   # no temporary directories left
+    foreign = tmp_path / "corpus"
+    foreign.mkdir()
+    (foreign / "train.txt").write_text("hello")
+    with pytest.raises(ParleyError, match="already holds files Parley did not write"):
+        lm.save(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["train.txt"]
 
 
 def test_bfloat16_is_close_to_float32(checkpoints):

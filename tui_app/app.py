@@ -18,6 +18,7 @@ from engine.errors import ParleyError
 from engine.paths import config_dir
 from engine.settings import PRESETS, Settings
 from engine.store import Store
+from engine.terminal import printable
 from tui_app.keys import check_keymap
 from tui_app.screens import ChatScreen
 
@@ -58,6 +59,11 @@ class ParleyApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
+
+    def notify(self, message: str, *, title: str = "", markup: bool = False, **kwargs) -> None:
+        """Every notification as plain, printable text: they carry errors that quote paths, names
+        and model text, which must never be read as markup or reach the terminal as control codes."""
+        super().notify(printable(message), title=printable(title), markup=markup, **kwargs)
         # after the first frame: the load imports torch, which holds the interpreter for a second or more
         self.call_after_refresh(self.load_model)
 

@@ -8,6 +8,7 @@ from textual.widgets import Input, Label, Markdown, Select, Static, TextArea
 
 from engine.errors import ParleyError
 from engine.settings import FIELDS, PANEL_FIELDS, Settings, parse_value
+from engine.terminal import printable
 
 
 class MessageView(Static):
@@ -34,9 +35,9 @@ class MessageView(Static):
     def compose(self):
         yield Label(self.role_line(), classes="role", markup=False)
         if self.message["role"] == "assistant":
-            yield Markdown(self.message["content"], classes="content")
+            yield Markdown(printable(self.message["content"]), classes="content")
         else:
-            yield Static(self.message["content"], markup=False, classes="content")
+            yield Static(printable(self.message["content"]), markup=False, classes="content")
 
     def role_line(self) -> str:
         m, (index, total) = self.message, self.branch
@@ -44,7 +45,7 @@ class MessageView(Static):
         if total > 1:
             parts.append(f"‹ {index}/{total} ›")
         if m.get("model"):
-            parts.append(m["model"])
+            parts.append(printable(m["model"]))
         if m.get("finish_reason") and m["finish_reason"] != "eos":
             parts.append(f"[{m['finish_reason']}]")
         if m.get("status") == "partial":
@@ -66,7 +67,7 @@ class MessageView(Static):
         """Stream more text into a reply: Textual's stream batches what arrives faster than it draws."""
         if self.markdown_stream is None:
             self.markdown_stream = Markdown.get_stream(self.query_one(Markdown))
-        await self.markdown_stream.write(text)
+        await self.markdown_stream.write(printable(text))
 
     async def finish(self, text: str, finish_reason: str) -> None:
         """The reply is complete: show it whole, as the store now holds it."""
@@ -75,7 +76,7 @@ class MessageView(Static):
             self.markdown_stream = None
         self.message = {**self.message, "content": text, "finish_reason": finish_reason, "status": "complete"}
         self.query_one(".role", Label).update(self.role_line())
-        await self.query_one(Markdown).update(text)
+        await self.query_one(Markdown).update(printable(text))
 
 
 class PromptArea(TextArea):

@@ -30,7 +30,7 @@ import torch.nn as nn
 from engine import checkpoint
 from engine.device import pick_device
 from engine.errors import ParleyError
-from engine.files import atomic_dir, write_json
+from engine.files import output_dir, write_json
 from engine.models import family
 from engine.rlhf.losses import reward_model_loss
 from engine.rlhf.prefs import encoded_split, fit_prompt, preference_groups, prompt_batches, reply_ids, right_pad
@@ -108,7 +108,7 @@ class RewardLM:
         return self.score_rows([self.encode(p, r) for p, r in pairs]).tolist()
 
     def save(self, path: str | Path) -> None:
-        with atomic_dir(path) as tmp:
+        with output_dir(path) as tmp:
             self.write(tmp)
 
     def write(self, directory: Path) -> None:

@@ -10,13 +10,29 @@ field has a flag and nothing is listed twice.
 `TRAINERS` names the function that runs each mode on its config (imported only when run, so
 reading a config imports no torch).
 """
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from engine.errors import ParleyError
 
-def option(default, help: str, *, choices: tuple | None = None, required: bool = False):
-    """A config field with what its flag shows: help, choices, required."""
-    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+# The values a number may take, in the words its error shows. A whole number is a count (1 or
+# more) and a real one is positive unless its field names another rule; every one must be finite.
+RULES = {
+    "count": (lambda v: v >= 1, "1 or more"),
+    "two": (lambda v: v >= 2, "2 or more (each reply's baseline is the others')"),
+    "count0": (lambda v: v >= 0, "0 or more"),
+    "positive": (lambda v: v > 0, "greater than 0"),
+    "fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "decay": (lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
+    "seed": (lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
+    "finite": (lambda v: True, "a finite number"),
+}
+
+
+def option(default, help: str, *, choices: tuple | None = None, required: bool = False, rule: str | None = None):
+    """A config field with what its flag shows: help, choices, required, and for a number its rule."""
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required, "rule": rule})
 
 
 @dataclass
@@ -47,7 +63,7 @@ class StepsConfig:
     out: str = option(None, "output directory (checkpoints go to OUT/checkpoints)", required=True)
     max_steps: int = option(1000, "optimizer steps")
     lr: float = option(1e-3, "learning rate")
-    seed: int = option(0, "random seed: the run is a pure function of it")
+    seed: int = option(0, "random seed: the run is a pure function of it", rule="seed")
     device: str | None = option(None, "cpu, cuda or mps (default: the best available)")
     eval_every: int = option(100, "steps between held-out evaluations")
     save_every: int = option(200, "steps between checkpoints")
@@ -66,9 +82,9 @@ class PretrainConfig(StepsConfig):
     seq_len: int = option(256, "tokens per training row")
     batch_size: int = option(32, "rows per optimizer step, over all processes and accumulation steps")
     grad_accum: int = option(1, "accumulation steps per optimizer step")
-    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this")
-    warmup_steps: int = option(100, "steps of linear warm-up")
-    weight_decay: float = option(0.1, "AdamW weight decay (on matrices only)")
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this", rule="fraction")
+    warmup_steps: int = option(100, "steps of linear warm-up", rule="count0")
+    weight_decay: float = option(0.1, "AdamW weight decay (on matrices only)", rule="count0")
     grad_clip: float = option(1.0, "gradient norm clip")
     eval_batches: int = option(10, "held-out batches per evaluation")
     autocast: str = option("auto", "bfloat16 mixed precision (auto: on CUDA only)", choices=("auto", "bf16", "none"))
@@ -124,11 +140,11 @@ class OnlineConfig(StepsConfig):
     prompts: str | None = option(None, 'JSONL of {"prompt": messages or text}; default: the store\'s chats')
     max_steps: int = option(50, "rollout steps")
     lr: float = option(1e-5, "learning rate")
-    beta: float = option(0.05, "the KL strength beta")
+    beta: float = option(0.05, "the KL strength beta", rule="count0")
     target_kl: float | None = option(None, "adapt beta towards this KL per reply (Ziegler et al. 2019)")
     temperature: float = option(1.0, "rollout temperature (log-probabilities use logits / T too)")
     max_new_tokens: int = option(32, "reply length in rollouts")
-    missing_eos_penalty: float = option(1.0, "subtracted from the score of a reply that never reaches EOS")
+    missing_eos_penalty: float = option(1.0, "subtracted from the score of a reply that never reaches EOS", rule="finite")
     score_clip: float = option(10.0, "scores are clipped to +- this")
     clip: float = option(0.2, "the clip range epsilon of the policy ratio (and of PPO's values)")
     eval_every: int = option(10, "steps between held-out evaluations")
@@ -146,20 +162,20 @@ class PPOConfig(OnlineConfig):
     critic_lr: float | None = option(None, "the critic's learning rate (default: 10 x --lr)")
     lr_schedule: str = option("constant", "learning rate constant or decaying linearly to 0",
                               choices=("constant", "linear"))
-    vf_coef: float = option(0.1, "weight of the value loss")
-    gamma: float = option(1.0, "discount")
-    lam: float = option(0.95, "GAE lambda")
-    ptx_coef: float = option(0.0, "weight of the pretraining loss on --data (PPO-ptx); 0 is off")
+    vf_coef: float = option(0.1, "weight of the value loss", rule="count0")
+    gamma: float = option(1.0, "discount", rule="fraction")
+    lam: float = option(0.95, "GAE lambda", rule="fraction")
+    ptx_coef: float = option(0.0, "weight of the pretraining loss on --data (PPO-ptx); 0 is off", rule="count0")
     ptx_batch: int = option(4, "pretraining rows per update for the ptx term")
     data: str | None = option(None, "ptx: chitchat (default), a .jsonl of conversations or a .txt")
-    ema: float | None = option(None, "keep and save an exponential moving average of the policy with this decay")
+    ema: float | None = option(None, "keep and save an exponential moving average of the policy with this decay", rule="decay")
 
 
 @dataclass
 class GroupConfig(OnlineConfig):
     """k replies per prompt, no critic (engine/rlhf/group.py)."""
     prompts_per_step: int = option(8, "prompts per step")
-    replies: int = option(4, "replies sampled per prompt (k)")
+    replies: int = option(4, "replies sampled per prompt (k)", rule="two")
     epochs: int = option(1, "passes over each rollout")
     minibatch_prompts: int | None = option(None, "prompts per update (default: all of a step's)")
     kl_estimator: str = option("k1", "KL estimator", choices=("k1", "k3"))
@@ -190,8 +206,23 @@ TRAINERS = {"tokenizer": ("engine.train.tokenizer", "run"), "ngram": ("engine.tr
             "grpo": ("engine.rlhf.group", "train_group")}
 
 
+def validate(config) -> None:
+    """Refuse a bad number or output before any work: `--lr nan` or an `--out` that is a file must
+    not cost a run (engine/files.py says which output directories Parley writes into)."""
+    from engine.files import check_output_dir
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok, words = RULES[f.metadata["rule"] or ("count" if isinstance(value, int) else "positive")]
+        if not (math.isfinite(value) and ok(value)):
+            raise ParleyError(f"--{f.name.replace('_', '-')} {value} is out of range: it must be {words}")
+    check_output_dir(config.out)
+
+
 def run(config, store=None):
     """Train what `config` describes with its mode's trainer."""
     import importlib
+    validate(config)
     module, name = TRAINERS[config.mode]
     return getattr(importlib.import_module(module), name)(config, store)

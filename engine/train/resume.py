@@ -6,7 +6,6 @@ atomically and the last two are kept, so a crash at any moment leaves one whole 
 damaged newest one gives an error that names the previous one.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.errors import ParleyError
-from engine.files import atomic_dir, write_json
+from engine.files import atomic_dir, claim_output_dir, write_json
 
 STATE = "trainer_state"
 
@@ -38,11 +37,16 @@ def save_checkpoint(out: str | Path, step: int, optimizer, state: dict, modules:
     for index, values in opt["state"].items():
         for name, value in values.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().to("cpu", copy=True).contiguous()
-    with atomic_dir(Path(out) / "checkpoints" / f"step-{step:06d}") as tmp:
-        if lm is not None:
-            lm.write(tmp)
-        save_file(tensors, str(tmp / f"{STATE}.safetensors"))
-        write_json(tmp / f"{STATE}.json", {**state, "step": step, "param_groups": opt["param_groups"]})
+    try:
+        with atomic_dir(claim_output_dir(out) / "checkpoints" / f"step-{step:06d}") as tmp:
+            if lm is not None:
+                lm.write(tmp)
+            save_file(tensors, str(tmp / f"{STATE}.safetensors"))
+            write_json(tmp / f"{STATE}.json", {**state, "step": step, "param_groups": opt["param_groups"]})
+    except (OSError, SafetensorError) as e:   # a full disk, most often; the half-written checkpoint is gone
+        previous = "--resume goes on from the one before" if checkpoints(out) else "then start again"
+        raise ParleyError(f"could not write the checkpoint of step {step} in {Path(out) / 'checkpoints'} ({e}): "
+                          f"free some space; {previous}") from None
     for old in checkpoints(out)[:-2]:
         shutil.rmtree(old)
 
@@ -86,15 +90,3 @@ def restore(optimizer, state: dict, tensors: dict, device) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-
-
-def publish(out: str | Path, checkpoint: Path) -> None:
-    """Copy the final checkpoint's model files into OUT, each atomically, config.json last: OUT
-    loads as a model only once it is whole, and its checkpoints stay for a later --resume."""
-    out = Path(out)
-    files = sorted((p for p in checkpoint.iterdir() if p.is_file() and not p.name.startswith(STATE)),
-                   key=lambda p: p.name == "config.json")
-    for f in files:
-        tmp = out / f".{f.name}.tmp"
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, out / f.name)

@@ -16,7 +16,6 @@ steps goes through (pretraining, SFT, the reward model, DPO, PPO, RLOO, GRPO).
 """
 import copy
 import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.errors import ParleyError
+from engine.files import output_dir
 from engine.registry import register
 from engine.train import distributed
 from engine.train.progress import StepProgress
-from engine.train.resume import newest_checkpoint, publish, read_state, restore, save_checkpoint
+from engine.train.resume import newest_checkpoint, read_state, restore, save_checkpoint
 
 
 def load_model(name: str, device):
@@ -160,10 +160,8 @@ class Run:
         a trained model is registered in the app."""
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.out, prefix=".result-") as tmp:
-            write(Path(tmp))
-            publish(self.out, Path(tmp))
+        with output_dir(self.out) as tmp:
+            write(tmp)
         self.output = str(self.out)
         if model and self.store is not None:
             register(self.store, self.out)

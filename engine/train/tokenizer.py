@@ -6,7 +6,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from engine import data
 from engine.errors import ParleyError
-from engine.files import atomic_dir
+from engine.files import output_dir
 from engine.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -51,7 +51,7 @@ def run(c, store=None) -> Tokenizer:
     """`parley train tokenizer` (engine.train.config.TokenizerConfig); nothing goes to the store."""
     train, _ = data.load(c.data)
     tokenizer = train_tokenizer(train, c.vocab_size)
-    with atomic_dir(Path(c.out)) as tmp:
+    with output_dir(Path(c.out)) as tmp:
         tokenizer.save(tmp)
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {len(train)} examples; wrote {c.out}")
     return tokenizer

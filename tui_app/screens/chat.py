@@ -10,6 +10,7 @@ from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, St
 from engine.errors import ParleyError
 from engine.settings import TEMPLATES, Settings, settings_at
 from engine.store import Store
+from engine.terminal import printable
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
 from tui_app.screens.inspector import InspectorScreen
@@ -98,7 +99,7 @@ class ChatScreen(RepliesMixin, Screen):
             f"found: {query!r} (an empty search lists all)" if query else
             "archived · F5 restores" if self.archived else "chats · Alt+A: archived")
         for cid, title in items:
-            await view.append(ListItem(Label(title, markup=False), name=cid))
+            await view.append(ListItem(Label(printable(title), markup=False), name=cid))
         # the list opens on the open conversation (or its first row), never on nothing
         ids = [cid for cid, _ in items]
         view.index = ids.index(self.conversation_id) if self.conversation_id in ids else 0 if ids else None
@@ -126,7 +127,7 @@ class ChatScreen(RepliesMixin, Screen):
             self.app.switch_model(conversation["model"])   # each conversation keeps its own model
         self.update_header()
         if conversation["system_prompt"]:
-            await log.mount(Static(f"system: {conversation['system_prompt']}", markup=False, classes="system"))
+            await log.mount(Static(printable(f"system: {conversation['system_prompt']}"), markup=False, classes="system"))
         for m in self.store.thread(conversation_id):
             await self.show_message(m)
         log.scroll_end(animate=False)
@@ -136,7 +137,7 @@ class ChatScreen(RepliesMixin, Screen):
         title = (self.store.conversation(self.conversation_id)["title"] or "untitled") if self.conversation_id \
             else "new conversation"
         name = self.app.model_name.rstrip("/").rsplit("/", 1)[-1]   # a directory by its own name
-        self.sub_title = f"{title} · {name}{'' if self.app.lm is not None else ' (loading)'} answers"
+        self.sub_title = printable(f"{title} · {name}{'' if self.app.lm is not None else ' (loading)'} answers")
 
     async def drop_views_from(self, message_id: str) -> None:
         """Take a message and all after it off the screen (a branch replaces them)."""

@@ -8,6 +8,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static
 
 from engine.errors import ParleyError
+from engine.terminal import printable
 from engine.settings import COMPARE_TEMPERATURES, FIELDS, Settings, parse_value
 from tui_app.screens.replies import RepliesMixin, stream_replies
 from tui_app.widgets import MessageView
@@ -93,7 +94,7 @@ class CompareScreen(RepliesMixin, Screen):
             model = self.models.get(i, self.app.model_name)
             typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(i, {}).items()]
                              + ([f"model={self.models[i]}"] if i in self.models else []))
-            pane = Vertical(Label(f"{pane_letter(i).upper()}  {model}  temperature {s.temperature}", markup=False,
+            pane = Vertical(Label(printable(f"{pane_letter(i).upper()}  {model}  temperature {s.temperature}"), markup=False,
                                   classes="pane-title"),
                             Input(typed,
                                   placeholder="e.g. temperature=0.3 top_k=20 model=NAME (Enter runs again)",

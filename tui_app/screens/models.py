@@ -6,6 +6,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, ListItem, ListView
 
 from engine.errors import ParleyError
+from engine.terminal import printable
 
 
 class ModelsScreen(ModalScreen):
@@ -35,7 +36,7 @@ class ModelsScreen(ModalScreen):
         for name, path in names:
             mark = "● " if name == self.app.model_name else "  "
             where = "shipped with Parley" if BUILTIN.get(name) == path else str(path)
-            await view.append(ListItem(Label(f"{mark}{name}  {where}", markup=False), name=name))
+            await view.append(ListItem(Label(printable(f"{mark}{name}  {where}"), markup=False), name=name))
         # the list opens on the model in use, so Down + Enter picks the next one, not this one again
         current = self.app.model_name
         view.index = next((i for i, (name, path) in enumerate(names) if current in (name, str(path))), 0)

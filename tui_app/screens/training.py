@@ -8,6 +8,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
+from engine.terminal import printable
+
 
 class TrainingScreen(Screen):
     """Preference data at a glance, every training run with live curves, and runs to start or cancel.
@@ -121,7 +123,7 @@ class TrainingScreen(Screen):
                 continue
             text = f"{' '.join(args[:2])} (pid {pid}) failed: {why_it_failed(log_path, code)}  (log: {log_path})"
             error = self.query_one("#run-error", Static)
-            error.update(text)
+            error.update(printable(text))
             error.display = True
             self.app.notify(text, title="run failed", severity="error", timeout=15)
 

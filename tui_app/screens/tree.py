@@ -6,6 +6,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, Tree
 
 from engine.store import Store
+from engine.terminal import printable
 
 
 def node_label(message: dict, on_path: bool) -> Text:
@@ -19,7 +20,7 @@ def node_label(message: dict, on_path: bool) -> Text:
         parts.append(f"{message['model'] or '?'}  {knobs}")
         if message.get("finish_reason") not in (None, "eos"):
             parts.append(f"[{message['finish_reason']}]")
-    return Text("   ".join(parts))
+    return Text(printable("   ".join(parts)))
 
 
 class TreeScreen(ModalScreen):
@@ -39,7 +40,7 @@ class TreeScreen(ModalScreen):
     def compose(self):
         conversation = self.store.conversation(self.conversation_id)
         yield Label("Every branch (● the one shown). Enter opens it, Esc closes.", markup=False)
-        tree = Tree(Text(conversation["title"] or "untitled"), id="tree-box")
+        tree = Tree(Text(printable(conversation["title"] or "untitled")), id="tree-box")
         tree.show_root = True
         yield tree
 
