@@ -353,6 +353,22 @@ def test_a_full_disk_during_import_says_so(home, tmp_path, monkeypatch):
     assert "cannot rollback" not in run.err
 
 
+def test_a_full_disk_that_sqlite_rolled_back_itself_says_so(home, tmp_path, monkeypatch):
+    """On a full disk SQLite may roll the whole transaction back itself (SQLITE_FULL while it writes
+    the WAL): the store must not then try a ROLLBACK of its own ("cannot rollback - no transaction
+    is active") and hide the reason."""
+    (tmp_path / "files").mkdir()
+    path = write_lines(tmp_path / "files" / "p.jsonl", pref(), pref(chosen="Howdy"))
+
+    def full_mid_write(self, *args, **kwargs):
+        self.conn.execute("ROLLBACK")   # what SQLite did
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(Store, "rank", full_mid_write)
+    run = refused(home, tmp_path, monkeypatch, "import", "prefs", path, words=("database or disk is full",
+                                                                               "free space"))
+    assert "cannot rollback" not in run.err
+
+
 # -- idempotent imports -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, fmt", [("prefs", "jsonl"), ("prefs", "trl"), ("conversations", "jsonl")])
 def test_importing_an_export_back_adds_nothing(home, tmp_path, monkeypatch, kind, fmt):
@@ -462,10 +478,12 @@ def _exported(store, kind, tmp_path):
     return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n") if line]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(field=st.sampled_from(FIELDS), value=JSON | st.text())
-def test_any_value_in_any_field_is_imported_exactly_or_refused_whole(tmp_path_factory, field, value):
-    kind, base, path = field
+@pytest.mark.parametrize("kind", ["conversations", "prefs", "rankings"])
+@settings(max_examples=90, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), value=JSON | st.text() | st.text(st.characters(categories=["Cs"]), min_size=1))
+def test_any_value_in_any_field_is_imported_exactly_or_refused_whole(tmp_path_factory, kind, data, value):
+    """Each of an importer's fields gets a dozen or more values (any JSON, any text, lone surrogates)."""
+    _, base, path = data.draw(st.sampled_from([f for f in FIELDS if f[0] == kind]), label="field")
     row = json.loads(json.dumps(base))
     _put(row, path, value)
     tmp = tmp_path_factory.mktemp("prop")
@@ -483,6 +501,7 @@ def test_any_value_in_any_field_is_imported_exactly_or_refused_whole(tmp_path_fa
     assert len(got) == 1
     given_back = _get(got[0], path) if kind != "conversations" or path[0] != "messages" else \
         next(m for m in got[0]["messages"] if m["id"] == row["messages"][1]["id"])[path[2]]
+    value = json.loads(json.dumps(value))   # what the line says: JSON reads "\ud800\udc00" as one character
     if path == ("prompt",) and isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if path[-1] == "flags":
