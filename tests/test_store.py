@@ -177,7 +177,7 @@ def test_migration_from_a_version_3_database(tmp_path):
                  "VALUES ('a', 'c1', 'u', 'assistant', 'an old reply', '{\"seed\": 7}', 't')")
     conn.close()
     with Store(path) as s:
-        assert schema.version(s.conn) == schema.LATEST == 4
+        assert schema.version(s.conn) == schema.LATEST
         old = s.message("a")
         assert (old["settings"], old["segments"], s.reply_tokens("a")) == ({"seed": 7}, None, None)
         s.save_reply_tokens("a", [{"token_id": 3, "piece": "an", "text": "an"}])
@@ -447,7 +447,7 @@ def test_imported_pairs_with_one_prompt_group_together(store, tmp_path):
              {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "What?"},
              {"prompt": "Bye", "chosen": [{"role": "assistant", "content": "See you!"}], "rejected": "No."}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert import_file(store, "prefs", str(tmp_path / "p.jsonl")) == {"pairs": 3, "prompts": 2}
+    assert import_file(store, "prefs", str(tmp_path / "p.jsonl")) == {"pairs": 3, "prompts": 2, "skipped": 0}
     groups = store.pairs_by_prompt()
     assert [len(g["pairs"]) for g in groups] == [2, 1]
 

@@ -141,7 +141,32 @@ CREATE TABLE reply_tokens (
 ALTER TABLE messages ADD COLUMN segments TEXT;
 """
 
-MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4]
+# Version 5: a run whose process died without saying how it ended (killed, the machine went down) is
+# 'interrupted' (marked when the store next opens; resuming it runs it again), and a run keeps the
+# host it runs on, so that only this host's processes are judged gone. SQLite cannot change a CHECK
+# constraint in place: the table is built again and its rows copied (migrate() turns foreign keys
+# off meanwhile, so dropping the old table does not cascade into metrics).
+V5 = """
+CREATE TABLE runs_v5 (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    config TEXT NOT NULL,       -- JSON
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed', 'cancelled', 'interrupted')),
+    base_model TEXT,
+    output_model TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    pid INTEGER,
+    host TEXT                   -- the machine `pid` runs on; NULL for runs written before version 5
+);
+INSERT INTO runs_v5 (id, kind, config, status, base_model, output_model, started_at, finished_at, error, pid)
+    SELECT id, kind, config, status, base_model, output_model, started_at, finished_at, error, pid FROM runs;
+DROP TABLE runs;
+ALTER TABLE runs_v5 RENAME TO runs;
+"""
+
+MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4, V5]
 LATEST = len(MIGRATIONS)
 
 
@@ -154,16 +179,22 @@ def migrate(conn: sqlite3.Connection, upto: int = LATEST) -> None:
     The version is read again under the write lock: processes that open a new database at the same
     moment (torchrun's) apply each migration once."""
     db = Database(conn)
-    for number in range(version(conn) + 1, upto + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if version(conn) < number:
-                _apply(MIGRATIONS[number - 1], db)
-                conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys = OFF")   # a table built again must not cascade (version 5)
+    try:
+        for number in range(version(conn) + 1, upto + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if version(conn) < number:
+                    _apply(MIGRATIONS[number - 1], db)
+                    conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:   # SQLite may have rolled back already (a full disk)
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
 
 
 def _apply(migration, db: Database) -> None:

@@ -9,7 +9,9 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import secrets
+import socket
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -25,6 +27,9 @@ ROLES = ("system", "user", "assistant")
 FLAGS = ("fails_instruction", "made_up_facts", "unsafe", "both_bad")
 VOTES = ("best", "tie", "both_bad")
 _LEAF = object()  # "attach to the conversation's current leaf"
+# How long a write waits for another process's (a trainer logging metrics, a second app) before it
+# gives up and says the database is locked: long enough for any one transaction of theirs.
+BUSY_TIMEOUT_S = 30
 
 
 def now() -> str:
@@ -40,21 +45,30 @@ def new_id() -> str:
 class Store:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else database_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(self.path.parent)
+        conn = None
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
             _use_wal(conn)
-        except sqlite3.DatabaseError as e:
-            raise ParleyError(f"{self.path} is not a usable SQLite database ({e}): move it aside and start again")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = FULL")   # a commit survives a crash of the machine, too
-        conn.execute("PRAGMA busy_timeout = 30000")
-        found = schema.version(conn)
-        if found > schema.LATEST:
-            conn.close()
-            raise ParleyError(f"{self.path} was written by a newer Parley (schema {found}; this one knows up to "
-                              f"{schema.LATEST}): upgrade Parley, or set PARLEY_HOME to use another database")
-        schema.migrate(conn)
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")   # a commit survives a crash of the machine, too
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            found = schema.version(conn)
+            if found > schema.LATEST:
+                raise ParleyError(f"{self.path} was written by a newer Parley (schema {found}; this one knows up "
+                                  f"to {schema.LATEST}): upgrade Parley, or set PARLEY_HOME to use another database")
+            if found == 0 and conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
+                raise ParleyError(f"{self.path} has tables but no schema version (user_version 0), so Parley "
+                                  "cannot tell what it holds: move it aside, or set PARLEY_HOME to use another database")
+            schema.migrate(conn)
+            _mark_interrupted(conn)
+        except (sqlite3.Error, ParleyError) as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, ParleyError):
+                raise
+            raise store_error(self.path, e) or ParleyError(
+                f"{self.path} is not a usable SQLite database ({e}): move it aside and start again") from None
         self.conn = conn
         self.db = Database(conn)
 
@@ -70,18 +84,30 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
-        """One atomic change; nested blocks become savepoints of the outer transaction."""
-        if self.conn.in_transaction:
-            with self.db.atomic():
-                yield
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One atomic change; nested blocks become savepoints of the outer transaction. A write the
+        disk, the file's permissions or another process's lock refuses is a ParleyError that says so
+        (SQLite may have rolled the transaction back itself: there is then nothing left to undo)."""
+        outer = not self.conn.in_transaction
+        begin, undo, end = (("BEGIN IMMEDIATE", "ROLLBACK", "COMMIT") if outer else
+                            ("SAVEPOINT nested", "ROLLBACK TO nested", "RELEASE nested"))
         try:
-            yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute(begin)
+            try:
+                yield
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute(undo)
+                    if not outer:
+                        self.conn.execute(end)
+                raise
+            self.conn.execute(end)
+        except sqlite3.OperationalError as e:
+            if outer and self.conn.in_transaction:   # COMMIT failed: undo it all
+                self.conn.execute("ROLLBACK")
+            error = store_error(self.path, e)
+            if error is None:
+                raise
+            raise error from None
 
     def _one(self, sql: str, params=(), what: str = "row") -> dict:
         rows = list(self.db.query(sql, params))
@@ -456,14 +482,17 @@ class Store:
         rid = new_id()
         with self.transaction():
             self.db["runs"].insert({"id": rid, "kind": kind, "config": json.dumps(config), "status": "running",
-                                    "base_model": base_model, "started_at": now(), "pid": pid})
+                                    "base_model": base_model, "started_at": now(), "pid": pid,
+                                    "host": socket.gethostname()})
         return rid
 
     def resume_run(self, run_id: str, pid: int | None = None) -> None:
-        """A run that continues from its checkpoint (after a crash or a cancel) is running again."""
+        """A run that continues from its checkpoint (after a crash, a cancel or an interruption) is
+        running again."""
+        self.run(run_id)
         with self.transaction():
-            self.conn.execute("UPDATE runs SET status = 'running', error = NULL, finished_at = NULL, pid = ? "
-                              "WHERE id = ?", (pid, run_id))
+            self.conn.execute("UPDATE runs SET status = 'running', error = NULL, finished_at = NULL, pid = ?, "
+                              "host = ? WHERE id = ?", (pid, socket.gethostname(), run_id))
 
     def end_run(self, run_id: str, status: str, output_model: str | None = None, error: str | None = None) -> None:
         if status not in ("finished", "failed", "cancelled"):
@@ -495,6 +524,72 @@ class Store:
         where, params = ("AND name = ?", [run_id, name]) if name else ("", [run_id])
         return list(self.db.query(f"SELECT step, name, value FROM metrics WHERE run_id = ? {where} "
                                   "ORDER BY step, name", params))
+
+
+def _make_folder(folder: Path) -> None:
+    """The database's folder, created if missing; a file in its place is refused, never replaced."""
+    if folder.exists() and not folder.is_dir():
+        raise ParleyError(f"{folder} is a file, not a folder: set PARLEY_HOME to a folder (Parley keeps "
+                          "parley.db in it)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ParleyError(f"cannot create the folder {folder}: part of its path is a file; set PARLEY_HOME "
+                          "to a folder") from None
+    except OSError as e:
+        raise ParleyError(f"cannot create the folder {folder} ({e.strerror}): fix the permissions, or set "
+                          "PARLEY_HOME to a folder you can write") from None
+
+
+def store_error(path: Path, e: sqlite3.Error) -> ParleyError | None:
+    """What SQLite's refusal means for the user, or None for one that is not about the file or the disk."""
+    text = str(e).lower()
+    if "locked" in text or "busy" in text:
+        return ParleyError(f"{path} is locked by another process (waited {BUSY_TIMEOUT_S:g} s): close the other "
+                           "Parley (app or trainer) using it, or wait for it to finish, and try again")
+    if "full" in text:
+        return ParleyError(f"{path}: database or disk is full: free space on its disk (or set PARLEY_HOME to "
+                           "a folder on a disk with room) and try again; nothing was written")
+    if "readonly" in text or "read-only" in text:
+        return ParleyError(f"{path} cannot be written (it is read-only): fix its permissions (chmod u+w), or "
+                           "set PARLEY_HOME to a folder you can write")
+    if "unable to open" in text:
+        if path.is_dir():
+            return ParleyError(f"{path} is a folder, not a database: move it aside, or set PARLEY_HOME to "
+                               "another folder")
+        return ParleyError(f"{path} cannot be opened for writing (the file or its folder {path.parent} cannot "
+                           "be written): fix the permissions, or set PARLEY_HOME to a folder you can write")
+    return None
+
+
+def _mark_interrupted(conn: sqlite3.Connection) -> None:
+    """A run still 'running' whose process on this host is gone was killed before it could say how it
+    ended: it is 'interrupted' (a run elsewhere, or without a pid, cannot be judged from here)."""
+    here = socket.gethostname()
+    gone = [(r[0],) for r in conn.execute("SELECT id, pid FROM runs WHERE status = 'running' AND pid IS NOT NULL "
+                                         "AND (host IS NULL OR host = ?)", (here,)) if not _alive(r[1])]
+    if gone:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("UPDATE runs SET status = 'interrupted', finished_at = ? WHERE id = ? "
+                             "AND status = 'running'", [(now(), rid) for (rid,) in gone])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
