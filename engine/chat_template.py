@@ -15,6 +15,7 @@ from functools import lru_cache, wraps
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import loopcontrols
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
@@ -31,19 +32,20 @@ from engine.errors import ParleyError
 MAX_TEMPLATE_CHARS = 4_000_000
 MAX_RENDER_SECONDS = 2.0
 
+_FIX = "fix the model's chat template (chat_template.jinja, or chat_template in tokenizer_config.json)"
 _deadline: ContextVar[float | None] = ContextVar("chat_template_deadline", default=None)
 
 
 def _too_big(what: str):
     return ParleyError(f"the model's chat template builds {what} over {MAX_TEMPLATE_CHARS:,} characters or items, "
-                       "Parley's limit: fix chat_template in tokenizer_config.json, or use a raw prompt (--raw)")
+                       f"Parley's limit: {_FIX}, or use a raw prompt (--raw)")
 
 
 def _check_clock() -> None:
     deadline = _deadline.get()
     if deadline is not None and time.monotonic() > deadline:
         raise ParleyError(f"the model's chat template ran longer than {MAX_RENDER_SECONDS:g} s, Parley's limit: "
-                          "fix chat_template in tokenizer_config.json, or use a raw prompt (--raw)")
+                          f"{_FIX}, or use a raw prompt (--raw)")
 
 
 def _check_size(value) -> None:
@@ -177,12 +179,12 @@ def compile_template(source: str) -> jinja2.Template:
         return env.from_string(_GuardLoops().visit(env.parse(source)))
     except jinja2.TemplateSyntaxError as e:
         raise ParleyError(f"the model's chat template has a syntax error on line {e.lineno} ({_one_line(e)}): "
-                          "fix chat_template in tokenizer_config.json") from None
+                          f"{_FIX}") from None
     except ParleyError:
         raise
     except Exception as e:  # constant folding runs the template's literal expressions while compiling
         raise ParleyError(f"the model's chat template cannot be compiled ({type(e).__name__}: {_one_line(e)}): "
-                          "fix chat_template in tokenizer_config.json") from None
+                          f"{_FIX}") from None
 
 
 def render(source: str, messages: list[dict], add_generation_prompt: bool = True,
@@ -208,10 +210,13 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = True
         return "".join(pieces)
     except ParleyError:
         raise
+    except SecurityError as e:
+        raise ParleyError(f"the model's chat template did something the sandbox forbids ({_one_line(e)}): "
+                          f"{_FIX}, or use a raw prompt (--raw)") from None
     except jinja2.TemplateError as e:   # raise_exception: the template's own refusal
         raise ParleyError(f"the model's chat template refused the conversation: {_one_line(e)}") from None
     except Exception as e:  # RecursionError, ZeroDivisionError, OverflowError...: the template's own bug
         raise ParleyError(f"the model's chat template failed ({type(e).__name__}: {_one_line(e)}): "
-                          "fix chat_template in tokenizer_config.json, or use a raw prompt (--raw)") from None
+                          f"{_FIX}, or use a raw prompt (--raw)") from None
     finally:
         _deadline.reset(token)

@@ -30,6 +30,9 @@ def read_json(path: Path, required: bool = True) -> dict | None:
 
 
 def check_model_dir(path: Path) -> None:
+    if path.is_file():
+        raise ParleyError(f"{path} is a file, not a model directory: pass the directory that holds config.json, "
+                          "model.safetensors and tokenizer.json")
     if not path.is_dir():
         raise ParleyError(f"model directory {path} does not exist: pass a directory that holds config.json, "
                           "model.safetensors and tokenizer.json")
