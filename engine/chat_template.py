@@ -26,8 +26,8 @@ from engine.errors import ParleyError
 # - MAX_TEMPLATE_CHARS bounds the prompt text and every string or list a template builds on the way
 #   (`'ab ' * 30000000` is refused before it is built). 4M characters is about a million tokens, past
 #   any model's context window, and small enough to build without straining memory.
-# - MAX_RENDER_SECONDS bounds one render, checked at every loop step, macro or function call and
-#   intercepted operator, so that a template stuck in nested loops stops in seconds. Chat renders
+# - MAX_RENDER_SECONDS bounds one render, checked at the start of every loop, at every macro or
+#   function call and at every intercepted operator, so that a template stuck in nested loops stops in seconds. Chat renders
 #   run in the app's worker threads, where signals (SIGALRM) cannot interrupt them, hence the checks.
 MAX_TEMPLATE_CHARS = 4_000_000
 MAX_RENDER_SECONDS = 2.0
@@ -68,11 +68,12 @@ def _check_format(fmt: str) -> None:
         raise _too_big("a value")
 
 
-def _bounded_loop(iterable):
-    """What every {% for %} iterates over (see `_GuardLoops`): the items, with a clock check per step."""
-    for item in iterable:
-        _check_clock()
-        yield item
+def _loop_start(iterable):
+    """What every {% for %} calls first (see `_GuardLoops`), so that starting a loop is a call, whose
+    sandbox hook checks the clock. One loop walks at most MAX_TEMPLATE_CHARS items (no value is
+    bigger), so that check bounds nested loops too: they restart their inner loop at every outer step.
+    """
+    return iterable
 
 
 def _bounded_concat(*parts):
@@ -84,15 +85,15 @@ def _bounded_concat(*parts):
 
 
 class _GuardLoops(NodeTransformer):
-    """Route every loop through `_bounded_loop` and every `~` through `_bounded_concat`.
+    """Route every loop through `_loop_start` and every `~` through `_bounded_concat`.
 
-    The sandbox has hooks for calls and arithmetic but none for a loop step or a `~`, so the parsed
-    template is rewritten: `{% for x in xs %}` runs as `{% for x in _bounded_loop(xs) %}`.
+    The sandbox has hooks for calls and arithmetic but none for a loop or a `~`, so the parsed
+    template is rewritten: `{% for x in xs %}` runs as `{% for x in _loop_start(xs) %}`.
     """
 
     def visit_For(self, node):
         node = self.generic_visit(node)
-        node.iter = nodes.Call(nodes.Name("_bounded_loop", "load"), [node.iter], [], None, None)
+        node.iter = nodes.Call(nodes.Name("_loop_start", "load"), [node.iter], [], None, None)
         return node
 
     def visit_Concat(self, node):
@@ -174,7 +175,7 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
-                       _bounded_loop=_bounded_loop, _bounded_concat=_bounded_concat)
+                       _loop_start=_loop_start, _bounded_concat=_bounded_concat)
     try:
         return env.from_string(_GuardLoops().visit(env.parse(source)))
     except jinja2.TemplateSyntaxError as e:

@@ -259,7 +259,7 @@ def test_chat_template_that_fails(model_dir, tmp_path, monkeypatch, case):
 
 
 def test_chat_template_that_runs_too_long_stops_at_the_limit(model_dir, tmp_path, monkeypatch):
-    # Nested loops that build nothing: only the clock stops them (each loop step checks it).
+    # Nested loops that build nothing and call nothing: only the clock stops them (each loop start checks it).
     monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.3)
     set_template("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}"
               "{% endfor %}{% endfor %}")(model_dir)
