@@ -32,6 +32,14 @@ def edit_json(name, **changes):
     return edit
 
 
+def drop_key(name, key):
+    def edit(path):
+        data = json.loads((path / name).read_text())
+        del data[key]
+        (path / name).write_text(json.dumps(data))
+    return edit
+
+
 def write(name, text):
     return lambda path: (path / name).write_text(text)
 
@@ -146,6 +154,37 @@ def test_weights_that_overflow_float16_say_so(model_dir, tmp_path, monkeypatch):
     set_tensor("model.norm.weight", big_values)(model_dir)
     refuse(model_dir, tmp_path, monkeypatch, ["'model.norm.weight'", "too large for float16", "--dtype"],
            "inspect", model_dir, "--device", "cpu", "--dtype", "float16")
+
+
+# -- weights that do not fit config.json, and what Parley does not run -----------------------------
+def pickled_only(path):
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04 pickled, never opened")
+
+
+MISMATCH = {
+    "pickled weights only": (pickled_only, ["only pickled PyTorch weights (pytorch_model.bin)", "never unpickles",
+                                            "safe_serialization=True"]),
+    "unsupported model type": (edit_json("config.json", model_type="bert"),
+                               ["model_type 'bert' is not supported: use one of gpt2, llama, mistral, qwen2"]),
+    "config missing a field": (drop_key("config.json", "hidden_size"), ["config.json", "lacks 'hidden_size'"]),
+    "unknown tensor name": (edit_tensors(lambda t: t.update({"model.layers.0.mlp.gate.weight":
+                                                               t.pop("model.layers.0.mlp.gate_proj.weight")})),
+                            ["tensor 'model.layers.0.mlp.gate.weight' is not part of the model"]),
+    "wrong tensor shape": (edit_tensors(lambda t: t.update({"model.norm.weight": torch.ones(65)})),
+                           ["tensor 'model.norm.weight' has shape [65] but config.json implies [64]"]),
+    "missing tensor": (edit_tensors(lambda t: t.pop("model.layers.1.self_attn.k_proj.weight")),
+                       ["tensor 'model.layers.1.self_attn.k_proj.weight' is missing"]),
+    "unsupported rope": (edit_json("config.json", rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+                         ["rope scaling type 'yarn' is not supported: use one of default, linear, llama3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCH))
+def test_weights_or_config_parley_cannot_run(model_dir, tmp_path, monkeypatch, case):
+    break_it, words = MISMATCH[case]
+    break_it(model_dir)
+    refuse(model_dir, tmp_path, monkeypatch, words)
 
 
 # -- config.json's fields ----------------------------------------------------------------------
