@@ -58,8 +58,6 @@ def _check_args(args, kwargs) -> None:
     for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_TEMPLATE_CHARS:
             raise _too_big("a value")
-        if isinstance(a, str) and ("%" in a or "{" in a):
-            _check_format(a)
 
 
 def _check_format(fmt: str) -> None:
@@ -110,7 +108,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         _check_clock()
         _check_args(args, kwargs)
         target = getattr(__obj, "__wrapped__", __obj)      # the sandbox wraps str.format
-        if isinstance(getattr(target, "__self__", None), str):
+        if isinstance(getattr(target, "__self__", None), str) and target.__name__ in ("format", "format_map"):
             _check_format(target.__self__)
         result = super().call(__context, __obj, *args, **kwargs)
         _check_size(result)
@@ -139,12 +137,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return result
 
 
-def _bounded_filter(f):
+def _bounded_filter(name, f):
     """A filter with the same size checks as a call (filters do not pass through the sandbox's `call`)."""
     @wraps(f)   # keeps jinja's pass_context/pass_environment marks
     def bounded(*args, **kwargs):
         _check_clock()
         _check_args(args[1:], kwargs)
+        if name == "format":
+            _check_format(next((a for a in args if isinstance(a, str)), ""))
         result = f(*args, **kwargs)
         _check_size(result)
         return result
@@ -173,7 +173,7 @@ def _one_line(e: Exception, limit: int = 300) -> str:
 def compile_template(source: str) -> jinja2.Template:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
-    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        _loop_start=_loop_start, _bounded_concat=_bounded_concat)
     try:

@@ -279,6 +279,7 @@ TEMPLATES = {
     "huge width filter": ("{{ 'a'|center(1000000000) }}", ["builds a value", "characters", "limit"]),
     "huge width format": ("{{ '%0999999999d' % 1 }}", ["builds a value", "characters", "limit"]),
     "huge width str.format": ("{{ '{:>999999999}'.format(1) }}", ["builds a value", "characters", "limit"]),
+    "huge width format filter": ("{{ '%0999999999d'|format(1) }}", ["builds a value", "characters", "limit"]),
     "huge power": ("{{ 2 ** 100000000 }}", ["builds a number", "limit"]),
     "huge output": ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", ["builds a prompt", "limit"]),
     "syntax error": ("{% for %}", ["syntax error"]),
