@@ -277,9 +277,9 @@ TEMPLATES = {
     "doubling with +": ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
                         "{% endfor %}{{ ns.s }}", ["builds a value", "characters", "limit"]),
     "huge width filter": ("{{ 'a'|center(1000000000) }}", ["builds a value", "characters", "limit"]),
-    "huge width format": ("{{ '%0999999999d' % 1 }}", ["builds a value", "characters", "limit"]),
+    "huge width format": ("{{ '%099999999999d' % 1 }}", ["builds a value", "characters", "limit"]),
     "huge width str.format": ("{{ '{:>999999999}'.format(1) }}", ["builds a value", "characters", "limit"]),
-    "huge width format filter": ("{{ '%0999999999d'|format(1) }}", ["builds a value", "characters", "limit"]),
+    "huge width format filter": ("{{ '%099999999999d'|format(1) }}", ["builds a value", "characters", "limit"]),
     "huge power": ("{{ 2 ** 100000000 }}", ["builds a number", "limit"]),
     "huge output": ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", ["builds a prompt", "limit"]),
     "syntax error": ("{% for %}", ["syntax error"]),
