@@ -27,7 +27,7 @@ class Tokenizer:
                                if _token_text(self.config.get(name)) is not None}
         template = self.config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one is for chat
-            named = {t["name"]: t["template"] for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default", next(iter(named.values()), None))
         self.chat_template: str | None = template
 
@@ -45,10 +45,39 @@ class Tokenizer:
         config = read_json(path / "tokenizer_config.json", required=False) or {}
         # Newer transformers keep the template in its own file; it wins over the config's copy.
         if (path / "chat_template.jinja").is_file():
-            config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ParleyError(f"{path / 'chat_template.jinja'} is not UTF-8 text: re-save it") from None
         elif (path / "chat_template.json").is_file():
-            config["chat_template"] = read_json(path / "chat_template.json")["chat_template"]
-        return cls(tokenizer, config)
+            config["chat_template"] = read_json(path / "chat_template.json").get("chat_template")
+        self = cls(tokenizer, config)
+        self.check(path)
+        return self
+
+    def check(self, path: Path) -> None:
+        """Refuse a tokenizer that cannot carry a conversation.
+
+        The rule: it must have at least two tokens (text, and something to end a reply with), every
+        special token that tokenizer_config.json names must be a string, and its end-of-text token,
+        where it names one, must be in the vocabulary: without it no reply could ever end by itself.
+        """
+        if self.vocab_size < 2:
+            raise ParleyError(f"{path / 'tokenizer.json'} has {self.vocab_size} token(s): a tokenizer needs at "
+                              "least two, one for text and one to end a reply; copy the model's own tokenizer")
+        for name in SPECIAL_TOKEN_NAMES:
+            value = _token_text(self.config.get(name))
+            if value is not None and not isinstance(value, str):
+                raise ParleyError(f"{path / 'tokenizer_config.json'}: {name} is {value!r}, but it must be a "
+                                  "token string: fix or re-save the tokenizer")
+        eos = self.special_tokens.get("eos_token")
+        if eos is not None and self.token_id(eos) is None:
+            raise ParleyError(f"{path / 'tokenizer_config.json'} names eos_token {eos!r}, which "
+                              f"{path / 'tokenizer.json'} does not have: copy the model's own tokenizer files")
+        template = self.chat_template
+        if template is not None and not isinstance(template, str):
+            raise ParleyError(f"{path / 'tokenizer_config.json'}: chat_template must be a string (or a list of "
+                              "named templates): fix or re-save the tokenizer")
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -63,6 +92,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer can produce (ids need not be contiguous)."""
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)
