@@ -273,8 +273,9 @@ def build_parser(app=None) -> argparse.ArgumentParser:
                    help="jsonl: everything Parley keeps; trl: the conversational format TRL and OpenRLHF read")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="read conversations or preference pairs from JSON Lines (all or nothing)")
-    p.add_argument("kind", choices=["conversations", "prefs"])
+    p = sub.add_parser("import", help="read conversations, preference pairs or rankings from JSON Lines (all or "
+                       "nothing; what the store already has is skipped and counted)")
+    p.add_argument("kind", choices=["conversations", "prefs", "rankings"])
     p.add_argument("file")
     p.set_defaults(func=cmd_import)
     return parser

@@ -96,6 +96,27 @@ async def test_markup_looking_text_is_shown_literally(app):
 
 
 @sync
+async def test_terminal_escapes_in_text_are_shown_as_text(app):
+    """A model (or an import) can put escape sequences in a reply or a title; the screen shows them
+    as `\\x1b`, never passing them to the terminal, which would obey them."""
+    escapes = "\x1b]0;pwned\x07\x1b[2J"
+    conversation = app.store.create_conversation(f"title {escapes}")
+    user = app.store.add_message(conversation, "user", f"user {escapes}")
+    reply = app.store.add_message(conversation, "assistant", f"reply {escapes}", user)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await app.screen.open_conversation(conversation)
+        await pilot.pause(0.3)
+        shown = [str(app.screen.views[user].query_one(".content", Static).render()),
+                 " ".join(str(b.render()) for b in app.screen.views[reply].query("MarkdownBlock")),
+                 str(app.screen.query_one("#conversations ListItem Label", Label).render()), app.screen.sub_title]
+        for text in shown:
+            assert "\x1b" not in text and "\\x1b]0;pwned\\x07\\x1b[2J" in text, text
+        app.notify(f"error: {escapes}")
+        await pilot.pause(0.1)
+        assert all("\x1b" not in n.message for n in app._notifications)
+
+
+@sync
 async def test_escape_stops_and_the_partial_reply_is_kept(app):
     async with app.run_test(size=(160, 50)) as pilot:
         set_setting(app.screen, "max_new_tokens", 2000)

@@ -74,7 +74,7 @@ class TrainingScreen(Screen):
         total = run["config"].get("max_steps", "?")
         last = {m["name"]: m["value"] for m in metrics if m["step"] == steps}
         shown = "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "eval_loss", "reward", "kl"))
-        return (f"{run['kind']:<9}{run['status']:<10}step {steps}/{total}  {shown}  "
+        return (f"{run['kind']:<9}{run['status']:<12}step {steps}/{total}  {shown}  "
                 f"{run['base_model'] or ''} → {run['output_model'] or run['config'].get('out', '')}")
 
     async def show_curves(self, run_id: str) -> None:
