@@ -653,6 +653,38 @@ def test_a_bad_training_number_is_refused_before_any_work(mode, extra, named, ru
     assert not out.exists()
 
 
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_goes_on(escaping_model, home, tmp_path, monkeypatch):
+    """The disk fills while the step-4 checkpoint is written: one line, the step-2 checkpoint whole,
+    nothing half-written left, and --resume (with space again) finishes the run."""
+    from safetensors import SafetensorError
+
+    from engine.train import resume
+    real = resume.save_file
+
+    def full_disk(tensors, path, *args, **kwargs):
+        if "step-000004" in str(path):
+            raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+    root, out = escaping_model.parent, tmp_path / "m"
+    args = ["train", "pretrain", "--preset", "tiny", "--tokenizer", root / "tok", "--data", root / "corpus.txt",
+            "--seq-len", 16, "--batch-size", 4, "--max-steps", 6, "--save-every", 2, "--eval-every", 6,
+            "--eval-batches", 1, "--warmup-steps", 1, "--device", "cpu", "--out", out]
+    monkeypatch.setattr(resume, "save_file", full_disk)
+    run = run_cli(*args, home=home, monkeypatch=monkeypatch)
+    # the steps before it printed their progress: the error is the last line, and the only one of its kind
+    assert run.rc == 1 and "Traceback" not in run.err and run.err.count("error:") == 1
+    last = run.err.strip().splitlines()[-1]
+    assert all(w in last for w in ("error: could not write the checkpoint of step 4", "No space left", "--resume"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in out.iterdir()) == [".parley-output", "checkpoints"]   # no model half-written
+    with Store(home / "parley.db") as store:
+        failed = next(r for r in store.runs() if r["kind"] == "pretrain")
+        assert failed["status"] == "failed" and "No space left" in failed["error"]
+    monkeypatch.setattr(resume, "save_file", real)
+    assert run_cli(*args, "--resume", home=home, monkeypatch=monkeypatch).rc == 0
+    assert (out / "config.json").exists() and sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-000006"
+
+
 @pytest.mark.parametrize("extra, named", [(["--lr", "fast"], "--lr"), (["--batch-size", "4.5"], "--batch-size"),
                                           (["--autocast", "fp8"], "--autocast"), (["--bogus", "1"], "--bogus")])
 def test_an_unreadable_flag_gets_one_line_from_argparse(extra, named, model, home, tmp_path, monkeypatch):
