@@ -59,13 +59,13 @@ class ParleyApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
+        # after the first frame: the load imports torch, which holds the interpreter for a second or more
+        self.call_after_refresh(self.load_model)
 
     def notify(self, message: str, *, title: str = "", markup: bool = False, **kwargs) -> None:
         """Every notification as plain, printable text: they carry errors that quote paths, names
         and model text, which must never be read as markup or reach the terminal as control codes."""
         super().notify(printable(message), title=printable(title), markup=markup, **kwargs)
-        # after the first frame: the load imports torch, which holds the interpreter for a second or more
-        self.call_after_refresh(self.load_model)
 
     def action_help(self) -> None:
         from tui_app.screens.help import HelpScreen
