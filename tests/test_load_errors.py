@@ -66,7 +66,8 @@ CASES = {
     "pickled weights only": (pickled_only, r"only pickled PyTorch weights \(pytorch_model\.bin\).*never unpickles.*"
                                            r"safe_serialization=True"),
     "unsupported model type": (lambda p: edit_config(p, model_type="bert"),
-                               r"model_type 'bert' is not supported: use one of gpt2, llama, mistral, qwen2 "
+                               r"model_type 'bert' is not supported: use one of gemma2, gemma3_text, gpt2, llama, "
+                               r"mistral, phi3, qwen2, qwen3, smollm3 "
                                r"\(or Parley.s own: ngram, parley_gpt, parley_nnlm, parley_rnn\)"),
     "config missing a field": (lambda p: drop_config_key(p, "hidden_size"),
                                r"lacks 'hidden_size'"),
