@@ -255,3 +255,29 @@ def test_a_phi3_checkpoint_whose_stacked_tensors_do_not_split_gets_one_clear_lin
     with pytest.raises(ParleyError, match=rf"tensor '{name}' is not part of the model") as e:
         engine.load(tmp_path / "m", device="cpu")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_gradients_equal_transformers(checkpoints, name):
+    """The training path (autograd on, every position at once) gives transformers' loss and gradients."""
+    path, ref = checkpoints(name)
+    lm = engine.load(path, device="cpu", dtype="float32")
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (2, 10), generator=torch.Generator().manual_seed(10))
+
+    def loss_and_grads(model, logits_of):
+        model.zero_grad()
+        logits = logits_of(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = loss_and_grads(lm.model, lm.model)
+    theirs, their_grads = loss_and_grads(ref, lambda x: ref(x).logits)
+    ref.zero_grad()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    fam = FAMILIES[lm.config["model_type"]]
+    their_grads = {n: g for n, g in their_grads.items() if n != "lm_head.weight" or not lm.model.tied_keys}
+    mine = fam.state_to_hf(ours_grads)
+    assert set(mine) == set(their_grads)
+    for n, g in mine.items():
+        assert (g - their_grads[n]).abs().max().item() < 1e-4, n
