@@ -1,6 +1,7 @@
 """Qwen3, SmolLM3, Phi-3, Gemma 2 and Gemma 3 against transformers, on tiny random checkpoints:
 the same logits (also left-padded, and through the KV cache past a sliding window), the same
 greedy and beam-search ids as transformers' generate(), and a save that transformers reads back."""
+import json
 import shutil
 
 import pytest
@@ -281,3 +282,29 @@ def test_training_gradients_equal_transformers(checkpoints, name):
     assert set(mine) == set(their_grads)
     for n, g in mine.items():
         assert (g - their_grads[n]).abs().max().item() < 1e-4, n
+
+
+BAD_CONFIGS = {
+    "gemma2": [(dict(hidden_activation="relu"), r"hidden_activation 'relu' is not supported for gemma2"),
+               (dict(use_bidirectional_attention=True), r"use_bidirectional_attention=true is not supported"),
+               (dict(layer_types=["sliding_attention"]), r"layer_types must list .* for each of the 3 layers"),
+               (dict(layer_types=["sliding_attention", "chunked", "full_attention"]), r"layer_types must list"),
+               (dict(sliding_window=0), r"sliding_window must be a positive integer \(it is 0\)")],
+    "gemma3_text": [(dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+                     r"rope scaling of gemma3_text's sliding layers is not supported")],
+    "qwen3": [(dict(use_sliding_window=True), r"qwen3 with use_sliding_window=true is not supported: set it to false")],
+    "phi3": [(dict(partial_rotary_factor=0.75), r"phi3 with partial_rotary_factor other than 1 is not supported"),
+             (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}),
+              r"rope scaling type 'longrope' is not supported")],
+}
+
+
+@pytest.mark.parametrize("name, change, message", [(n, c, m) for n, cases in BAD_CONFIGS.items() for c, m in cases])
+def test_unsupported_settings_of_the_new_families_get_one_clear_line(checkpoints, tmp_path, name, change, message):
+    path, _ = checkpoints(name)
+    shutil.copytree(path, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ParleyError, match=message) as e:
+        engine.load(tmp_path / "m", device="cpu")
+    assert "\n" not in str(e.value)
