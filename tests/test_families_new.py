@@ -291,7 +291,8 @@ BAD_CONFIGS = {
                (dict(layer_types=["sliding_attention", "chunked", "full_attention"]), r"layer_types must list"),
                (dict(sliding_window=0), r"sliding_window must be a positive integer \(it is 0\)")],
     "gemma3_text": [(dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
-                     r"rope scaling of gemma3_text's sliding layers is not supported")],
+                     r"rope scaling of gemma3_text's sliding layers is not supported"),
+                    (dict(layer_types=None, sliding_window_pattern=0), r"sliding_window_pattern must be a positive")],
     "qwen3": [(dict(use_sliding_window=True), r"qwen3 with use_sliding_window=true is not supported: set it to false")],
     "phi3": [(dict(partial_rotary_factor=0.75), r"phi3 with partial_rotary_factor other than 1 is not supported"),
              (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}),
@@ -308,3 +309,18 @@ def test_unsupported_settings_of_the_new_families_get_one_clear_line(checkpoints
     with pytest.raises(ParleyError, match=message) as e:
         engine.load(tmp_path / "m", device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_a_gemma_with_only_global_layers_needs_no_window(checkpoints, tmp_path):
+    """(transformers wants a window anyway; no layer of this model reads it, so Parley does not.)"""
+    path, ref = checkpoints("gemma2")
+    shutil.copytree(path, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(layer_types=["full_attention"] * 3)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    lm = engine.load(tmp_path / "m", device="cpu")
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (1, 12), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        assert (ref(ids).logits - lm.logits(ids)).abs().max().item() < 1e-4

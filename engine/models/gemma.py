@@ -49,7 +49,7 @@ class GemmaConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     query_pre_attn_scalar: float = 256
-    sliding_window: int = 4096
+    sliding_window: int | None = 4096     # None where no layer slides
     layer_types: tuple[str, ...] = ()
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -68,11 +68,13 @@ class GemmaConfig:
                               "Parley runs causal decoders only")
         layers = hf["num_hidden_layers"]
         every = hf.get("sliding_window_pattern", 6) if gemma3 else 2   # every n-th layer is global
+        if not isinstance(every, int) or every < 1:
+            raise ParleyError(f"config.json: sliding_window_pattern must be a positive integer (it is {every!r})")
         layer_types = tuple(hf.get("layer_types") or [SLIDING if (i + 1) % every else FULL for i in range(layers)])
         if len(layer_types) != layers or not set(layer_types) <= {SLIDING, FULL}:
             raise ParleyError(f"config.json: layer_types must list {SLIDING!r} or {FULL!r} for each of the "
                               f"{layers} layers")
-        window = hf.get("sliding_window", 4096)
+        window = hf.get("sliding_window", 4096) if SLIDING in layer_types else None
         if SLIDING in layer_types and (not isinstance(window, int) or window < 1):
             raise ParleyError(f"config.json: sliding_window must be a positive integer (it is {window!r})")
         # Transformers 5 writes rope_parameters (per layer type for Gemma 3); older checkpoints
@@ -202,7 +204,7 @@ class Gemma(nn.Module):
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.sliding = patterns.rule("local", window=config.sliding_window)
+        self.sliding = patterns.rule("local", window=config.sliding_window) if config.sliding_window else None
         # Made on the CPU even when the model is built on the meta device; .to(device) moves them.
         self.register_buffer("inv_freq", rope.inv_frequencies(config.head_dim, config.rope_theta,
                                                                config.rope_scaling), persistent=False)
