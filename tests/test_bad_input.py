@@ -945,7 +945,8 @@ MISMATCH = {
     "pickled weights only": (pickled_only, ["only pickled PyTorch weights (pytorch_model.bin)", "never unpickles",
                                             "safe_serialization=True"]),
     "unsupported model type": (edit_json("config.json", model_type="bert"),
-                               ["model_type 'bert' is not supported: use one of gpt2, llama, mistral, qwen2"]),
+                               ["model_type 'bert' is not supported: use one of gemma2, gemma3_text, gpt2, llama, mistral, "
+                                "phi3, qwen2, qwen3, smollm3"]),
     "config missing a field": (drop_key("config.json", "hidden_size"), ["config.json", "lacks 'hidden_size'"]),
     "unknown tensor name": (edit_tensors(lambda t: t.update({"model.layers.0.mlp.gate.weight":
                                                                t.pop("model.layers.0.mlp.gate_proj.weight")})),

@@ -16,9 +16,10 @@ n-gram models meet the same protocol through engine.models.ngram.NGramNetwork, w
 instead of tensors.
 """
 from engine.errors import ParleyError
-from engine.models import gpt2, llama, nnlm, rnn
+from engine.models import gemma, gpt2, llama, nnlm, phi3, rnn
 
-FAMILIES = {model_type: module for module in (gpt2, llama, nnlm, rnn) for model_type in module.MODEL_TYPES}
+FAMILIES = {model_type: module for module in (gpt2, llama, phi3, gemma, nnlm, rnn)
+            for model_type in module.MODEL_TYPES}
 
 
 def family(model_type: str | None):

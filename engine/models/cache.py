@@ -94,6 +94,11 @@ class KVCache:
         mask = causal_mask(self.valid[:, :end], start, self.rule) if needs_mask else None
         return positions.clamp(min=0), mask
 
+    def mask(self, rule) -> torch.Tensor:
+        """The attention mask of the tokens `step` reserved, under another pattern than the
+        cache's: for models whose layers differ (Gemma's sliding-window and global layers)."""
+        return causal_mask(self.valid[:, :self.length], self.start, rule)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's keys and values of one layer; return all keys and values so far."""
         keys, values = self.layers[layer]
@@ -155,6 +160,10 @@ class DecodeSlot:
         positions = self.seen[:, None].clone()
         self.seen.add_(1)
         return positions, decode_mask(self.valid, self.slot, self.rule) if self.masked else None
+
+    def mask(self, rule) -> torch.Tensor:
+        """The new token's attention mask under another pattern than the cache's (KVCache.mask)."""
+        return decode_mask(self.valid, self.slot, rule)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new token's keys and values of one layer into the slot; return the view's all."""

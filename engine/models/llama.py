@@ -1,7 +1,12 @@
-"""The Llama family of decoders: Llama 2/3, TinyLlama, SmolLM/SmolLM2, Qwen2/2.5 and Mistral.
+"""The Llama family of decoders: Llama 2/3, TinyLlama, SmolLM/SmolLM2/SmolLM3, Qwen2/2.5/3, Mistral
+and Phi-3.
 
 Pre-norm blocks with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
-Module names follow Hugging Face's, so a checkpoint's tensors load by name with no mapping.
+Module names follow Hugging Face's, so a checkpoint's tensors load by name with no mapping
+(Phi-3 stacks q/k/v and gate/up in one tensor each: engine/models/phi3.py splits them).
+The members differ in a few options: biases, Mistral's and Phi-3's sliding window, Qwen3's
+RMSNorm of each query and key head before the rotation (`qk_norm`), and SmolLM3's layers
+without rotary positions (`nope_layers`, "NoPE": every fourth layer by default).
 """
 from dataclasses import dataclass
 
@@ -15,7 +20,9 @@ from engine.models.attention import attention
 from engine.models.cache import KVCache, positions_and_mask
 from engine.models.linear import Linear, fused_linear, widen
 
-MODEL_TYPES = ("llama", "qwen2", "mistral")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")   # and phi3 (phi3.py)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 @dataclass
@@ -35,7 +42,9 @@ class LlamaConfig:
     qkv_bias: bool = False          # Qwen2 always has q/k/v biases
     o_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral's window; None attends to the whole context
+    sliding_window: int | None = None  # Mistral's and Phi-3's window; None attends to the whole context
+    qk_norm: bool = False              # Qwen3: RMSNorm over each query and key head before RoPE
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: layers whose attention has no rotary positions
     model_type: str = "llama"
 
     @classmethod
@@ -44,21 +53,30 @@ class LlamaConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ParleyError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported for {model_type}: "
                               "only 'silu' (SwiGLU) is")
-        if model_type == "qwen2" and hf.get("use_sliding_window"):
-            raise ParleyError("config.json: qwen2 with use_sliding_window=true is not supported: "
-                              "set it to false (Qwen2.5 checkpoints ship with false)")
+        if model_type in ("qwen2", "qwen3", "smollm3") and hf.get("use_sliding_window"):
+            raise ParleyError(f"config.json: {model_type} with use_sliding_window=true is not supported: "
+                              "set it to false (the released checkpoints ship with false)")
         # Transformers 5 writes rope_parameters; older checkpoints write rope_theta and rope_scaling.
         rope_params = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or rope_params or None
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
+        if hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ParleyError(f"config.json: {model_type} with partial_rotary_factor other than 1 is not supported: "
+                              "only rotary positions over whole heads are")
+        layers = hf["num_hidden_layers"]
+        nope = ()
+        if model_type == "smollm3":   # no_rope_layers[i] is 1 where layer i *uses* RoPE, as transformers has it
+            uses_rope = hf.get("no_rope_layers") or [int((i + 1) % hf.get("no_rope_layer_interval", 4) != 0)
+                                                     for i in range(layers)]
+            nope = tuple(i for i, flag in enumerate(uses_rope) if not flag)
         heads = hf["num_attention_heads"]
         attention_bias = hf.get("attention_bias", False)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
@@ -70,7 +88,9 @@ class LlamaConfig:
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
             mlp_bias=hf.get("mlp_bias", False),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=hf.get("sliding_window") if model_type in ("mistral", "phi3") else None,
+            qk_norm=model_type == "qwen3",
+            nope_layers=nope,
             model_type=model_type,
         )
 
@@ -78,8 +98,7 @@ class LlamaConfig:
         """A config.json that transformers reads as the same model."""
         hf = dict(
             model_type=self.model_type,
-            architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                            "mistral": "MistralForCausalLM"}[self.model_type]],
+            architectures=[ARCHITECTURES[self.model_type]],
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
@@ -87,10 +106,12 @@ class LlamaConfig:
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
             tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
         )
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3", "smollm3"):
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "phi3"):
             hf["sliding_window"] = self.sliding_window
+        if self.model_type == "smollm3":
+            hf["no_rope_layers"] = [int(i not in self.nope_layers) for i in range(self.num_hidden_layers)]
         return hf
 
 
@@ -114,12 +135,20 @@ class Attention(nn.Module):
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.qk_norm, self.rope = c.qk_norm, layer not in c.nope_layers
 
     def forward(self, x, cos, sin, mask, cache):
         B, T = cache.batch if cache is not None else x.shape[0], x.shape[1]   # x may be widened (linear.py)
         H, KV = self.n_heads, self.n_kv_heads
         qkv = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)[:B].view(B, T, H + 2 * KV, -1).transpose(1, 2)
-        qk = rope.apply(qkv[:, :H + KV], cos, sin)   # query and key heads turn alike: one rotation
+        qk = qkv[:, :H + KV]
+        if self.qk_norm:
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        if self.rope:
+            qk = rope.apply(qk, cos, sin)   # query and key heads turn alike: one rotation
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

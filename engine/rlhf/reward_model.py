@@ -41,7 +41,10 @@ from engine.train.config import RewardModelConfig
 from engine.train.run import Run, load_model
 
 CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
-               "mistral": "MistralForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+               "qwen3": "Qwen3ForSequenceClassification", "mistral": "MistralForSequenceClassification",
+               "smollm3": "SmolLM3ForSequenceClassification", "phi3": "Phi3ForSequenceClassification",
+               "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification",
+               "gpt2": "GPT2ForSequenceClassification"}
 
 
 class RewardModel(nn.Module):
