@@ -61,18 +61,24 @@ def cache_dir() -> Path:
 def cached(name: str) -> Path:
     """The snapshot directory of org/name[@revision] in the local cache, without touching the network."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
     repo_id, revision = parse(name)
     try:
         path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(), local_files_only=True,
                                       allow_patterns=PATTERNS, ignore_patterns=IGNORE))
-    except IncompleteSnapshotError:
-        raise ParleyError(f"the cached copy of {name} is incomplete: finish it with `parley pull {name}`") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        if _incomplete(e):
+            raise ParleyError(f"the cached copy of {name} is incomplete: finish it with `parley pull {name}`") from None
         raise ParleyError(_not_cached(repo_id, revision, name)) from None
     if not (path / "config.json").is_file():
         raise ParleyError(f"the cached copy of {name} ({path}) has no config.json: {fetch_advice(name)}")
     return path
+
+
+def _incomplete(error: Exception) -> bool:
+    """Whether the library found a partial download (huggingface_hub 1.x+ tells; older ones return it as is)."""
+    from huggingface_hub import errors
+    return isinstance(error, getattr(errors, "IncompleteSnapshotError", ()))
 
 
 def _not_cached(repo_id: str, revision: str | None, name: str) -> str:
@@ -99,10 +105,10 @@ def pull(name: str) -> Path:
     try:
         path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir(), local_files_only=offline,
                                       allow_patterns=PATTERNS, ignore_patterns=IGNORE))
-    except errors.IncompleteSnapshotError:
-        raise ParleyError(f"the cached copy of {name} is incomplete and the Hub cannot be reached: connect "
-                          f"(and unset HF_HUB_OFFLINE) and rerun `parley pull {name}`") from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError as e:
+        if _incomplete(e):
+            raise ParleyError(f"the cached copy of {name} is incomplete and the Hub cannot be reached: connect "
+                              f"(and unset HF_HUB_OFFLINE) and rerun `parley pull {name}`") from None
         why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub cannot be reached"
         raise ParleyError(f"{name} is not in the Hugging Face cache and {why}: connect (and unset HF_HUB_OFFLINE) "
                           f"and rerun `parley pull {name}`") from None

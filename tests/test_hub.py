@@ -5,6 +5,7 @@ blobs/, snapshots/<commit>/ of symlinks into blobs/, refs/<branch or tag>), poin
 and turns it offline; a guard on socket.connect fails any test in which something tries the network.
 """
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -139,10 +140,26 @@ def test_a_snapshot_without_config_is_named(hub, checkpoints, tmp_path, monkeypa
     assert_one_line_error(run, "org/partial", "no config.json", "parley pull org/partial")
 
 
+def test_an_interrupted_download_is_named(hub, checkpoints, tmp_path, monkeypatch):
+    """The library keeps the commit's file list (trees/<commit>.json) and so tells a partial snapshot."""
+    from huggingface_hub import errors
+    if not hasattr(errors, "IncompleteSnapshotError"):
+        pytest.skip("this huggingface_hub does not tell partial snapshots")
+    source, _ = checkpoints("gpt2")
+    snapshot = put_in_cache(hub, "org/half", source, MAIN, skip=("model.safetensors",))
+    files = {f.name: {"size": f.stat().st_size, "blob_id": "0" * 40} for f in source.iterdir()}
+    (snapshot.parent.parent / "trees").mkdir()
+    (snapshot.parent.parent / "trees" / f"{MAIN}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+    run = run_cli("generate", "--model", "org/half", "--prompt", "hi", home=tmp_path / "home", monkeypatch=monkeypatch)
+    assert_one_line_error(run, "org/half", "incomplete", "parley pull org/half")
+    run = run_cli("pull", "org/half", home=tmp_path / "home", monkeypatch=monkeypatch)
+    assert_one_line_error(run, "org/half", "incomplete", "HF_HUB_OFFLINE", "parley pull org/half")
+
+
 def test_pull_offline_of_a_missing_model_is_one_line(hub, tmp_path, monkeypatch):
     with unchanged(tmp_path / "home", hub):
         run = run_cli("pull", "org/absent", home=tmp_path / "home", monkeypatch=monkeypatch)
-    assert_one_line_error(run, "org/absent", "offline", "HF_HUB_OFFLINE", "parley pull org/absent")
+    assert_one_line_error(run, "org/absent", "offline mode is on", "HF_HUB_OFFLINE", "parley pull org/absent")
     assert not (tmp_path / "home" / "parley.db").exists()
 
 
