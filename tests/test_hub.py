@@ -52,9 +52,10 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
 
     def no_network(*args, **kwargs):
-        raise AssertionError(f"a test tried the network: connect{args[1:]}")
+        raise AssertionError(f"a test tried the network: {args}")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)   # a host name is looked up before any connect
     return cache
 
 
@@ -69,6 +70,8 @@ def tiny(hub, checkpoints):
 def test_socket_guard_is_on(hub):
     with pytest.raises(AssertionError, match="network"):
         socket.create_connection(("127.0.0.1", 9), timeout=1)
+    with pytest.raises(AssertionError, match="network"):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
 
 
 def test_generate_from_the_cache(tiny, tmp_path, monkeypatch):
