@@ -89,7 +89,8 @@ def _not_cached(repo_id: str, revision: str | None, name: str) -> str:
         if (repo / "refs").is_dir() else []
     commits = sorted(p.name[:12] for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
     if not refs and not commits:
-        return f"{repo_id} is not in the Hugging Face cache ({cache_dir()}): {fetch_advice(name)}"
+        return (f"{repo_id} is neither a model directory nor in the Hugging Face cache ({cache_dir()}): "
+                f"{fetch_advice(name)}")
     have = ", ".join(refs + commits)
     return (f"{repo_id} has no revision {revision or 'main'!r} in the Hugging Face cache (it has {have}): "
             f"{fetch_advice(name)}")

@@ -119,7 +119,7 @@ def test_a_path_and_a_known_name_keep_priority(hub, tiny, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("name, words", [
-    ("org/absent", ["org/absent", "not in the hugging face cache", "parley pull org/absent", "hf download"]),
+    ("org/absent", ["org/absent", "neither a model directory nor in the hugging face cache", "parley pull org/absent", "hf download"]),
     ("org/tiny@nope", ["org/tiny", "no revision 'nope'", "main", "old", "parley pull org/tiny@nope",
                        "hf download org/tiny --revision nope"]),
     (f"org/tiny@{'c' * 40}", ["org/tiny", "c" * 40, "parley pull"]),
