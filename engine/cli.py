@@ -214,6 +214,23 @@ def cmd_eval(args) -> None:
         print(table(rows))
 
 
+def cmd_pull(args) -> None:
+    import engine
+    from engine import hub
+    from engine.registry import register_pulled
+    from engine.store import Store
+    path = hub.pull(args.name)
+    # the whole load (config, tokenizer, every tensor's shape and values) on the CPU, in bfloat16 to
+    # halve the memory: the one check that says the model will load, before the app lists it
+    try:
+        engine.load(path, device="cpu", dtype="bfloat16")
+    except ParleyError as e:
+        raise ParleyError(f"{args.name} is downloaded ({path}) but does not load: {e}") from None
+    with Store() as store:
+        added = register_pulled(store, args.name, path)
+    print(f"{args.name}: {path}" + (" (added to the app's models)" if added else ""), file=sys.stderr)
+
+
 def build_parser(app=None) -> argparse.ArgumentParser:
     parser = Parser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
@@ -250,6 +267,11 @@ def build_parser(app=None) -> argparse.ArgumentParser:
         add_config_options(m, config_class)
         m.add_argument("--no-store", action="store_true", help="do not record the run in Parley's database")
         m.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pull", help="download a Hugging Face model (only the files Parley reads) into the Hugging "
+                       "Face cache, check it loads and add it to the app's models")
+    p.add_argument("name", help="org/name or org/name@revision (a branch, tag or commit)")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, per token and per word")
     p.add_argument("--model", action="append", help="a model directory or known name (default: the shipped "
