@@ -27,7 +27,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_inspect(args) -> None:
     import engine
-    lm = engine.load(args.model, device=args.device, dtype=args.dtype)
+    from engine.registry import resolve_model
+    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
     info = {
         "path": str(lm.path), "model_type": lm.config["model_type"], "parameters": lm.num_parameters(),
         "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),

@@ -128,7 +128,8 @@ class RewardLM:
 
 
 def load_reward_model(path: str | Path, device=None) -> RewardLM:
-    path = Path(path)
+    from engine.registry import resolve_model
+    path = resolve_model(str(path))   # a directory, a known name or org/name from the Hugging Face cache
     checkpoint.check_model_dir(path)
     config = checkpoint.read_json(path / "config.json")
     if not str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):

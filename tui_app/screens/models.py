@@ -58,11 +58,12 @@ class ModelsScreen(ModalScreen):
     def validate_and_add(self, name: str, path: str) -> None:
         from engine.chat import open_model
         try:
-            open_model(path, device="cpu")   # the engine's own checks: files, type, tensors
+            _, info = open_model(path, device="cpu")   # the engine's own checks: files, type, tensors
         except ParleyError as e:
             self.app.call_from_thread(self.app.notify, str(e), title="not added", severity="error", timeout=20)
             return
-        self.app.call_from_thread(self.added, name, path)
+        # the directory it resolved to: an org/name from the Hugging Face cache is its snapshot
+        self.app.call_from_thread(self.added, name, info.path)
 
     async def added(self, name: str, path: str) -> None:
         try:
