@@ -5,16 +5,18 @@ from tokenizers import decoders, models, normalizers, processors
 
 from engine import ParleyError
 from engine.tokenizer import Tokenizer
-from helpers import CHATML, CORPUS, LLAMA3, ZEPHYR, hf_tokenizer
+from helpers import CHATML, CORPUS, GEMMA, LLAMA3, QWEN3, ZEPHYR, hf_tokenizer
 
 TEMPLATES = {
     "chatml": (CHATML, "<|begin_of_text|>", "<|im_end|>"),
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
     "zephyr": (ZEPHYR, "<s>", "</s>"),
+    "gemma": (GEMMA, "<s>", "</s>"),
+    "qwen3": (QWEN3, "<|begin_of_text|>", "<|im_end|>"),
 }
 CONVERSATION = [
     {"role": "user", "content": "Hi! How are you?"},
-    {"role": "assistant", "content": "  Fine, thanks. And you?  "},
+    {"role": "assistant", "content": "<think>\nBe polite.</think>\n  Fine, thanks. And you?  "},
     {"role": "user", "content": "Tell me about the sea 🌊 and 海."},
 ]
 SYSTEM = {"role": "system", "content": "You are a terse pirate."}
