@@ -54,3 +54,44 @@ def test_peft_loads_the_adapter_to_the_same_logits(checkpoints, tmp_path, name):
     assert (ours - theirs).abs().max() < 1e-4
 
 
+
+
+def test_the_reference_is_the_policy_with_its_adapter_off_one_copy_of_the_weights(checkpoints):
+    from engine.train.run import frozen_copy
+    path, _ = checkpoints("llama_gqa_untied")
+    base = engine.load(path, device="cpu", dtype="float32")
+    policy = adapter_on(path)
+    reference = frozen_copy(policy.model)
+    held = {p.data_ptr(): p.numel() * p.element_size()
+            for p in [*policy.model.parameters(), *reference.parameters()]}
+    adapter = [p for n, p in policy.model.named_parameters() if "lora_" in n]
+    assert adapter and all(p.requires_grad for p in adapter)
+    assert all(not p.requires_grad for n, p in policy.model.named_parameters() if "lora_" not in n)
+    assert len(held) == len(list(base.model.parameters())) + len(adapter)
+    assert sum(held.values()) == sum(p.numel() * 4 for p in [*base.model.parameters(), *adapter])
+    with torch.no_grad():
+        assert torch.equal(reference(IDS), base.model(IDS))
+        assert (policy.model(IDS) - base.model(IDS)).abs().max() > 1e-2   # the adapter is back on after
+
+
+def test_decoding_paths_see_the_adapter_as_it_is_now(checkpoints):
+    """One row under no_grad takes the packed oneDNN path on the CPU (engine/models/linear.py),
+    whose packed weights must follow the adapter: on, off (the reference), and after a step."""
+    from engine.train.run import frozen_copy
+    path, _ = checkpoints("llama_gqa_untied")
+    base = engine.load(path, device="cpu", dtype="float32").model
+    policy = adapter_on(path).model
+    reference = frozen_copy(policy)
+    row = IDS[:1, :3]
+
+    def expected():   # the same maths as a plain model: the adapters folded into a copy
+        import copy
+        return lora.merge(copy.deepcopy(policy))(row)
+    with torch.no_grad():
+        for _ in range(2):
+            assert (policy(row) - expected()).abs().max() < 1e-4
+            assert (reference(row) - base(row)).abs().max() < 1e-5
+        for layer in lora.adapted_layers(policy).values():
+            layer.lora_B.add_(0.1)    # an optimizer step, in place
+        assert (policy(row) - expected()).abs().max() < 1e-4
+        assert (reference(row) - base(row)).abs().max() < 1e-5
