@@ -263,8 +263,15 @@ def read_config(path: Path) -> dict:
         if c.get(key, off) not in (off, None, [], {}):
             raise ParleyError(f"{file}: {key} {c[key]!r} is not supported: Parley applies plain LoRA adapters "
                               f"({key} {off!r})")
-    if not isinstance(c.get("target_modules"), (str, list)) or not c["target_modules"]:
-        raise ParleyError(f"{file}: target_modules must name the adapted layers: {fix}")
+    targets = c.get("target_modules")
+    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)
+                           and isinstance(targets, list)):
+        raise ParleyError(f"{file}: target_modules must name the adapted layers (a list of names): {fix}")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ParleyError(f"{file}: target_modules {targets!r} is not a regular expression ({e}): {fix}") from None
     if not isinstance(c.get("base_model_name_or_path"), str):
         raise ParleyError(f"{file}: base_model_name_or_path must name the base model: {fix}")
     return c
