@@ -8,7 +8,9 @@ Written by hand, with peft only in the test extras as the reference (tests/test_
 what this module saves with `peft.PeftModel.from_pretrained` and compares logits), because:
 - peft's LoraLayer wraps a layer and adds its low-rank path in its own forward, but Parley's
   blocks read the weights of q/k/v and of gate/up directly, to run each group as one product
-  (engine/models/linear.py fused_linear): an injected peft layer would be silently skipped there.
+  (engine/models/linear.py fused_linear), which an injected peft layer does not fit (tried with
+  peft 0.21.2: on q/k/v or gate/up, fused_linear fails, the layer has no `packed`; on o_proj or
+  down_proj it works, but only because those are called as modules).
   Here the adapted layer's `weight` itself is W + scale B A, so every path, fused or not, packed
   for decoding or not, computes with the adapted weight;
 - peft pulls transformers and accelerate into the app, which otherwise never imports them.
