@@ -189,6 +189,20 @@ def cmd_train(args) -> None:
             configs.run(config, store)
 
 
+def cmd_merge(args) -> None:
+    from engine import lora
+    from engine.files import check_output_dir
+    from engine.registry import resolve_model
+    path = resolve_model(args.adapter)
+    if not lora.is_adapter(path):
+        raise ParleyError(f"{path} has no adapter_config.json: `parley merge` takes a LoRA adapter directory "
+                          "(what `parley train ... --lora-r R` writes)")
+    check_output_dir(args.out)   # before the work
+    lm = lora.load(path, device=args.device, dtype=args.dtype or "float32")
+    lm.save(args.out)
+    print(f"wrote {args.out}: {lm.config['model_type']} with the adapter of {path} merged", file=sys.stderr)
+
+
 def cmd_score(args) -> None:
     from engine.rlhf.reward_model import score_file
     for row in score_file(args.reward_model, args.file, args.device):
@@ -282,6 +296,12 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write the merged model")
+    p.add_argument("adapter", help="a LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output directory of the merged model")
+    add_model_options(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("score", help="score replies with a reward model, one line per input line")
     p.add_argument("--reward-model", required=True)

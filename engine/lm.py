@@ -92,9 +92,13 @@ class LM:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LM:
-    """Load a Hugging Face-format model directory (config.json, safetensors, tokenizer.json)."""
+    """Load a Hugging Face-format model directory (config.json, safetensors, tokenizer.json), or a
+    LoRA adapter directory (adapter_config.json: its base with the adapter merged, engine/lora.py)."""
     path = Path(path).expanduser()
     checkpoint.check_model_dir(path)
+    if (path / "adapter_config.json").is_file():
+        from engine import lora
+        return lora.load(path, device, dtype)
     hf_config = checkpoint.read_json(path / "config.json")
     if hf_config.get("model_type") == "ngram":
         return _load_ngram(path, hf_config, pick_device(device))

@@ -149,6 +149,11 @@ def uses_transformers():
     assert hasattr(logits_process, "TypicalLogitsWarper") and hasattr(logits_process, "MinPLogitsWarper")
 
 
+def uses_peft():
+    from peft import LoraConfig, PeftModel
+    assert hasattr(PeftModel, "from_pretrained") and "use_rslora" in LoraConfig.__dataclass_fields__
+
+
 def uses_pytest_textual_snapshot():
     import pytest_textual_snapshot  # noqa: F401  (the snap_compare fixture)
 
@@ -173,6 +178,8 @@ FIRST_WITH = {
     "transformers": ("4.45", "Auto classes, PreTrainedTokenizerFast, llama3 rope_scaling, min-p and typical warpers",
                      uses_transformers),
     "pytest-textual-snapshot": ("1.1.0", "snap_compare", uses_pytest_textual_snapshot),
+    "peft": ("0.21", "PeftModel.from_pretrained of a LoRA adapter onto a transformers 5 model (the release checked "
+             "with transformers 5.24)", uses_peft),
 }
 
 

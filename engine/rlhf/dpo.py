@@ -5,12 +5,14 @@ whole prompts with all their pairs; a reply's log-probability is the sum over it
 content and end-of-turn marker) given the prompt, never over earlier turns of the prompt. A
 long prompt is cut from the left by the same amount for chosen and rejected; a pair whose reply
 alone fills `max_len` is skipped and counted, never cut. The result is saved as a normal model and
-registered in the app.
+registered in the app (with --lora-r: an adapter directory, engine/lora.py, whose reference is the
+policy with its adapter off).
 """
 from itertools import islice
 
 import torch
 
+from engine import lora
 from engine.rlhf.losses import dpo_loss
 from engine.rlhf.prefs import encoded_split, preference_groups, prompt_batches, reply_batch
 from engine.train import distributed
@@ -42,14 +44,14 @@ def batch_terms(policy, reference, groups, beta: float, pad_id: int):
 def train_dpo(c: DPOConfig, store=None):
     run = Run(c, c.policy, store, shown=("loss", "reward_accuracy", "margin", "eval_reward_accuracy", "eval_margin"))
     torch.manual_seed(c.seed)
-    lm = load_model(c.policy, run.device)
-    reference = frozen_copy(lm.model)
+    lm = load_model(c.policy, run.device, c)
+    reference = frozen_copy(lm.model)   # with --lora-r, the policy with its adapter off
     train, heldout, run.config["skipped_pairs"] = encoded_split(lm.tokenizer, preference_groups(c.prefs, store),
                                                                 c.max_len)
     pad_id = lm.tokenizer.pad_token_id or 0
     model = lm.model.train()   # dropout-free models: train() changes nothing but intent
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
-    start = run.restore(optimizer, {"policy": model}).get("step", 0)
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=c.lr, weight_decay=0.0)
+    start = run.restore(optimizer, {"policy": lora.checkpointed(model)}).get("step", 0)
     batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
     trained = run.parallel(model)
     with run:
@@ -66,7 +68,7 @@ def train_dpo(c: DPOConfig, store=None):
                     _, chosen, rejected = batch_terms(model, reference, heldout, c.beta, pad_id)
                 values.update(eval_reward_accuracy=(chosen > rejected).float().mean().item(),
                               eval_margin=(chosen - rejected).mean().item())
-            run.end_step(step + 1, values, optimizer, {"policy": model})
+            run.end_step(step + 1, values, optimizer, {"policy": lora.checkpointed(model)})
         model.eval()
         run.save(lm.write)
     return lm

@@ -22,6 +22,7 @@ import random
 
 import torch
 
+from engine import lora
 from engine.errors import ParleyError
 from engine.rlhf.losses import clipped_sequence_loss, clipped_token_loss, grpo_advantages, kl_estimate, rloo_advantages
 from engine.rlhf.ppo import SHOWN, AdaptiveKL, normalise_rewards
@@ -50,8 +51,8 @@ def train_group(c: GroupConfig, store=None):
     torch.manual_seed(c.seed)
     lm, rm, reference, sampling, train, heldout = start_online(c, run, store)
     actor = lm.model
-    optimizer = torch.optim.AdamW(actor.parameters(), lr=c.lr, weight_decay=0.0)
-    modules = {"actor": actor}
+    optimizer = torch.optim.AdamW(lora.trainable(actor), lr=c.lr, weight_decay=0.0)
+    modules = {"actor": lora.checkpointed(actor)}
     state = run.restore(optimizer, modules)
     normalise_rewards(state, lm, rm, train, sampling, c.seed)
     kl_control = AdaptiveKL(state.get("beta", c.beta), c.target_kl)

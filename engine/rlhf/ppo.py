@@ -29,7 +29,7 @@ import random
 
 import torch
 
-from engine import data
+from engine import data, lora
 from engine.errors import ParleyError
 from engine.rlhf.losses import masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss
 from engine.rlhf.prefs import right_pad
@@ -97,10 +97,11 @@ def train_ppo(c: PPOConfig, store=None):
     for p in critic.parameters():
         p.requires_grad_(True)
     average = copy.deepcopy(actor).eval() if c.ema else None
-    optimizer = torch.optim.AdamW([{"params": actor.parameters(), "lr": c.lr},
+    optimizer = torch.optim.AdamW([{"params": lora.trainable(actor), "lr": c.lr},
                                    {"params": critic.parameters(), "lr": c.critic_lr or c.lr * 10}], weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    modules = {"actor": actor, "critic": critic, **({"ema": average} if average is not None else {})}
+    modules = {"actor": lora.checkpointed(actor), "critic": critic,
+               **({"ema": lora.checkpointed(average)} if average is not None else {})}
     state = run.restore(optimizer, modules)
     normalise_rewards(state, lm, rm, train, sampling, c.seed)
     critic.offset, critic.scale = rm.model.offset, rm.model.scale

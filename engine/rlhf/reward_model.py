@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine import checkpoint
+from engine import checkpoint, lora
 from engine.device import pick_device
 from engine.errors import ParleyError
 from engine.files import output_dir, write_json
@@ -160,15 +160,15 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
 def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
     run = Run(c, c.base, store, shown=("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"))
     torch.manual_seed(c.seed)
-    lm = load_model(c.base, run.device)
+    lm = load_model(c.base, run.device, c)   # with --lora-r, the backbone trains an adapter and the head
     groups = preference_groups(c.prefs, store)
     train, heldout, run.config["skipped_pairs"] = encoded_split(lm.tokenizer, groups, c.max_len)
     model = RewardModel(lm.model).to(lm.device)
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
     rm = RewardLM(model, lm.tokenizer, {**lm.config, "parley_max_length": c.max_len})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
-    start = run.restore(optimizer, {"reward_model": model}).get("step", 0)
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=c.lr, weight_decay=0.0)
+    start = run.restore(optimizer, {"reward_model": lora.checkpointed(model)}).get("step", 0)
     batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
     trained = run.parallel(model)
     with run:
@@ -187,7 +187,7 @@ def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
                     _, eval_accuracy, eval_margin = pair_loss(rm, heldout)
                 model.train()
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
-            run.end_step(step + 1, values, optimizer, {"reward_model": model})
+            run.end_step(step + 1, values, optimizer, {"reward_model": lora.checkpointed(model)})
         model.eval()
         if run.rank == 0:
             # A fresh, frozen copy of the base: the backbone above has been trained into a reward model.
@@ -199,6 +199,7 @@ def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
             rm.config["parley_reward_normalised_at"] = sampling.to_dict()
             print(f"rewards normalised on {len(prompts)} samples of the base policy: offset {model.offset:.4f}, "
                   f"scale {model.scale:.4f}", flush=True)
+        lora.merge(model)   # a reward model is saved whole, in the classification layout PPO and transformers read
         run.save(rm.write, model=False)
     return rm
 

@@ -26,7 +26,7 @@ def start_online(c, run, store) -> tuple:
     training prompts, held-out prompts)."""
     from engine.rlhf.reward_model import load_reward_model
     from engine.train.run import frozen_copy, load_model
-    lm = load_model(c.policy, run.device)
+    lm = load_model(c.policy, run.device, c)   # with --lora-r, an adapter on it (engine/lora.py)
     rm = load_reward_model(c.reward_model, device=lm.device)
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
         raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "

@@ -68,6 +68,11 @@ class StepsConfig:
     eval_every: int = option(100, "steps between held-out evaluations")
     save_every: int = option(200, "steps between checkpoints")
     resume: bool = option(False, "continue from the newest checkpoint in --out (with the options the run started with)")
+    lora_r: int | None = option(None, "train a LoRA adapter of this rank instead of every weight (engine/lora.py); "
+                                "OUT is then an adapter directory in PEFT's format, which loads as base + adapter")
+    lora_alpha: float | None = option(None, "LoRA's alpha: the adapter is scaled by alpha / r (default 2 x r)")
+    lora_targets: str | None = option(None, "comma-separated names of the layers to adapt, e.g. q_proj,v_proj "
+                                      "(default: every projection of the blocks)")
 
 
 @dataclass
@@ -217,6 +222,9 @@ def validate(config) -> None:
         ok, words = RULES[f.metadata["rule"] or ("count" if isinstance(value, int) else "positive")]
         if not (math.isfinite(value) and ok(value)):
             raise ParleyError(f"--{f.name.replace('_', '-')} {value} is out of range: it must be {words}")
+    if getattr(config, "lora_r", None) is None and (getattr(config, "lora_alpha", None) is not None
+                                                    or getattr(config, "lora_targets", None) is not None):
+        raise ParleyError("--lora-alpha and --lora-targets shape a LoRA adapter: add --lora-r R (e.g. 8)")
     check_output_dir(config.out)
 
 

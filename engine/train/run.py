@@ -31,15 +31,34 @@ from engine.train.progress import StepProgress
 from engine.train.resume import newest_checkpoint, read_state, restore, save_checkpoint
 
 
-def load_model(name: str, device):
-    """A model to train or to start from, in float32: a directory or a model known to the app."""
+def load_model(name: str, device, config=None):
+    """A model to train or to start from, in float32: a directory or a model known to the app.
+    With the config's --lora-r, only a LoRA adapter on it trains (engine/lora.py); an adapter
+    directory is then that adapter to train on (a resumed run's checkpoint), and without
+    --lora-r its base with the adapter merged in."""
     import engine
+    from engine import lora
     from engine.registry import resolve_model
-    return engine.load(resolve_model(name), device=device, dtype="float32")
+    path = resolve_model(name)
+    r = getattr(config, "lora_r", None)
+    if r is None:
+        return engine.load(path, device=device, dtype="float32")
+    if lora.is_adapter(path):
+        lm = lora.load(path, device, "float32", merge_weights=False)
+        if lm.r != r:
+            raise ParleyError(f"{path} is a LoRA adapter of rank {lm.r}, not --lora-r {r}: pass --lora-r {lm.r} "
+                              f"to train it on, or merge it first (parley merge {path} --out DIR)")
+        return lm
+    return lora.add(engine.load(path, device=device, dtype="float32"), name, r, config.lora_alpha,
+                    config.lora_targets)
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy that never trains: the reference policy of DPO, PPO, RLOO and GRPO."""
+    """A module that never trains: the reference policy of DPO, PPO, RLOO and GRPO. A copy, or
+    for a LoRA policy the policy itself with its adapter off (one copy of the weights)."""
+    from engine import lora
+    if lora.adapted_layers(module):
+        return lora.Reference(module)
     frozen = copy.deepcopy(module).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)

@@ -12,6 +12,8 @@
 - Checkpoints (engine.train.resume) are Hugging Face model directories under OUT/checkpoints/,
   with the optimizer and RNG state beside them. Under torchrun (engine.train.distributed) only
   rank 0 writes checkpoints, metrics and the final model in OUT.
+- With --lora-r only a LoRA adapter trains (engine/lora.py): the checkpoints and OUT are adapter
+  directories, and the optimizer holds the adapter's state only.
 """
 import math
 from contextlib import nullcontext
@@ -82,7 +84,9 @@ def make_optimizer(model: torch.nn.Module, c: PretrainConfig) -> torch.optim.Ada
 def start_model(c: PretrainConfig, device):
     """The model a run starts from: --model, or a fresh --preset with --tokenizer."""
     if c.model:
-        return load_model(c.model, device)
+        return load_model(c.model, device, c)
+    if c.preset and c.lora_r is not None:
+        raise ParleyError("--lora-r adapts a trained model: pass --model DIR (a fresh --preset trains every weight)")
     if c.preset:
         if not c.tokenizer:
             raise ParleyError("a fresh model (--preset) needs --tokenizer DIR: train one with `parley train tokenizer`")
@@ -102,7 +106,7 @@ def train(c: PretrainConfig, store=None):
                           f"({run.world} x {c.grad_accum})")
     torch.manual_seed(c.seed)
     # A resumed run takes its model from the checkpoint, a whole model directory: --resume alone is enough.
-    lm = newest_checkpoint(run.out, lambda d: load_model(str(d), run.device)) if c.resume else start_model(c, run.device)
+    lm = newest_checkpoint(run.out, lambda d: load_model(str(d), run.device, c)) if c.resume else start_model(c, run.device)
     lm.model.train()
     optimizer = make_optimizer(lm.model, c)
     run.restore(optimizer, {})
