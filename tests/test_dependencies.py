@@ -154,6 +154,23 @@ def uses_peft():
     assert hasattr(PeftModel, "from_pretrained") and "use_rslora" in LoraConfig.__dataclass_fields__
 
 
+def uses_huggingface_hub():
+    import inspect
+
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError  # noqa: F401
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import validate_repo_id
+    assert {"local_files_only", "allow_patterns", "ignore_patterns"} <= set(inspect.signature(snapshot_download).parameters)
+    assert repo_folder_name(repo_id="a/b", repo_type="model") == "models--a--b" and constants.HF_HUB_CACHE
+    validate_repo_id("org/name")
+
+
+def uses_hypothesis():
+    from hypothesis import HealthCheck, given, settings, strategies  # noqa: F401
+    assert hasattr(HealthCheck, "too_slow") and hasattr(strategies, "recursive")
+
+
 def uses_pytest_textual_snapshot():
     import pytest_textual_snapshot  # noqa: F401  (the snap_compare fixture)
 
@@ -178,6 +195,10 @@ FIRST_WITH = {
     "transformers": ("4.45", "Auto classes, PreTrainedTokenizerFast, llama3 rope_scaling, min-p and typical warpers",
                      uses_transformers),
     "pytest-textual-snapshot": ("1.1.0", "snap_compare", uses_pytest_textual_snapshot),
+    "huggingface_hub": ("0.24", "snapshot_download(local_files_only=, allow_patterns=, ignore_patterns=), "
+                        "errors.LocalEntryNotFoundError, validate_repo_id (engine/hub.py)", uses_huggingface_hub),
+    "hypothesis": ("6.100", "given, settings(suppress_health_check=), strategies.recursive (the importers' fuzz)",
+                   uses_hypothesis),
     "peft": ("0.21", "PeftModel.from_pretrained of a LoRA adapter onto a transformers 5 model (the release checked "
              "with transformers 5.24)", uses_peft),
 }

@@ -289,7 +289,7 @@ BAD_CONFIGS = {
                (dict(use_bidirectional_attention=True), r"use_bidirectional_attention=true is not supported"),
                (dict(layer_types=["sliding_attention"]), r"layer_types must list .* for each of the 3 layers"),
                (dict(layer_types=["sliding_attention", "chunked", "full_attention"]), r"layer_types must list"),
-               (dict(sliding_window=0), r"sliding_window must be a positive integer \(it is 0\)")],
+               (dict(sliding_window=0), r"sliding_window is 0, but it must be 1 or more")],
     "gemma3_text": [(dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
                      r"rope scaling of gemma3_text's sliding layers is not supported"),
                     (dict(layer_types=None, sliding_window_pattern=0), r"sliding_window_pattern must be a positive")],
