@@ -64,13 +64,11 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "gguf", dtyp
     import gguf
 
     import engine
-    from engine.store.exchange import _check_output
     if fmt not in FORMATS:
         raise ParleyError(f"--format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ParleyError(f"--dtype {dtype!r} is not supported: use float16, bfloat16 or float32")
-    out = Path(out).expanduser()
-    _check_output(out)
+    out = _check_output(Path(out).expanduser())
     model_dir = Path(model_dir).expanduser()
     from engine import checkpoint
     checkpoint.check_model_dir(model_dir)
@@ -107,6 +105,17 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "gguf", dtyp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    return out
+
+
+def _check_output(out: Path) -> Path:
+    """A file to write or replace, as `parley export` takes one: never a folder, in a folder that exists."""
+    if out.is_dir():
+        raise ParleyError(f"{out} is a folder: give the path of the file to write, e.g. {out / 'model.gguf'}")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise ParleyError(f"cannot write {out}: the folder {out.parent} {what}; create it first or write "
+                          "somewhere else")
     return out
 
 
