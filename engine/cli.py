@@ -138,6 +138,13 @@ def cmd_export(args) -> None:
         print(f"wrote {n} {args.kind} lines to {args.out}", file=sys.stderr)
 
 
+def cmd_export_model(args) -> None:
+    from engine.export_gguf import export_model
+    from engine.registry import resolve_model
+    out = export_model(resolve_model(args.model), args.out, args.format, args.dtype)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def cmd_import(args) -> None:
     from engine.store import Store
     from engine.store.exchange import import_file
@@ -315,6 +322,16 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "trl"], default="jsonl",
                    help="jsonl: everything Parley keeps; trl: the conversational format TRL and OpenRLHF read")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-model", help="write a model as one GGUF file, for llama.cpp and Ollama "
+                       "(Llama, Mistral, Qwen2 and Qwen3 models with a byte-level BPE tokenizer)")
+    p.add_argument("model", help="a model directory or a known model name")
+    p.add_argument("out", help="the file to write (replaced if it exists), e.g. model.gguf")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--dtype", "--outtype", dest="dtype", choices=["float16", "bfloat16", "float32"],
+                   help="the matrices' type (default: the checkpoint's bfloat16 or float16, else float16; "
+                        "norms and biases are float32, as llama.cpp wants)")
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("import", help="read conversations, preference pairs or rankings from JSON Lines (all or "
                        "nothing; what the store already has is skipped and counted)")

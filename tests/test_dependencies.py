@@ -175,6 +175,21 @@ def uses_pytest_textual_snapshot():
     import pytest_textual_snapshot  # noqa: F401  (the snap_compare fixture)
 
 
+def uses_gguf():
+    import tempfile
+
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3])
+    writer.add_tensor("x", gguf.quants.quantize(np.ones((2, 4), np.float32), gguf.GGMLQuantizationType.BF16),
+                      raw_dtype=gguf.GGMLQuantizationType.BF16)
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, 1).get_name(
+        "model.layers.0.self_attn.q_norm.weight", try_suffixes=(".weight",)) == "blk.0.attn_q_norm.weight"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text('{"model": {"merges": [["a", "b"]]}}')
+        assert gguf.SpecialVocab(tmp, load_merges=True, n_vocab=2).merges == ["a b"] and hasattr(gguf, "GGUFReader")
+
+
 # name: (first release with every API below, what Parley calls, the check)
 FIRST_WITH = {
     "torch": ("2.5", "F.scaled_dot_product_attention(enable_gqa=) (2.5), F.rms_norm (2.4)", uses_torch),
@@ -191,6 +206,8 @@ FIRST_WITH = {
                      uses_sqlite_utils),
     "numpy": ("1.24", "the arrays of engine/models/ngram.py", uses_numpy),
     "chitchat-dataset": ("0.9", "chitchat_dataset.Dataset", uses_chitchat_dataset),
+    "gguf": ("0.19.0", "GGUFWriter, quants.quantize(BF16), get_tensor_name_map (QWEN3), SpecialVocab(load_merges=, "
+             "n_vocab=); the floor is the release tested, not a search for an older one", uses_gguf),
     "pytest": ("8", "pytest.MonkeyPatch and the fixtures the tests use", uses_pytest),
     "transformers": ("4.45", "Auto classes, PreTrainedTokenizerFast, llama3 rope_scaling, min-p and typical warpers",
                      uses_transformers),
