@@ -43,6 +43,8 @@ def resolve_model(name: str | None) -> Path:
     from engine import hub
     if hub.is_hub_name(name):
         return hub.cached(name)
+    if path.exists() or path.is_absolute() or name.startswith((".", "~")):
+        return path   # plainly a path: the loader says what is wrong with it (missing, a file, ...)
     names = ", ".join(sorted(known)) or "none yet"
     raise ParleyError(f"no model directory or known model named {name!r}: pass a Hugging Face-format directory, "
                       f"org/name of a Hugging Face model, or one of the known names ({names})")
