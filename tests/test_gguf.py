@@ -236,7 +236,7 @@ def test_what_llama_cpp_would_run_differently_is_refused_in_one_line(checkpoints
 
 def test_bad_paths_are_refused_in_one_line(checkpoints, tmp_path, capsys):
     model = checkpoints("qwen2")[0]
-    for args, message in [((tmp_path / "none", tmp_path / "m.gguf"), "no model directory"),
+    for args, message in [((tmp_path / "none", tmp_path / "m.gguf"), "does not exist"),
                           ((model, tmp_path), "is a folder"),
                           ((model, tmp_path / "missing" / "m.gguf"), "does not exist")]:
         code, err = run(capsys, *args)
