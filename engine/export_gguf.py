@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from engine.errors import ParleyError
+from engine.files import check_output_file
 
 FORMATS = ("gguf",)
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -68,7 +69,7 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "gguf", dtyp
         raise ParleyError(f"--format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ParleyError(f"--dtype {dtype!r} is not supported: use float16, bfloat16 or float32")
-    out = _check_output(Path(out).expanduser())
+    out = check_output_file(Path(out).expanduser(), "model.gguf")
     model_dir = Path(model_dir).expanduser()
     from engine import checkpoint
     checkpoint.check_model_dir(model_dir)
@@ -105,17 +106,6 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "gguf", dtyp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return out
-
-
-def _check_output(out: Path) -> Path:
-    """A file to write or replace, as `parley export` takes one: never a folder, in a folder that exists."""
-    if out.is_dir():
-        raise ParleyError(f"{out} is a folder: give the path of the file to write, e.g. {out / 'model.gguf'}")
-    if not out.parent.is_dir():
-        what = "is not a folder" if out.parent.exists() else "does not exist"
-        raise ParleyError(f"cannot write {out}: the folder {out.parent} {what}; create it first or write "
-                          "somewhere else")
     return out
 
 

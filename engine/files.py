@@ -108,6 +108,19 @@ def _write_marker(out: Path, files: list[str]) -> None:
     atomic_write_text(out / MARKER, json.dumps({"written_by": "parley", "files": files}) + "\n")
 
 
+def check_output_file(out: Path, example: str) -> Path:
+    """A file to write or replace (`parley export`, `parley export-model`): never a folder (its
+    temporary file would land beside it), never under a folder that does not exist (a typo there is
+    not a folder to create). `example` names a file the error suggests writing inside a folder."""
+    if out.is_dir():
+        raise ParleyError(f"{out} is a folder: give the path of the file to write, e.g. {out / example}")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise ParleyError(f"cannot write {out}: the folder {out.parent} {what}; create it first or write "
+                          "somewhere else")
+    return out
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.errors import ParleyError
-from engine.files import atomic_write_text
+from engine.files import atomic_write_text, check_output_file
 from engine.settings import Settings
 from engine.store.store import FLAGS, ROLES, VOTES, Store, now
 
@@ -38,7 +38,7 @@ def export(store: Store, kind: str, fmt: str, out: str) -> int:
     if fmt not in FORMATS.get(kind, ()):
         raise ParleyError(f"cannot export {kind} as {fmt!r}: use {' or '.join(FORMATS.get(kind, ('jsonl',)))}")
     if out != "-":
-        _check_output(Path(out))
+        check_output_file(Path(out), "export.jsonl")
     rows = {"conversations": _conversation_rows, "prefs": _pref_rows, "rankings": _ranking_rows}[kind](store, fmt)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if out == "-":
@@ -50,17 +50,6 @@ def export(store: Store, kind: str, fmt: str, out: str) -> int:
         raise ParleyError(f"cannot write {out} ({e.strerror or e}): free space or fix the permissions of "
                           f"{Path(out).parent}, or write elsewhere; nothing was written") from None
     return text.count("\n")
-
-
-def _check_output(out: Path) -> None:
-    """The file to write: never a folder (its temporary file would land beside it), never under a
-    folder that does not exist (a typo there is not a folder to create)."""
-    if out.is_dir():
-        raise ParleyError(f"{out} is a folder: give the path of the file to write, e.g. {out / 'export.jsonl'}")
-    if not out.parent.is_dir():
-        what = "is not a folder" if out.parent.exists() else "does not exist"
-        raise ParleyError(f"cannot write {out}: the folder {out.parent} {what}; create it first or write "
-                          "somewhere else")
 
 
 MESSAGE_FIELDS = ("id", "parent_id", "role", "content", "model", "settings", "prompt_tokens", "completion_tokens",
