@@ -1,9 +1,11 @@
 """Chat templates render as transformers renders them; streaming decode never splits a character."""
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, processors
 
-from engine import ParleyError
+from engine import ParleyError, chat_template
 from engine.tokenizer import Tokenizer
 from helpers import CHATML, CORPUS, GEMMA, LLAMA3, QWEN3, ZEPHYR, hf_tokenizer
 
@@ -44,6 +46,70 @@ def test_chat_template_matches_transformers(both, system, generation_prompt):
     ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                   return_dict=False)
     assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == ids
+
+
+# The chat templates the families Parley loads ship with, as their model repositories have them
+# (tokenizer_config.json's chat_template): Qwen/Qwen3-0.6B, google/gemma-2-2b-it, google/gemma-3-4b-it,
+# microsoft/Phi-3.5-mini-instruct, HuggingFaceTB/SmolLM3-3B. Each uses something the short shapes above
+# do not: namespaces and reverse loops (Qwen3), `| trim` and raise_exception (Gemma), content given as
+# a list of parts (Gemma 3), eos_token (Phi-3), strftime_now and transformers' own `{% generation %}`
+# tag (SmolLM3).
+FAMILY_TEMPLATES = Path(__file__).parent / "templates"
+FAMILIES = {"qwen3": ("<|begin_of_text|>", "<|im_end|>"), "gemma2": ("<s>", "</s>"), "gemma3": ("<s>", "</s>"),
+            "phi3": ("<s>", "<|endoftext|>"), "smollm3": ("<|begin_of_text|>", "<|im_end|>")}
+PARTS = [{"role": "system", "content": [{"type": "text", "text": "You are a terse pirate."}]},
+         {"role": "user", "content": [{"type": "text", "text": "  Tell me about "}, {"type": "text", "text": "the sea 🌊."}]}]
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, tmp_path):
+    bos, eos = FAMILIES[request.param]
+    ref = hf_tokenizer((FAMILY_TEMPLATES / f"{request.param}.jinja").read_text(), bos=bos, eos=eos)
+    ref.save_pretrained(tmp_path)
+    return request.param, ref, Tokenizer.from_dir(tmp_path)
+
+
+def reference_render(ref, messages, **kwargs):
+    from jinja2.exceptions import TemplateError
+    try:
+        return ref.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:         # the template's own refusal (Gemma: no system role)
+        return ("refused", str(e))
+
+
+def parley_render(ours, messages, **kwargs):
+    try:
+        return chat_template.render(ours.chat_template, messages, special_tokens=ours.special_tokens, **kwargs)
+    except ParleyError as e:
+        assert "refused the conversation" in str(e)
+        return ("refused", str(e).split(": ", 1)[1])
+
+
+@pytest.mark.parametrize("system", [False, True])
+@pytest.mark.parametrize("generation_prompt", [False, True])
+@pytest.mark.parametrize("thinking", [None, False])
+def test_family_chat_templates_render_as_transformers_renders_them(family, system, generation_prompt, thinking):
+    name, ref, ours = family
+    messages = ([SYSTEM] if system else []) + CONVERSATION + [
+        {"role": "assistant", "content": "<think>\nAhoy.\n</think>\n\nAye."}, {"role": "user", "content": "More?"}]
+    kwargs = {"add_generation_prompt": generation_prompt}
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking      # Qwen3 and SmolLM3 read it; the others ignore it
+    expected = reference_render(ref, messages, **kwargs)
+    assert parley_render(ours, messages, **kwargs) == expected
+    if thinking is None and expected[0] != "refused":
+        assert ours.render_chat(messages, add_generation_prompt=generation_prompt) == expected
+        assert ours.encode_chat(messages, add_generation_prompt=generation_prompt) == ref.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+
+
+def test_family_templates_take_content_as_a_list_of_parts(family):
+    name, ref, ours = family
+    if name != "gemma3":
+        pytest.skip("only Gemma 3's template reads content given as parts")
+    assert parley_render(ours, PARTS) == reference_render(ref, PARTS, add_generation_prompt=True)
+    # the system text goes before the first user turn, and each part is trimmed on its own
+    assert "user\nYou are a terse pirate.\n\nTell me aboutthe sea 🌊.<end_of_turn>" in parley_render(ours, PARTS)
 
 
 def test_no_double_bos(both):
