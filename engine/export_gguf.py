@@ -115,6 +115,9 @@ def _check_supported(model_dir: Path, c) -> None:
     if scaling == "llama3" and c.model_type not in PERMUTED:
         raise ParleyError(f"{model_dir}: llama3 rope scaling on {c.model_type} cannot be written to GGUF: "
                           "llama.cpp reads it for the llama architecture only")
+    if scaling == "longrope" or getattr(c, "partial_rotary_factor", 1.0) != 1.0:
+        raise ParleyError(f"{model_dir}: longrope scaling and partial rotary positions cannot be written to GGUF yet: "
+                          "llama.cpp reads them for its phi3 architecture, which export-model does not write")
     if c.sliding_window is not None and c.sliding_window < c.max_position_embeddings:
         raise ParleyError(f"{model_dir}: sliding_window {c.sliding_window} cannot be written to GGUF: llama.cpp's "
                           "llama architecture attends to the whole context, so the file would be another model; "

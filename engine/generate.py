@@ -162,7 +162,7 @@ class Generation:
             batch, order, chosen = self._prune(batch, live, order, chosen)
             if not len(batch.cand):
                 return
-            batch.logits = self._decode(chosen, order)
+            batch.logits = self._decode(batch, chosen, order)
 
     def _prefill(self):
         """Every prompt through the model at once into a new cache (`self.cache`), left-padded to one
@@ -285,8 +285,16 @@ class Generation:
         batch.cand = torch.where(live, batch.cand, -1)
         return batch, order, chosen
 
-    def _decode(self, chosen: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def _decode(self, batch: "_Batch", chosen: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """The next-token logits after `chosen`, once the cache's rows follow `order` (beams, dropped rows)."""
+        long_after = getattr(self.lm.model, "long_after", None)
+        if long_after is not None and long_after == self.cache.length:
+            # LongRoPE turns every position with other factors once the sequence passes the pretraining
+            # length, so the cached keys are stale: the whole sequence goes through again, once, as
+            # transformers' Phi-3 does at that token. (`batch.sequences` already follows `order`.)
+            ids = batch.sequences[:, :self.cache.length + 1]
+            self.cache, logits = prefill(self.lm.model, ids.clamp(min=0), ids >= 0, self.width)
+            return logits
         with torch.inference_mode():
             if self.beams or len(order) != self.cache.batch:
                 self.cache.select_rows(order)

@@ -87,6 +87,9 @@ class GemmaConfig:
         scaling = hf.get("rope_scaling") or full or None
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
+        if rope.rope_type(scaling) == "longrope":
+            raise ParleyError(f"config.json: longrope scaling is not supported for {model_type}: "
+                              "Parley reads it for Phi-3 and the Llama family")
         if local.get("rope_type", "default") != "default":
             raise ParleyError(f"config.json: rope scaling of {model_type}'s sliding layers is not supported: "
                               "set rope_parameters.sliding_attention.rope_type to 'default'")

@@ -45,7 +45,13 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral's and Phi-3's window; None attends to the whole context
     qk_norm: bool = False              # Qwen3: RMSNorm over each query and key head before RoPE
     nope_layers: tuple[int, ...] = ()  # SmolLM3: layers whose attention has no rotary positions
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: the share of each head that rotary positions turn
+    original_max_position_embeddings: int | None = None  # Phi-3.5: the pretraining length LongRoPE extends
     model_type: str = "llama"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -61,9 +67,12 @@ class LlamaConfig:
         scaling = hf.get("rope_scaling") or rope_params or None
         if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
-        if hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
+        partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+        if partial != 1.0 and model_type != "phi3":   # transformers turns part of a head for Phi-3 only
             raise ParleyError(f"config.json: {model_type} with partial_rotary_factor other than 1 is not supported: "
-                              "only rotary positions over whole heads are")
+                              "only Phi-3 turns part of each head")
+        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise ParleyError(f"config.json: partial_rotary_factor is {partial!r}, but it must be a number in (0, 1]")
         layers = hf["num_hidden_layers"]
         nope = ()
         if model_type == "smollm3":   # no_rope_layers[i] is 1 where layer i *uses* RoPE, as transformers has it
@@ -91,6 +100,9 @@ class LlamaConfig:
             sliding_window=hf.get("sliding_window") if model_type in ("mistral", "phi3") else None,
             qk_norm=model_type == "qwen3",
             nope_layers=nope,
+            partial_rotary_factor=float(partial),
+            original_max_position_embeddings=hf.get("original_max_position_embeddings")
+            if model_type == "phi3" else None,
             model_type=model_type,
         )
 
@@ -110,6 +122,10 @@ class LlamaConfig:
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.model_type in ("mistral", "phi3"):
             hf["sliding_window"] = self.sliding_window
+        if self.model_type == "phi3":
+            hf.update(partial_rotary_factor=self.partial_rotary_factor,
+                      original_max_position_embeddings=self.original_max_position_embeddings
+                      or self.max_position_embeddings)
         if self.model_type == "smollm3":
             hf["no_rope_layers"] = [int(i not in self.nope_layers) for i in range(self.num_hidden_layers)]
         return hf
@@ -192,8 +208,13 @@ class Llama(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rule = patterns.rule("local", window=config.sliding_window) if config.sliding_window else None
         # Made on the CPU even when the model is built on the meta device; .to(device) moves it.
-        self.register_buffer("inv_freq", rope.inv_frequencies(config.head_dim, config.rope_theta,
+        self.register_buffer("inv_freq", rope.inv_frequencies(config.rotary_dim, config.rope_theta,
                                                                config.rope_scaling), persistent=False)
+        self.long_after, self.rope_scale = rope.longrope_switch(
+            config.rope_scaling, config.max_position_embeddings, config.original_max_position_embeddings)
+        if self.long_after is not None:
+            self.register_buffer("long_inv_freq", rope.inv_frequencies(config.rotary_dim, config.rope_theta,
+                                                                        config.rope_scaling, long=True), persistent=False)
         self.tie_weights()
 
     @property
@@ -223,7 +244,13 @@ class Llama(nn.Module):
         else:
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.model.embed_tokens(idx)
-        cos, sin = rope.cos_sin(self.inv_freq, positions, x.dtype)
+        inv_freq = self.inv_freq
+        if self.long_after is not None:
+            # LongRoPE: once a forward pass reaches past the pretraining length, it turns with the long
+            # factors, as transformers switches (cached keys keep the turn they were made with).
+            # torch.where, not `if`, so that the decoding step stays one graph without a host sync.
+            inv_freq = torch.where(positions.max() + 1 > self.long_after, self.long_inv_freq, self.inv_freq)
+        cos, sin = rope.cos_sin(inv_freq, positions, x.dtype, self.rope_scale)
         if cache is not None:
             x = widen(x)
         for block in self.model.layers:
