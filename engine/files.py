@@ -82,8 +82,10 @@ def output_dir(path: str | Path):
 
 
 def _publish(out: Path, source: Path) -> None:
-    """Rename the files of `source` into output directory `out`, config.json last."""
-    files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: (p.name == "config.json", p.name))
+    """Rename the files of `source` into output directory `out`, the file that makes it a model last
+    (config.json, or an adapter's adapter_config.json): a crash midway leaves no new config beside old weights."""
+    last = ("config.json", "adapter_config.json")
+    files = sorted((p for p in source.iterdir() if p.is_file()), key=lambda p: (p.name in last, p.name))
     before = _marker_files(out)
     _write_marker(out, sorted(set(before) | {f.name for f in files}))   # listed first: a crash leaves none unlisted
     for f in files:

@@ -1144,3 +1144,21 @@ def test_sound_directories_still_load_and_generate(model_dir, tmp_path, monkeypa
     run = run_cli("generate", "--model", model_dir, "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
                   "--seed", "0", home=tmp_path / "home", monkeypatch=monkeypatch)
     assert run.rc == 0, run.err
+
+
+@pytest.mark.parametrize("config", ["config.json", "adapter_config.json"])
+def test_an_output_is_published_with_the_file_that_makes_it_a_model_last(tmp_path, monkeypatch, config):
+    """A crash while an output's files are renamed into place never leaves a new config beside old weights."""
+    from engine import files
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("a.safetensors", config, "z.txt"):
+        (source / name).write_text(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real(a, b)))
+    files._publish(out, source)
+    renamed = [m for m in moved if m != files.MARKER and not m.startswith(".")]
+    assert renamed[-1] == config and sorted(renamed) == sorted(["a.safetensors", config, "z.txt"])
