@@ -210,7 +210,7 @@ def dry(scores, sequences, multiplier, base, allowed, breakers, on):
     longest = int((allowed + max_exponent).amax().clamp(max=length - 1))
     ends = torch.arange(length - 1, device=seq.device)       # a repeat may end at any earlier position
     repeat = torch.zeros_like(seq[:, :-1])                    # [rows, length - 1] repeat length ending there
-    growing = valid[:, :-1].clone()
+    growing = torch.ones_like(valid[:, :-1])                   # padding (-1) never equals a token, so stops it
     for k in range(longest):
         tail = length - 1 - k                                 # the context's end, k tokens back
         earlier = ends - k

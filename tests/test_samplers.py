@@ -137,7 +137,13 @@ def test_dry_ignores_padding_and_clamps_the_exponent():
     # base 1e10: llama.cpp clamps the exponent at floor(88.72 / ln 1e10) = 3
     penalty = dry_penalty([1, 2, 3, 4, 6, 7, 1, 2, 3, 4, 6], dry_base=1e10, dry_allowed_length=0)
     assert penalty[7] == pytest.approx(0.8 * 1e10 ** 3, rel=1e-5)   # repeat of 5, exponent 5 clamped to 3
-    assert torch.isfinite(penalty).all()
+    # the same beside a row whose gentler base lets repeats run longer
+    ids = torch.tensor([[1, 2, 3, 4, 6, 7, 1, 2, 3, 4, 6]] * 2)
+    both = run([Settings(**{**DRY, "dry_base": 1e10, "dry_allowed_length": 0}), Settings(**DRY)],
+               torch.zeros(2, VOCAB), ids, TEXTS)
+    assert torch.equal(both[0], run([Settings(**{**DRY, "dry_base": 1e10, "dry_allowed_length": 0})],
+                                    torch.zeros(1, VOCAB), ids[:1], TEXTS)[0])
+    assert both[1, 7] == pytest.approx(-0.8 * 1.75 ** 3)
 
 
 # -- XTC ------------------------------------------------------------------------------------------
@@ -187,7 +193,8 @@ def test_top_n_sigma_ties_and_filtered_tokens():
     assert sigma_kept([2.0, 0.0, 2.0, 0.0], 2.0) == [0, 1, 2, 3]
     assert sigma_kept([2.0, 0.0, 2.0, 0.0], 1.9) == [0, 2]        # both tied top tokens
     # tokens already filtered out count for neither the mean nor the deviation
-    assert sigma_kept([2.0, 0.0, 2.0, 0.0, -math.inf], 2.0) == [0, 1, 2, 3]
+    assert sigma_kept([2.0, 0.0, 2.0, 0.0] + [-math.inf] * 4, 2.0) == [0, 1, 2, 3]
+    assert sigma_kept([2.0, 0.0, 2.0, 0.0] + [-math.inf] * 4, 1.9) == [0, 2]
     assert sigma_kept([1.0, 1.0, 1.0], 0.1) == [0, 1, 2]           # deviation 0: all tie with the top
 
 
@@ -221,14 +228,21 @@ def test_mirostat_state_is_per_row_across_steps(llama):
     prompt = [1, 5, 9, 14, 3]
     events = [e for e in Generation(llama, prompt, [other, miro, miro]) if isinstance(e, Token)]
     mine = [e for e in events if e.candidate == 1]
-    mu, truncated = 2 * tau, 0
+    # by hand: the model's distribution at each step, cut at the mu the row's earlier tokens left
+    ids, mu, checked, truncated = list(prompt), 2 * tau, 0, 0
     for e in mine:
-        surprise = -e.logprob / math.log(2)
-        top = e.top_before[0].token_id
-        assert surprise <= mu + 1e-4 or e.token_id == top
-        truncated += e.sampled_logprob > e.logprob + 1e-6
+        with torch.no_grad():
+            logp = llama.logits(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+        surprise = -logp / math.log(2)
+        keep = (surprise <= mu) | (logp == logp.max())
+        assert keep[e.token_id]
+        if not ((surprise - mu).abs() < 1e-3).any():   # no token on the edge, where rounding could decide
+            assert e.sampled_logprob == pytest.approx(float(logp[e.token_id] - logp[keep].logsumexp(0)), abs=1e-3)
+            checked += 1
+        truncated += int(not keep.all())
         mu -= eta_ * (-e.sampled_logprob / math.log(2) - tau)
-    assert truncated > 0   # mu did cut the distribution
+        ids.append(e.token_id)
+    assert checked > len(mine) // 2 and truncated > 0   # mu did cut the distribution
     alone = [e.token_id for e in Generation(llama, prompt, [miro]) if isinstance(e, Token)]
     assert alone == [e.token_id for e in mine] == [e.token_id for e in events if e.candidate == 2]
 
