@@ -50,7 +50,7 @@ def add_decoding_options(p) -> None:
     defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
     for name, (kind, knob) in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        if name == "stop":
+        if name in ("stop", "dry_sequence_breakers"):   # repeated flags; given ones replace the default list
             p.add_argument(flag, action="append", help=knob.help)
         elif name == "early_stopping":
             p.add_argument(flag, choices=["true", "false", "never"], help=knob.help)

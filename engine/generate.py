@@ -189,7 +189,7 @@ class Generation:
         self.beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
         self.streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
                         if s.num_beams == 1}
-        return _Batch.start(cand, prompts[source], logits[source], self.width, self.settings)
+        return _Batch.start(cand, prompts[source], logits[source], self.width, self.settings, tok)
 
     def _apply_controls(self, batch: "_Batch", step: int) -> tuple["_Batch", list]:
         """What the caller asked for since the last step: cancelled candidates finish and leave the
@@ -364,15 +364,18 @@ class _Batch:
     logits: torch.Tensor      # [rows, vocab] the next-token logits
     settings: list            # every candidate's settings
     rows: RowSettings = None
+    mu: torch.Tensor = None   # [rows, 1] Mirostat's state, NaN until the row's first Mirostat token
+    tokenizer: object = None  # for DRY's sequence breakers
 
     def __post_init__(self):
         if self.rows is None:
             # a finished row left in the batch (candidate -1) takes any settings: its tokens are ignored
-            self.rows = RowSettings([self.settings[max(c, 0)] for c in self.cand.tolist()], self.cand.device)
+            self.rows = RowSettings([self.settings[max(c, 0)] for c in self.cand.tolist()], self.cand.device,
+                                    self.tokenizer)
             self.seeds = torch.tensor([s.seed for s in self.rows.settings], dtype=torch.long, device=self.cand.device)
 
     @classmethod
-    def start(cls, cand, prompts, logits, width, settings):
+    def start(cls, cand, prompts, logits, width, settings, tokenizer=None):
         """`prompts` [rows, prompt width]: each row's left-padded prompt, -1 at padding."""
         n, vocab, device = len(cand), logits.shape[-1], cand.device
         seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=device)
@@ -380,11 +383,11 @@ class _Batch:
         sequences = torch.full((n, width), -1, dtype=torch.long, device=device)
         sequences[:, :prompts.shape[1]] = prompts
         return cls(cand, seen[:, :vocab], torch.zeros(n, vocab, dtype=torch.int32, device=device), sequences,
-                   None, logits, settings)
+                   None, logits, settings, mu=torch.full((n, 1), torch.nan, device=device), tokenizer=tokenizer)
 
     def take(self, index: torch.Tensor, settings: list | None = None) -> "_Batch":
         return _Batch(self.cand[index], self.seen[index], self.counts[index], self.sequences[index], None,
-                      self.logits[index], settings or self.settings)
+                      self.logits[index], settings or self.settings, mu=self.mu[index], tokenizer=self.tokenizer)
 
     def append(self, chosen: torch.Tensor, position: int) -> None:
         self.sequences[:, position] = chosen
@@ -417,12 +420,16 @@ def choose_tokens(batch: "_Batch", step: int, n_prompt: int, eos_ids: list[int])
     the tokens [rows]."""
     rows, steps = batch.rows, torch.full_like(batch.seeds, step)
     logprobs = batch.logits.log_softmax(dim=-1)
+    mu = torch.where(batch.mu.isnan(), 2 * rows.mirostat_tau, batch.mu) if rows.mirostat else None
     # Beams rank by log-probability, so their processors see log-probs, as in transformers.
     scores = sampling.process(torch.where(rows.beam, logprobs, batch.logits), rows, batch.seen, batch.counts,
-                              batch.sequences[:, :n_prompt + step], steps, eos_ids)
+                              batch.sequences[:, :n_prompt + step], steps, eos_ids, mu=mu)
     chosen = scores.argmax(dim=-1)
     if bool(rows.sample.any()):
         chosen = torch.where(rows.sample[:, 0], sampling.sample(scores, batch.seeds, steps), chosen)
+    if rows.mirostat:   # Mirostat's mu follows the surprise of each row's drawn token
+        drawn = scores.log_softmax(dim=-1).gather(1, chosen[:, None])
+        batch.mu = torch.where(rows.on["mirostat"], sampling.mirostat_update(mu, rows, drawn), batch.mu)
     return logprobs, scores, chosen
 
 

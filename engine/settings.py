@@ -28,6 +28,30 @@ def knob(default, help: str, **meta):
     return field(default=default, metadata={"knob": Knob(help, **meta)})
 
 
+# The samplers `sampler_order` arranges (engine/sampling.py applies them). "penalties" is the
+# repetition penalty then the frequency and presence penalties (llama.cpp's "penalties" sampler);
+# "temperature" is dynamic when dynatemp_range > 0. The first three act on greedy and beam rows too.
+SAMPLERS = ("penalties", "no_repeat_ngram", "dry", "temperature", "top_n_sigma", "top_k", "top_p", "min_p",
+            "typical_p", "epsilon", "eta", "xtc", "mirostat")
+DEFAULT_ORDER = ",".join(SAMPLERS)   # transformers' order for its samplers (with OpenAI's penalties after
+                                     # the repetition one), the others where llama.cpp puts them
+
+
+def parse_order(text: str) -> tuple[str, ...]:
+    """Every sampler in the order it runs: the named ones first, the rest in the default order."""
+    if not isinstance(text, str):
+        raise ParleyError(f"sampler_order = {text!r} is not text: name samplers from {', '.join(SAMPLERS)}, "
+                          "comma-separated")
+    named = [name.strip() for name in text.split(",") if name.strip()]
+    for i, name in enumerate(named):
+        if name not in SAMPLERS:
+            raise ParleyError(f"sampler_order names {name!r}, which is no sampler: use names from "
+                              f"{', '.join(SAMPLERS)}")
+        if name in named[:i]:
+            raise ParleyError(f"sampler_order names {name!r} twice: name each sampler at most once")
+    return tuple(named) + tuple(s for s in SAMPLERS if s not in named)
+
+
 @dataclass
 class Settings:
     """How one candidate is decoded. Temperature 0 means greedy; num_beams > 1 means beam search."""
@@ -55,6 +79,36 @@ class Settings:
     num_return_sequences: int = knob(1, "beams returned (beam search only)", panel=False)
     max_new_tokens: int = knob(256, "most tokens to write", rule="1 or more", low=1)
     min_new_tokens: int = knob(0, "end-of-text is blocked before this many tokens", neutral=0)
+    # The samplers of llama.cpp and text-generation-webui beyond transformers' classic ones.
+    dry_multiplier: float = knob(0.0, "DRY: penalty for extending a repeated sequence (0 = off)",
+                                 rule="0 (off) or more", low=0, neutral=0.0)
+    dry_base: float = knob(1.75, "DRY: penalty = multiplier x base ** (repeat length - allowed length)",
+                           rule="1 or more", low=1)
+    dry_allowed_length: int = knob(2, "DRY: repeats this long or shorter go unpenalised",
+                                   rule="0 or more", low=0)
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: ["\n", ":", "\"", "*"], metadata={"knob": Knob(
+        "DRY: a repeat never runs across a token containing one of these (repeatable)",
+        rule="a list of non-empty strings", panel=False)})
+    xtc_threshold: float = knob(0.1, "XTC: tokens at least this likely are the top choices it removes",
+                                rule="in [0, 0.5]", low=0, high=0.5)
+    xtc_probability: float = knob(0.0, "XTC: chance per token of removing all top choices but the least (0 = off)",
+                                  rule="in [0, 1]; 0 turns it off", low=0, high=1, neutral=0.0)
+    top_n_sigma: float = knob(0.0, "keep tokens within n standard deviations of the top logit (0 = off)",
+                              rule="0 (off) or more", low=0, neutral=0.0)
+    epsilon_cutoff: float = knob(0.0, "drop tokens less likely than this (0 = off)",
+                                 rule="in [0, 1); 0 turns it off", low=0, high=1, high_open=True, neutral=0.0)
+    eta_cutoff: float = knob(0.0, "drop tokens below min(eta, sqrt(eta) x exp(-entropy)) (0 = off)",
+                             rule="in [0, 1); 0 turns it off", low=0, high=1, high_open=True, neutral=0.0)
+    dynatemp_range: float = knob(0.0, "dynamic temperature: temperature +/- this, by the entropy (0 = off)",
+                                 rule="0 (off) or more", low=0, neutral=0.0)
+    dynatemp_exponent: float = knob(1.0, "dynamic temperature: normalised entropy ** this picks the temperature",
+                                    rule="greater than 0", low=0, low_open=True)
+    mirostat_tau: float = knob(0.0, "Mirostat v2: target surprise in bits (0 = off; 5 is usual)",
+                               rule="0 (off) or more", low=0, neutral=0.0)
+    mirostat_eta: float = knob(0.1, "Mirostat v2: learning rate of its threshold",
+                               rule="in (0, 1]", low=0, high=1, low_open=True)
+    sampler_order: str = knob(DEFAULT_ORDER, "the samplers' order, comma-separated; unnamed ones follow in "
+                              "the default order", rule=f"names from {', '.join(SAMPLERS)}, each once")
     stop: list[str] = field(default_factory=list, metadata={"knob": Knob(
         "stop before this text (repeatable)", rule="a list of non-empty strings", panel=False)})
     seed: int | None = knob(None, "candidate i is seeded seed + i; empty = a random seed, recorded",
@@ -77,9 +131,12 @@ class Settings:
     def validate(self) -> "Settings":
         for name, (kind, k) in FIELDS.items():
             value = getattr(self, name)
-            if name == "stop":
+            if name in ("stop", "dry_sequence_breakers"):
                 if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
                     _bad(self, name, k.rule)
+                continue
+            if name == "sampler_order":
+                parse_order(value)
                 continue
             if name == "early_stopping":
                 if value not in (True, False, "never"):
@@ -112,7 +169,8 @@ def _bad(settings: Settings, name: str, rule: str):
 
 # name: (float, int or None for the others, Knob) for every field, in the dataclass's order
 FIELDS: dict[str, tuple[type | None, Knob]] = {
-    f.name: (float if f.type is float else int if f.type in (int, int | None) else None, f.metadata["knob"])
+    f.name: (float if f.type is float else int if f.type in (int, int | None) else str if f.type is str else None,
+             f.metadata["knob"])
     for f in fields(Settings)}
 
 # what the settings panel edits, in order
@@ -124,6 +182,8 @@ def parse_value(name: str, text: str):
     if name not in FIELDS:
         raise ParleyError(f"unknown decoding setting {name!r}: use one of {', '.join(sorted(FIELDS))}")
     kind = FIELDS[name][0]
+    if kind is str:
+        return text
     try:
         return float(text) if kind is float else int(text)
     except ValueError:

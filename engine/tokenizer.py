@@ -1,4 +1,5 @@
 """Tokenizers from tokenizer.json, with their special tokens, chat template and streaming decode."""
+import functools
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -117,6 +118,11 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
+
+    @functools.cached_property
+    def token_texts(self) -> list[str]:
+        """Each id's text on its own, special tokens shown (what DRY's sequence breakers are found in)."""
+        return self.tokenizer.decode_batch([[i] for i in range(self.max_id + 1)], skip_special_tokens=False)
 
     # -- chat ----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

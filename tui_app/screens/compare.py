@@ -183,7 +183,8 @@ def pane_letter(i: int) -> str:
     return chr(ord("a") + i)
 
 
-NUMBERS = [name for name, (kind, _) in FIELDS.items() if kind is not None]   # what a pane override can set
+# what a pane override can set: the numbers, and sampler_order (no spaces, so one word)
+NUMBERS = [name for name, (kind, _) in FIELDS.items() if kind is not None]
 
 
 def parse_overrides(text: str) -> tuple[dict, str | None]:
