@@ -407,14 +407,19 @@ def choose_tokens(batch: "_Batch", step: int, n_prompt: int, eos_ids: list[int])
     """Every row's processors on its logits, then its token: greedy, drawn, or (beams) the best
     scores, which BeamSearch then ranks. Returns the model's log-probs, the processed scores and
     the tokens [rows]."""
-    rows, steps = batch.rows, torch.full_like(batch.seeds, step)
-    logprobs = batch.logits.log_softmax(dim=-1)
+    return choose_row_tokens(batch.logits, batch.rows, batch.seen, batch.counts, batch.sequences[:, :n_prompt + step],
+                             batch.seeds, torch.full_like(batch.seeds, step), eos_ids)
+
+
+def choose_row_tokens(logits, rows: RowSettings, seen, counts, sequences, seeds, steps, eos_ids: list[int]):
+    """choose_tokens on plain tensors, each row at its own step `steps` [rows] (its tokens so far):
+    what a continuous batch (engine/serve/batcher.py), whose rows started at different times, needs."""
+    logprobs = logits.log_softmax(dim=-1)
     # Beams rank by log-probability, so their processors see log-probs, as in transformers.
-    scores = sampling.process(torch.where(rows.beam, logprobs, batch.logits), rows, batch.seen, batch.counts,
-                              batch.sequences[:, :n_prompt + step], steps, eos_ids)
+    scores = sampling.process(torch.where(rows.beam, logprobs, logits), rows, seen, counts, sequences, steps, eos_ids)
     chosen = scores.argmax(dim=-1)
     if bool(rows.sample.any()):
-        chosen = torch.where(rows.sample[:, 0], sampling.sample(scores, batch.seeds, steps), chosen)
+        chosen = torch.where(rows.sample[:, 0], sampling.sample(scores, seeds, steps), chosen)
     return logprobs, scores, chosen
 
 
