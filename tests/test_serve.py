@@ -227,7 +227,9 @@ def test_requests_and_replies_are_kept_in_the_store(client, home):
         assert [m["role"] for m in thread] == ["user", "assistant"] and thread[0]["content"] == HELLO[0]["content"]
         assert sorted(r["settings"]["seed"] for r in replies) == [2, 3, 4]
         assert len(store.children(convo["id"], thread[0]["id"])) == 3
-        assert store.rankings() == [] and store.counts()   # a comparison waiting to be ranked
+        # a comparison of the three, waiting to be ranked in the app
+        comparison = next(iter(store.db.query("SELECT id FROM comparisons WHERE conversation_id = ?", [convo["id"]])))
+        assert sorted(m["id"] for m in store.comparison(comparison["id"])["candidates"]) == sorted(r["id"] for r in replies)
     client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, user="bob")
     wait_for_logged(home, "bob")
 
@@ -253,7 +255,7 @@ def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
     settings = [Settings(**PLAIN, seed=1, max_new_tokens=24),
                 Settings(temperature=0.8, top_k=20, repetition_penalty=1.2, frequency_penalty=0.4, seed=2,
                          max_new_tokens=16, no_repeat_ngram_size=3),
-                Settings(**PLAIN, seed=3, max_new_tokens=10)]
+                Settings(**{**PLAIN, "temperature": 0}, no_repeat_ngram_size=1, max_new_tokens=20)]
     expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
     assert len(prompts[1]) > len(prompts[0]) + 4
     batcher = Batcher(lm)

@@ -123,21 +123,30 @@ def authorize(request: Request, api_key: str | None) -> None:
 
 
 async def read_json(request: Request, limit: int):
-    """The body as JSON, refused past `limit` bytes (by its Content-Length, else as it arrives)."""
+    """The body as JSON, refused past `limit` bytes. A body somewhat over the limit is read to its
+    end before the refusal, so the client, still sending, gets the 413 rather than a reset
+    connection; one declared far larger is refused at once."""
     too_big = ApiError(413, f"the request body is larger than this server takes ({limit} bytes): send less, or "
                             "start `parley serve --max-body-bytes N`", code="request_too_large")
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isdigit() and int(length) > DRAIN * limit:
         raise too_big
-    body = bytearray()
+    body, size = bytearray(), 0
     async for part in request.stream():
-        body += part
-        if len(body) > limit:
+        size += len(part)
+        if size > DRAIN * limit:
             raise too_big
+        if size <= limit:
+            body += part
+    if size > limit:
+        raise too_big
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not JSON: {e}") from None
+
+
+DRAIN = 4   # bodies up to this many times the limit are read through before the 413 (read_json)
 
 
 def _emitter(loop, events: asyncio.Queue, req, log):

@@ -23,13 +23,13 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from engine.errors import ParleyError
-from engine.generate import (Alternative, Finished, Token, _Stream, check_memory, choose_row_tokens, decode_step,
-                             prefill)
+from engine.generate import (Alternative, Finished, Token, _random_seed, _Stream, check_memory, choose_row_tokens,
+                             decode_step, prefill)
 from engine.models.cache import KVCache
 from engine.sampling import RowSettings
 from engine.settings import Settings
@@ -61,7 +61,9 @@ class _Row:
     """One choice of a job in the running batch."""
 
     def __init__(self, job: Job, choice: int, lm):
-        self.job, self.choice, self.settings = job, choice, job.settings[choice]
+        self.job, self.choice, settings = job, choice, job.settings[choice]
+        # as in a Generation: no seed means a random one, recorded in the settings the reply reports
+        self.settings = settings if settings.seed is not None else replace(settings, seed=_random_seed())
         self.stream = _Stream(lm.tokenizer.stream_decoder(), StopMatcher(self.settings.stop))
         self.text: list[str] = []
         self.step = 0

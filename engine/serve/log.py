@@ -51,17 +51,19 @@ def title(request) -> str:
 
 
 def record(store: Store, request, finished: list) -> str:
-    """Write one request with its replies; returns the conversation's id."""
+    """Write one request with its replies, all at once (the app never sees half of one); returns the
+    conversation's id."""
     messages = request.messages
     has_system = bool(messages) and messages[0]["role"] == "system"
-    cid = store.create_conversation(title(request), messages[0]["content"] if has_system else "", request.model)
-    parent = None
-    for m in messages[int(has_system):]:
-        parent = store.add_message(cid, m["role"], m["content"], parent)
-    ids = [store.add_message(cid, "assistant", f.text, parent, model=request.model, settings=f.settings.to_dict(),
-                             prompt_tokens=len(request.prompt_ids), completion_tokens=len(f.token_ids),
-                             timings=f.timings, finish_reason=f.finish_reason, make_current=f.candidate == 0)
-           for f in sorted(finished, key=lambda f: f.candidate)]
-    if len(ids) > 1:
-        store.create_comparison(cid, parent, ids)
+    with store.transaction():
+        cid = store.create_conversation(title(request), messages[0]["content"] if has_system else "", request.model)
+        parent = None
+        for m in messages[int(has_system):]:
+            parent = store.add_message(cid, m["role"], m["content"], parent)
+        ids = [store.add_message(cid, "assistant", f.text, parent, model=request.model, settings=f.settings.to_dict(),
+                                 prompt_tokens=len(request.prompt_ids), completion_tokens=len(f.token_ids),
+                                 timings=f.timings, finish_reason=f.finish_reason, make_current=f.candidate == 0)
+               for f in sorted(finished, key=lambda f: f.candidate)]
+        if len(ids) > 1:
+            store.create_comparison(cid, parent, ids)
     return cid
