@@ -253,6 +253,28 @@ def cmd_pull(args) -> None:
     print(f"{args.name}: {path}" + (" (added to the app's models)" if added else ""), file=sys.stderr)
 
 
+def cmd_serve(args) -> None:
+    from pathlib import Path
+
+    import engine
+    from engine.registry import resolve_model
+    from engine.serve.app import Server, ServeConfig
+    from engine.serve.protocol import Limits
+    config = ServeConfig(args.host, args.port, args.api_key, args.max_body_bytes,
+                         Limits(args.max_tokens, args.max_n), args.max_rows, not args.no_log).check()
+    models = {}
+    for name in args.model or ["default"]:
+        lm = engine.load(resolve_model(name), device=args.device, dtype=args.dtype)
+        # a directory is served under its folder's name; a known or Hugging Face name as itself
+        served = Path(name).expanduser().name if Path(name).expanduser().is_dir() else name
+        if served in models:
+            raise ParleyError(f"two --model flags serve the name {served!r}: rename one of the directories")
+        models[served] = lm
+    server = Server(models, config)
+    print(f"parley serve: {', '.join(models)} at {server.url} (OpenAI API; Ctrl+C stops)", file=sys.stderr)
+    server.run()
+
+
 def build_parser(app=None) -> argparse.ArgumentParser:
     parser = Parser(prog="parley", description="Talk to local language models, compare decoding "
                                      "settings side by side, and teach them what you prefer.")
@@ -294,6 +316,24 @@ def build_parser(app=None) -> argparse.ArgumentParser:
                        "Face cache, check it loads and add it to the app's models")
     p.add_argument("name", help="org/name or org/name@revision (a branch, tag or commit)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API (chat and completions, "
+                       "streaming, continuous batching)")
+    p.add_argument("--model", action="append", help="a model directory or known name to serve (default: the "
+                   "shipped model); repeat it to serve several")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                   "--api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help="clients must send this key (Authorization: Bearer KEY)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per reply a request may ask for "
+                   "(default 2048)")
+    p.add_argument("--max-n", type=int, default=16, help="most choices (n) per request (default 16)")
+    p.add_argument("--max-rows", type=int, default=64, help="most choices decoding together per model; more wait "
+                   "(default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--no-log", action="store_true", help="do not keep requests and replies in Parley's store")
+    add_model_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="held-out loss and perplexity, per token and per word")
     p.add_argument("--model", action="append", help="a model directory or known name (default: the shipped "

@@ -190,6 +190,28 @@ def uses_gguf():
         assert gguf.SpecialVocab(tmp, load_merges=True, n_vocab=2).merges == ["a b"] and hasattr(gguf, "GGUFReader")
 
 
+def uses_starlette():
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+    assert hasattr(StreamingResponse, "listen_for_disconnect") and HTTPException and Route and Starlette
+
+
+def uses_uvicorn():
+    import inspect
+
+    import uvicorn
+    assert "sockets" in inspect.signature(uvicorn.Server.run).parameters
+    assert "timeout_graceful_shutdown" in inspect.signature(uvicorn.Config).parameters
+
+
+def uses_openai():
+    import openai
+    assert hasattr(openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="x").chat.completions, "create")
+    assert openai.NotFoundError and openai.AuthenticationError and openai.BadRequestError
+
+
 # name: (first release with every API below, what Parley calls, the check)
 FIRST_WITH = {
     "torch": ("2.5", "F.scaled_dot_product_attention(enable_gqa=) (2.5), F.rms_norm (2.4)", uses_torch),
@@ -216,6 +238,12 @@ FIRST_WITH = {
                         "errors.LocalEntryNotFoundError, validate_repo_id (engine/hub.py)", uses_huggingface_hub),
     "hypothesis": ("6.100", "given, settings(suppress_health_check=), strategies.recursive (the importers' fuzz)",
                    uses_hypothesis),
+    "starlette": ("1.10", "Starlette(routes=, exception_handlers=), Route, StreamingResponse, Request.stream(); the "
+                  "floor is the release tested", uses_starlette),
+    "uvicorn": ("0.55", "Server(Config(app, timeout_graceful_shutdown=)).run(sockets=), .started, .should_exit; the "
+                "floor is the release tested", uses_uvicorn),
+    "openai": ("3.57", "OpenAI(base_url=).chat.completions / .completions / .models and its error classes; the floor "
+               "is the release tested", uses_openai),
     "peft": ("0.21", "PeftModel.from_pretrained of a LoRA adapter onto a transformers 5 model (the release checked "
              "with transformers 5.24)", uses_peft),
 }

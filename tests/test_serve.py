@@ -1,0 +1,292 @@
+"""`parley serve`: a real server on a free localhost port, driven by the official openai client."""
+import json
+import threading
+import time
+
+import urllib.error
+import urllib.request
+import openai
+import pytest
+
+import engine
+from engine.cli import main
+from engine.errors import ParleyError
+from engine.generate import Finished, Token, generate
+from engine.serve.app import Server, ServeConfig
+from engine.serve.batcher import Batcher, Job
+from engine.settings import Settings
+from engine.store import Store
+
+HELLO = [{"role": "user", "content": "Hello there! How are you?"}]
+# what a request that names no setting means (OpenAI's defaults), plus the fields a test sets
+PLAIN = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoints):
+    return engine.load(checkpoints("llama_gqa_untied")[0], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("home")
+        mp.setenv("PARLEY_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def server(lm, home):
+    srv = Server({"tiny": lm}, ServeConfig(port=0)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def post(url: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, bytes]:
+    """A raw request (status, body): what the openai client hides (the event lines, refusals)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json", **(headers or {})},
+                                     method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def alone(lm, messages, **settings):
+    """What the engine gives the same prompt and settings on its own."""
+    return generate(lm, lm.tokenizer.encode_chat(messages), Settings(**{**PLAIN, **settings}))[0]
+
+
+def wait_for(condition, what: str, limit_s: float = 20.0):
+    """Wait for the server's threads (engine, store log) to get somewhere; a limit, not a timing."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_models_lists_what_is_served(client, lm):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_chat_completion_is_the_engines_reply_with_its_usage(client, lm):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, seed=7, temperature=0.9)
+    expected = alone(lm, HELLO, max_new_tokens=12, seed=7, temperature=0.9)
+    choice = reply.choices[0]
+    assert choice.message.content == expected.text and choice.message.role == "assistant"
+    assert choice.finish_reason == {"eos": "stop", "length": "length"}[expected.finish_reason]
+    prompt = len(lm.tokenizer.encode_chat(HELLO))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == \
+        (prompt, len(expected.token_ids), prompt + len(expected.token_ids))
+
+
+def test_parley_settings_go_in_as_extra_fields(client, lm):
+    extra = dict(top_k=5, min_p=0.1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=10)
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10, seed=3,
+                                           frequency_penalty=0.5, presence_penalty=0.3, extra_body=extra)
+    expected = alone(lm, HELLO, max_new_tokens=10, seed=3, frequency_penalty=0.5, presence_penalty=0.3, **extra)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.content != alone(lm, HELLO, max_new_tokens=10, seed=3).text
+
+
+def test_stream_adds_up_to_the_reply_and_ends_with_done(client, server, lm):
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=15, seed=11, stream=True,
+                                                 stream_options={"include_usage": True}))
+    expected = alone(lm, HELLO, max_new_tokens=15, seed=11)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+    # the raw events: every line a data: line, the last one [DONE]
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "stream": True, "seed": 1}
+    status, raw = post(server.url + "/completions", body)
+    events = [line for line in raw.decode().split("\n") if line]
+    assert status == 200
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    texts = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+    completion = generate(lm, lm.tokenizer.encode("Hello"), Settings(**PLAIN, max_new_tokens=4, seed=1))[0]
+    assert texts == completion.text
+
+
+def test_n_choices_are_seeded_seed_plus_i(client, lm):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=40, n=3)
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts == [alone(lm, HELLO, max_new_tokens=8, seed=40 + i).text for i in range(3)]
+    assert len(set(texts)) == 3
+    assert reply.usage.completion_tokens == 24
+
+
+def test_logprobs_are_the_models(client, lm):
+    import torch
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, seed=5, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    ids = alone(lm, HELLO, max_new_tokens=6, seed=5).token_ids
+    context = lm.tokenizer.encode_chat(HELLO) + ids
+    with torch.no_grad():
+        logprobs = lm.logits(torch.tensor([context]))[0].log_softmax(-1)
+    n = len(context) - len(ids)
+    assert len(content) == len(ids)
+    for i, (token, entry) in enumerate(zip(ids, content)):
+        row = logprobs[n - 1 + i]
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        top = row.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [lm.tokenizer.decode([t], skip_special_tokens=False)
+                                                         for t in top.indices.tolist()]
+
+
+def test_bad_settings_are_400_naming_them(client):
+    for extra, param in [(dict(top_k=-1), "top_k"), (dict(temperature="hot"), "temperature"),
+                         (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=10**6), "max_tokens"),
+                         (dict(num_beams=3), "num_beams"), (dict(n=0), "n"), (dict(top_logprobs=3), "top_logprobs"),
+                         (dict(tempreature=1), "tempreature")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=HELLO, extra_body=extra)
+        error = e.value.body
+        assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="../../etc", messages=HELLO)
+    assert e.value.body["code"] == "model_not_found" and "tiny" in e.value.body["message"]
+
+
+def test_body_over_the_limit_is_413(server):
+    status, raw = post(server.url + "/chat/completions", b"x" * (ServeConfig().max_body_bytes + 1))
+    assert status == 413 and "--max-body-bytes" in json.loads(raw)["error"]["message"]
+
+
+def test_api_key(lm, home):
+    srv = Server({"tiny": lm}, ServeConfig(port=0, api_key="sesame", log=False)).start()
+    try:
+        for key in ("unused", "sesame2"):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=srv.url, api_key=key, max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.url, api_key="sesame", max_retries=0)
+        assert good.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices
+        assert post(srv.url + "/models", None)[0] == 401
+    finally:
+        srv.stop()
+    with pytest.raises(ParleyError, match="--api-key"):
+        ServeConfig(host="0.0.0.0").check()
+
+
+def test_serve_elsewhere_than_localhost_needs_a_key(capsys):
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "--api-key" in capsys.readouterr().err
+
+
+def test_a_client_gone_mid_stream_frees_its_rows_and_is_logged_cancelled(client, server, home):
+    batcher = server.engine.batchers["tiny"]
+    # min_new_tokens keeps EOS away: only the disconnect can end this reply before 1,500 tokens
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
+                                            max_tokens=1500, stream=True, user="leaver",
+                                            extra_body=dict(min_new_tokens=1500))
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    wait_for(lambda: not batcher.rows, "the rows to leave the batch")
+    reply = wait_for_logged(home, "leaver")[-1]
+    assert reply["finish_reason"] == "cancelled" and reply["completion_tokens"] < 1500
+
+
+def wait_for_logged(home, user: str) -> list[dict]:
+    """The replies (assistant messages) of the conversation the server logged for `user`."""
+    found = []
+
+    def logged():
+        with Store() as store:
+            convo = next((c for c in store.conversations() if f" {user}]" in c["title"]), None)
+            if convo is not None and convo["current_leaf"]:
+                parent = store.message(convo["current_leaf"])["parent_id"]
+                found[:] = store.children(convo["id"], parent)
+        return bool(found)
+    wait_for(logged, f"the store to hold {user}'s conversation")
+    return found
+
+
+def test_requests_and_replies_are_kept_in_the_store(client, home):
+    client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."}] + HELLO,
+                                   max_tokens=5, seed=2, n=3, user="alice")
+    replies = wait_for_logged(home, "alice")
+    with Store() as store:
+        convo = next(c for c in store.conversations() if " alice]" in c["title"])
+        assert convo["title"].startswith("[/v1/chat/completions alice]") and convo["system_prompt"] == "Be brief."
+        thread = store.thread(convo["id"])
+        assert [m["role"] for m in thread] == ["user", "assistant"] and thread[0]["content"] == HELLO[0]["content"]
+        assert sorted(r["settings"]["seed"] for r in replies) == [2, 3, 4]
+        assert len(store.children(convo["id"], thread[0]["id"])) == 3
+        # a comparison of the three, waiting to be ranked in the app
+        comparison = next(iter(store.db.query("SELECT id FROM comparisons WHERE conversation_id = ?", [convo["id"]])))
+        assert sorted(m["id"] for m in store.comparison(comparison["id"])["candidates"]) == sorted(r["id"] for r in replies)
+    client.completions.create(model="tiny", prompt="Once upon", max_tokens=3, user="bob")
+    wait_for_logged(home, "bob")
+
+
+def test_no_log_writes_nothing(lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    srv = Server({"tiny": lm}, ServeConfig(port=0, log=False)).start()
+    try:
+        openai.OpenAI(base_url=srv.url, api_key="x").chat.completions.create(model="tiny", messages=HELLO,
+                                                                              max_tokens=2, user="carol")
+    finally:
+        srv.stop()
+    with Store() as store:
+        assert store.conversations() == []
+
+
+# -- continuous batching ------------------------------------------------------------------------
+def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
+    """B joins while A decodes (B's prompt longer than A's so far: A's rows are left-padded), C joins
+    later with a short prompt (C is padded); each gets exactly its tokens alone."""
+    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in
+               ["Hello there!", "What is your favourite book? I like reading stories about the sea. " * 3, "Hi"]]
+    settings = [Settings(**PLAIN, seed=1, max_new_tokens=24),
+                Settings(temperature=0.8, top_k=20, repetition_penalty=1.2, frequency_penalty=0.4, seed=2,
+                         max_new_tokens=16, no_repeat_ngram_size=3),
+                Settings(**{**PLAIN, "temperature": 0}, no_repeat_ngram_size=1, max_new_tokens=20)]
+    expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
+    assert len(prompts[1]) > len(prompts[0]) + 4
+    batcher = Batcher(lm)
+    results, widest = {}, [0]
+
+    def job(i, join_at=None):
+        def emit(event):
+            widest[0] = max(widest[0], len(batcher.rows))
+            if isinstance(event, Token) and join_at and event.step in join_at:
+                batcher.submit(job(join_at[event.step]))   # joins at the next step, mid-decode
+            if isinstance(event, Finished):
+                results[i] = event.token_ids
+        return Job(prompts[i], [settings[i]], emit)
+
+    batcher.submit(job(0, {3: 1, 7: 2}))
+    while batcher.busy:
+        batcher.step()
+    assert widest[0] == 3   # all three decoded together
+    assert [results[i] for i in range(3)] == expected
+
+
+def test_concurrent_http_requests_each_get_their_own_reply(client, lm):
+    seeds = [21, 22, 23, 24]
+    replies = {}
+
+    def ask(seed):
+        replies[seed] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=20 + seed % 4, seed=seed, stream=True) if c.choices)
+    threads = [threading.Thread(target=ask, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == {s: alone(lm, HELLO, max_new_tokens=20 + s % 4, seed=s).text for s in seeds}
