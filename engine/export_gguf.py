@@ -33,6 +33,7 @@ import torch
 
 from engine.errors import ParleyError
 from engine.files import check_output_file
+from engine.models import rope
 
 FORMATS = ("gguf",)
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -111,7 +112,7 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str = "gguf", dtyp
 
 def _check_supported(model_dir: Path, c) -> None:
     """Refuse what llama.cpp's architecture would compute differently from Parley."""
-    scaling = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type"))
+    scaling = rope.rope_type(c.rope_scaling)
     if scaling == "llama3" and c.model_type not in PERMUTED:
         raise ParleyError(f"{model_dir}: llama3 rope scaling on {c.model_type} cannot be written to GGUF: "
                           "llama.cpp reads it for the llama architecture only")
@@ -141,7 +142,7 @@ def _write_metadata(writer, gguf, lm, c, qtype, name: str) -> None:
         writer.add_key_length(c.head_dim)
         writer.add_value_length(c.head_dim)
     scaling = c.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    if rope.rope_type(scaling) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     writer.add_vocab_size(c.vocab_size)
@@ -189,9 +190,8 @@ def _write_tensors(writer, gguf, lm, arch, qtype) -> None:
     permuted = c.model_type in PERMUTED
     with torch.no_grad():
         state = {k: v for k, v in lm.model.state_dict().items() if k not in lm.model.tied_keys}
-        if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type")) == "llama3":
+        if rope.rope_type(c.rope_scaling) == "llama3":
             # llama.cpp divides each frequency by its factor: the factors are plain over scaled.
-            from engine.models import rope
             plain = rope.inv_frequencies(c.head_dim, c.rope_theta, None)
             writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                               (plain / lm.model.inv_freq.cpu()).numpy().astype(np.float32))

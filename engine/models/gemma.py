@@ -85,7 +85,7 @@ class GemmaConfig:
         theta = full.pop("rope_theta", hf.get("rope_theta", 1e6 if gemma3 else 10000.0))
         local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)) if gemma3 else theta
         scaling = hf.get("rope_scaling") or full or None
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        if rope.rope_type(scaling) == "default":
             scaling = None
         if rope.rope_type(scaling) == "longrope":
             raise ParleyError(f"config.json: longrope scaling is not supported for {model_type}: "

@@ -65,7 +65,7 @@ class LlamaConfig:
         # Transformers 5 writes rope_parameters; older checkpoints write rope_theta and rope_scaling.
         rope_params = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or rope_params or None
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        if rope.rope_type(scaling) == "default":
             scaling = None
         partial = hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
         if partial != 1.0 and model_type != "phi3":   # transformers turns part of a head for Phi-3 only
