@@ -110,7 +110,6 @@ class Generation:
         self._scheduled: dict[int, dict[int, Settings]] = {}   # step -> {candidate: settings} (replays)
         # the step each candidate's settings took effect at: what replaying it needs
         self.segments: list[list[tuple[int, Settings]]] = [[(0, s)] for s in self.settings]
-        self._pieces: dict[int, str] = {}
 
     # -- control, between steps ------------------------------------------------------------------
     def cancel(self, candidate: int | None = None) -> None:
@@ -266,7 +265,7 @@ class Generation:
             stream.text.append(text)
             events.append(Token(c, step, token_id, text, picked[i], picked_sampled[i],
                                 top[0][i] if top else [], top[1][i] if top else [],
-                                self._piece(token_id) if top else ""))
+                                self.lm.tokenizer.piece(token_id) if top else ""))
             if reason:
                 ended.add(i)
                 events.append(self._finish(c, reason, stream))
@@ -314,12 +313,6 @@ class Generation:
                         _timings(self.prefill_s, elapsed, len(stream.decoder.ids)), prompt=self.prompt_of[c],
                         segments=list(self.segments[c]))
 
-    def _piece(self, token_id: int) -> str:
-        """A token's own text, special tokens included (EOS shows as itself, not as nothing)."""
-        if token_id not in self._pieces:
-            self._pieces[token_id] = self.lm.tokenizer.decode([token_id], skip_special_tokens=False)
-        return self._pieces[token_id]
-
     def _alternatives(self, logprobs, scores):
         """The top tokens before and after each row's processors, as plain lists; after them, a
         token filtered out (probability 0) is no alternative."""
@@ -327,7 +320,7 @@ class Generation:
         after = scores.softmax(dim=-1).topk(self.top_n, dim=-1)
 
         def as_lists(top, least):
-            return [[Alternative(t, self._piece(t), p) for t, p in zip(ids, probs) if p > least]
+            return [[Alternative(t, self.lm.tokenizer.piece(t), p) for t, p in zip(ids, probs) if p > least]
                     for ids, probs in zip(top.indices.tolist(), top.values.tolist())]
         return as_lists(before, -1.0), as_lists(after, 0.0)
 

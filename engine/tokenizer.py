@@ -119,6 +119,14 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
+    def piece(self, token_id: int) -> str:
+        """A token's own text, special tokens shown (EOS as itself, not as nothing): what the token
+        inspector, alternatives and OpenAI's logprobs show. Cached: decoding step after step asks again."""
+        pieces = self.__dict__.setdefault("_pieces", {})
+        if token_id not in pieces:
+            pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return pieces[token_id]
+
     @functools.cached_property
     def token_texts(self) -> list[str]:
         """Each id's text on its own, special tokens shown (what DRY's sequence breakers are found in)."""

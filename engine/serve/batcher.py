@@ -88,7 +88,6 @@ class Batcher:
         self._waiting: list[Job] = []      # taken from `pending`, not yet admitted (the batch was full)
         self.rows: list[_Row] = []
         self.cache: KVCache | None = None
-        self._pieces: dict[int, str] = {}
 
     def submit(self, job: Job) -> None:
         """Any thread: the job joins the batch at a coming step."""
@@ -137,10 +136,10 @@ class Batcher:
             row.text.append(text)
             k = row.job.top_logprobs
             # Alternative.prob holds a log-probability here: what the OpenAI API reports
-            alternatives = [Alternative(t, self._piece(t), lp) for t, lp in zip(top_ids[i][:k], top_lps[i][:k])] \
+            alternatives = [Alternative(t, self.lm.tokenizer.piece(t), lp) for t, lp in zip(top_ids[i][:k], top_lps[i][:k])] \
                 if k else []
             row.job.emit(Token(row.choice, row.step, token_id, text, picked[i], picked[i], alternatives,
-                               piece=self._piece(token_id)))
+                               piece=self.lm.tokenizer.piece(token_id)))
             row.step += 1
             if reason:
                 ended.append(i)
@@ -152,12 +151,6 @@ class Batcher:
         return Finished(row.choice, reason, "".join(row.text), list(row.stream.decoder.ids), row.settings,
                         {"queued_s": row.started - row.job.submitted, "generate_s": elapsed,
                          "tokens": row.step, "tokens_per_s": row.step / elapsed if elapsed > 0 else 0.0})
-
-    def _piece(self, token_id: int) -> str:
-        """A token's own text, special tokens shown (the `token` of OpenAI's logprobs)."""
-        if token_id not in self._pieces:
-            self._pieces[token_id] = self.lm.tokenizer.decode([token_id], skip_special_tokens=False)
-        return self._pieces[token_id]
 
     # -- rows in and out --------------------------------------------------------------------------
     def _admit(self) -> None:
