@@ -225,7 +225,7 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = rope.cos_sin(self.inv_freq, positions, x.dtype)
         if cache is not None:
-            x = widen(x)
+            x = widen(x, self.lm_head)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
         return self.model.norm(x[:len(idx)])
