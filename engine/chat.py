@@ -31,14 +31,17 @@ class ModelInfo:
     max_context: int
 
 
-def open_model(name_or_path: str | None, device: str | None = None, dtype: str | None = None):
-    """(lm, ModelInfo) for a model directory or known name; slow, so the app calls it in a worker."""
+def open_model(name_or_path: str | None, device: str | None = None, dtype: str | None = None,
+               quantize: str | None = None):
+    """(lm, ModelInfo) for a model directory or known name, loaded to decode (engine/quantize.py:
+    the app never trains or saves the model it chats with); slow, so the app calls it in a worker."""
     import engine
     from engine.registry import resolve_model
     path = resolve_model(name_or_path)
-    lm = engine.load(path, device=device, dtype=dtype)
+    lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
+    dtype = str(lm.dtype).removeprefix("torch.") + (f", {quantize} weights" if quantize else "")
     info = ModelInfo(name_or_path or "default", str(path), lm.config.get("model_type", "?"), lm.num_parameters(),
-                     str(lm.device), str(lm.dtype).removeprefix("torch."), lm.max_context)
+                     str(lm.device), dtype, lm.max_context)
     return lm, info
 
 

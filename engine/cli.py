@@ -23,12 +23,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on a GPU that has it, else float32)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights, one scale per output channel (CPU only; "
+                   "activations stay in --dtype): a quarter of float32's bytes per token (engine/quantize.py)")
 
 
 def cmd_inspect(args) -> None:
     import engine
     from engine.registry import resolve_model
-    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype, quantize=args.quantize)
     info = {
         "path": str(lm.path), "model_type": lm.config["model_type"], "parameters": lm.num_parameters(),
         "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
@@ -83,7 +85,8 @@ def cmd_generate(args) -> None:
                           "past 2**63 - 1: use a smaller --seed")
     for flag in ("prompt", "system"):
         check_utf8(f"--{flag}", getattr(args, flag))
-    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype, decode_only=True,
+                     quantize=args.quantize)
     if args.raw:
         prompt_ids = lm.tokenizer.encode(args.prompt)
     else:
@@ -204,6 +207,9 @@ def cmd_merge(args) -> None:
     if not lora.is_adapter(path):
         raise ParleyError(f"{path} has no adapter_config.json: `parley merge` takes a LoRA adapter directory "
                           "(what `parley train ... --lora-r R` writes)")
+    if args.quantize:
+        raise ParleyError("parley merge writes the merged model's float weights: leave out --quantize "
+                          "(pass it where the merged model is loaded, e.g. parley generate --quantize int8)")
     check_output_dir(args.out)   # before the work
     lm = lora.load(path, device=args.device, dtype=args.dtype or "float32")
     lm.save(args.out)
@@ -222,7 +228,12 @@ def cmd_eval(args) -> None:
     from engine.registry import resolve_model
     from engine.train.evaluate import compare, table
     names = args.model or ["default"]
-    models = {name: engine.load(resolve_model(name), device=args.device, dtype=args.dtype) for name in names}
+    models = {}
+    for name in names:   # with --quantize, each model twice: as loaded and quantized, side by side
+        models[name] = engine.load(resolve_model(name), device=args.device, dtype=args.dtype, decode_only=True)
+        if args.quantize:
+            models[f"{name} {args.quantize}"] = engine.load(resolve_model(name), device=args.device, dtype=args.dtype,
+                                                            quantize=args.quantize)
     _, heldout = data.load(args.data)
     if not heldout:
         raise ParleyError(f"{args.data} has no held-out examples (the split keeps about 1 in 20): use a larger file")
@@ -283,6 +294,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
         p = sub.add_parser("app", help="open the terminal app (the default with no command)")
         p.add_argument("--model", help="model directory or name to chat with")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
+        p.add_argument("--quantize", choices=["int8"], help="int8 weights on the CPU (see parley generate --help)")
         p.set_defaults(func=app)
 
     p = sub.add_parser("inspect", help="load a model directory and describe it")

@@ -27,6 +27,7 @@ class LM:
         self.config = hf_config  # config.json as read (or as written for a new model)
         self.generation_config = dict(generation_config or {})
         self.path = path
+        self.quantize = None   # "int8" once engine.quantize.prepare made it so
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +72,8 @@ class LM:
 
     def save(self, path: str | Path) -> None:
         """Write config.json, model.safetensors and the tokenizer files, each atomically (engine/files.py)."""
+        from engine.quantize import refuse_if_prepared
+        refuse_if_prepared(self, f"save the model to {path}")
         with output_dir(path) as tmp:
             self.write(tmp)
         self.path = Path(path)
@@ -91,9 +94,24 @@ class LM:
         self.tokenizer.save(directory)
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LM:
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         decode_only: bool = False, quantize: str | None = None) -> LM:
     """Load a Hugging Face-format model directory (config.json, safetensors, tokenizer.json), or a
-    LoRA adapter directory (adapter_config.json: its base with the adapter merged, engine/lora.py)."""
+    LoRA adapter directory (adapter_config.json: its base with the adapter merged, engine/lora.py).
+
+    `decode_only` (implied by `quantize`, "int8"): a model that will only decode and score, which
+    keeps its weights in their decoding form alone and refuses training and saving (engine/quantize.py)."""
+    if quantize is not None:
+        from engine.quantize import check
+        check(quantize, pick_device(device))   # before the reading
+    lm = _load(path, device, dtype)
+    if decode_only or quantize is not None:
+        from engine.quantize import prepare
+        prepare(lm, quantize)
+    return lm
+
+
+def _load(path, device, dtype) -> LM:
     path = Path(path).expanduser()
     checkpoint.check_model_dir(path)
     if (path / "adapter_config.json").is_file():

@@ -115,7 +115,7 @@ def _invalidate_packed(model: nn.Module) -> None:
     # The packed decoding weights are keyed on parameter versions, which switching the adapter
     # on or off does not change: forget them, so that they are packed again as they now are.
     for m in model.modules():
-        if isinstance(getattr(m, "packed", None), PackedWeight):
+        if isinstance(getattr(m, "packed", None), PackedWeight) and m.packed.form is None:   # not a decode-only form
             m.packed.key = None
 
 
@@ -236,6 +236,8 @@ def base_name(name: str) -> str:
 def add(lm: LM, base: str, r: int, alpha: float | None = None, targets: str | None = None) -> AdapterLM:
     """A trainable adapter (rank r, scale alpha / r, on the layers `targets` names: comma-separated
     short names, default every projection) on `lm`, whose base was loaded from `base`."""
+    from engine.quantize import refuse_if_prepared
+    refuse_if_prepared(lm, "add a LoRA adapter")
     if lm.config.get("model_type") == "ngram":
         raise ParleyError("an n-gram model has no layers to adapt: drop --lora-r")
     alpha = float(alpha if alpha is not None else 2 * r)

@@ -83,7 +83,7 @@ def test_a_lone_row_decodes_widened_with_the_same_bits(checkpoints, name, monkey
     widened = decode()
     assert (widened - lm.logits(ids)[:, 4:]).abs().max().item() < 1e-4
     model_module = sys.modules[type(lm.model).__module__]
-    monkeypatch.setattr(model_module, "widen", lambda x: x)
+    monkeypatch.setattr(model_module, "widen", lambda x, head: x)
     assert torch.equal(decode(), widened)
 
 

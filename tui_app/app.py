@@ -42,13 +42,15 @@ class ParleyApp(App):
     TITLE = "Parley"
     BINDINGS = [Binding("f1", "help", "Help", id="help"), Binding("question_mark", "help", "Help", show=False, id="help")]
 
-    def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None):
+    def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None,
+                 quantize: str | None = None):
         super().__init__()
         self.config = load_config()
         self.owns_store = store is None   # a store handed in (tests, embedding) stays its giver's to close
         self.store = store or Store()
         self.model_name = model or self.store.preference("last_model") or "default"
         self.device = device
+        self.quantize = quantize   # "int8" or None: passed through to the engine (engine/quantize.py)
         self.lm = None
         self.other_models = {}   # name: model, for compare panes with a model of their own
         self.model_ready = threading.Event()
@@ -89,7 +91,7 @@ class ParleyApp(App):
 
         def work():
             try:
-                self.lm, info = open_model(self.model_name, self.device)
+                self.lm, info = open_model(self.model_name, self.device, quantize=self.quantize)
                 self.call_from_thread(self.model_loaded, info)
             except ParleyError as e:
                 self.call_from_thread(self.model_failed, str(e))
@@ -103,7 +105,7 @@ class ParleyApp(App):
         if name == self.model_name:
             return self.lm
         if name not in self.other_models:
-            self.other_models[name] = open_model(name, self.device)[0]
+            self.other_models[name] = open_model(name, self.device, quantize=self.quantize)[0]
         return self.other_models[name]
 
     def switch_model(self, name: str) -> None:
@@ -116,7 +118,8 @@ class ParleyApp(App):
 
     def model_loaded(self, info) -> None:
         self.store.set_preference("last_model", self.model_name)
-        self.set_status(f"ready: {info.name} · {info.model_type} {info.parameters / 1e6:.1f}M · {info.device} · "
+        self.set_status(f"ready: {info.name} · {info.model_type} {info.parameters / 1e6:.1f}M · {info.device}"
+                        f"{' · int8 weights' if self.quantize else ''} · "
                         f"{info.max_context}-token context")
         self.update_headers()
 

@@ -6,9 +6,14 @@ from engine import cli
 
 def run_app(args) -> None:
     from tui_app.app import ParleyApp
-    ParleyApp(model=args.model, device=getattr(args, "device", None)).run()
+    ParleyApp(model=args.model, device=getattr(args, "device", None), quantize=getattr(args, "quantize", None)).run()
+
+
+APP_OPTIONS = ("--model", "--device", "--quantize")   # `parley --quantize int8` is `parley app --quantize int8`
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    sys.exit(cli.main(argv or ["app"], app=run_app))
+    if not argv or argv[0].split("=")[0] in APP_OPTIONS:
+        argv = ["app", *argv]
+    sys.exit(cli.main(argv, app=run_app))

@@ -252,7 +252,7 @@ class Gemma(nn.Module):
         turns = {FULL: rope.cos_sin(self.inv_freq, positions, x.dtype),
                  SLIDING: rope.cos_sin(self.local_inv_freq, positions, x.dtype)}
         if cache is not None:
-            x = widen(x)
+            x = widen(x, self.lm_head)
         for block in self.model.layers:
             x = block(x, *turns[block.kind], masks[block.kind], cache)
         return self.model.norm(x[:len(idx)])

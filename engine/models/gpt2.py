@@ -154,7 +154,7 @@ class GPT2(nn.Module):
             positions, mask = cache.step(idx.shape[1], pad_mask)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         if cache is not None:
-            x = widen(x)
+            x = widen(x, self.lm_head)
         for block in self.transformer.h:
             x = block(x, mask, cache)
         return self.transformer.ln_f(x[:len(idx)])

@@ -15,35 +15,62 @@ weights: fewer, larger products read faster, and every call costs ~15 us whateve
 The packed copy sits beside the weights (a second copy in memory, made on first use) and is made
 again whenever a weight changes. tests/test_decoding_kernels.py checks the bits row by row, and
 tests/test_generate.py that a candidate gets the same tokens alone and in a batch.
+
+A model loaded only to decode (`engine.load(..., decode_only=True)`, engine/quantize.py) keeps the
+packed copy alone: each layer's plain weight is dropped once packed (a meta tensor keeps its shape
+and dtype), every product then takes the packed path whatever its rows, and anything that needs
+the plain weights (gradients, saving, LoRA) is refused. With `--quantize int8` the decoding form
+is int8 rows with a scale per output channel instead, multiplied by torch's own CPU kernel.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from engine.errors import ParleyError
 
 MAX_ROWS = 16     # above this (prefill, training) F.linear is as fast
 MIN_ROWS = 4      # fewer rows are padded to this many
 
 
 class PackedWeight:
-    """The weights (stacked by rows) and biases of some layers, with weights packed for oneDNN."""
+    """The weights (stacked by rows) and biases of some layers, with weights packed for oneDNN.
+
+    `form` says what the decoding path reads: None, a packed copy beside the plain weights (made
+    again when they change); "packed" or "int8", what a model loaded only to decode keeps, its
+    plain weights dropped (`drop_plain`, all but the output head) once this is made."""
 
     def __init__(self):
-        self.key, self.weight, self.bias = None, None, None
+        self.key, self.weight, self.bias, self.scales = None, None, None, None
+        self.form, self.drop_plain = None, False
 
     def __deepcopy__(self, memo):
+        if self.form is not None:
+            return self   # fixed for good and only read: a copied model shares it
         return PackedWeight()   # a oneDNN tensor cannot be copied (the RLHF reference models); pack anew
 
     def get(self, layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.form is not None and self.key == "made":
+            return self.weight, self.bias
         # An optimizer step or load_state_dict bumps a version; .to() and .data = … move the data.
         # (_parameters, not layer.weight: a module's attribute lookup costs more than all the rest)
         key = [(p.data_ptr(), p._version, p.dtype) for layer in layers for p in layer._parameters.values()
                if p is not None]
         if key != self.key:
             stacked = torch.cat([layer.weight.detach() for layer in layers])
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, MIN_ROWS)
+            if self.form == "int8":
+                from engine.quantize import quantize_int8
+                self.weight, self.scales = quantize_int8(stacked)
+            else:
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(stacked, MIN_ROWS)
             biases = [layer.bias for layer in layers]
             self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
             self.key = key
+            if self.form is not None:
+                self.key = "made"
+                if self.drop_plain:
+                    for layer in layers:
+                        w = layer.weight
+                        layer.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
         return self.weight, self.bias
 
 
@@ -89,11 +116,18 @@ def _onednn_decodes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
 def fused_linear(x: torch.Tensor, *layers: "Linear") -> torch.Tensor:
     """x through layers that all read it, their outputs side by side in the last dimension; on the
     decoding path, as one product."""
-    if not _onednn_decodes(x, layers[0].weight.dtype):
+    packed = layers[0].packed
+    if packed.form is not None:   # a model loaded only to decode: its decoding form is all it has
+        if torch.is_grad_enabled():
+            raise ParleyError("this model was loaded only to decode (its plain weights are dropped, engine/quantize.py): "
+                              "load it with engine.load(path) to train it or take gradients")
+        if packed.form == "int8":
+            return _int8_product(x, *packed.get(layers), packed.scales)
+    elif not _onednn_decodes(x, layers[0].weight.dtype):
         if len(layers) == 1:
             return F.linear(x, layers[0].weight, layers[0].bias)
         return torch.cat([F.linear(x, layer.weight, layer.bias) for layer in layers], dim=-1)
-    weight, bias = layers[0].packed.get(layers)
+    weight, bias = packed.get(layers)
 
     def product(rows):
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
@@ -106,12 +140,24 @@ def fused_linear(x: torch.Tensor, *layers: "Linear") -> torch.Tensor:
     return product(x)
 
 
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """A lone decoding row [1, 1, hidden] as MIN_ROWS alike when the products take the oneDNN path.
+def _int8_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor):
+    # torch's int8 weight-only kernel reads bfloat16 rows (its float32 kernel is scalar, 10x slower
+    # here), so the rows go in as bfloat16 and come back in the model's dtype. Each row is computed
+    # alone: the same bits in any batch, and no padding to four rows (widen leaves them single).
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(rows, weight, scales).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], -1)
+
+
+def widen(x: torch.Tensor, head: "Linear") -> torch.Tensor:
+    """A lone decoding row [1, 1, hidden] as MIN_ROWS alike when the products take the oneDNN path
+    (the model's output head says which path its layers take: int8 products want one row).
 
     Carried through a model's layers, the row then reaches every product already padded (instead of
     being padded and cut again at each); attention reads the real rows only (cache.batch)."""
-    if x.shape[0] * x.shape[1] == 1 and _onednn_decodes(x, x.dtype):
+    if x.shape[0] * x.shape[1] == 1 and head.packed.form != "int8" and _onednn_decodes(x, x.dtype):
         return x.expand(MIN_ROWS, -1, -1)
     return x
 

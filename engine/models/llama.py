@@ -252,7 +252,7 @@ class Llama(nn.Module):
             inv_freq = torch.where(positions.max() + 1 > self.long_after, self.long_inv_freq, self.inv_freq)
         cos, sin = rope.cos_sin(inv_freq, positions, x.dtype, self.rope_scale)
         if cache is not None:
-            x = widen(x)
+            x = widen(x, self.lm_head)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
         return self.model.norm(x[:len(idx)])

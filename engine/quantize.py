@@ -1,0 +1,91 @@
+"""A model loaded only to decode: its weights in their decoding form alone, float or int8.
+
+On the CPU a model decodes from a copy of its weights packed for oneDNN (engine/models/linear.py),
+which a model that trains keeps beside the plain weights, so a decoding model would hold every
+weight twice. `prepare(lm, quantize)` (what `engine.load(..., decode_only=True)` runs) makes each
+layer's decoding form once and drops its plain weight: the output head keeps its own (it is the
+embedding in tied models, and the model's device, dtype and KV cache are read from it).
+
+`quantize="int8"` makes that form int8 weights with one scale per output channel (symmetric,
+scale = max |w| / 127 of each row, weight-only: activations stay floating point), multiplied by
+torch's own CPU kernel `aten._weight_int8pack_mm`, a quarter of float32's bytes to read per token.
+That kernel needs the inner dimension to be a multiple of 16; a layer where it is not stays packed
+float (none in the usual shapes).
+
+A prepared model decodes and scores as before (prefill and eval take the same path); gradients,
+saving, LoRA and merging are refused with one line (the weights they need are gone).
+"""
+import torch
+
+from engine.errors import ParleyError
+
+QUANTIZE = ("int8",)     # what --quantize takes
+INT8_BLOCK = 16          # _weight_int8pack_mm's inner dimension must be a multiple of this
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight [out, in], bfloat16 scales [out]) with weight ≈ int8 * scale per row.
+
+    The scales are rounded to bfloat16 first (the kernel's dtype), and the rows divided by that
+    rounded scale, so that q * scale is the closest int8 multiple of the scale the kernel uses."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+def check(quantize: str | None, device: torch.device) -> None:
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise ParleyError(f"--quantize {quantize!r} is not known: use {' or '.join(QUANTIZE)}, or leave it out")
+    if device.type != "cpu":
+        raise ParleyError(f"--quantize {quantize} runs on the CPU only (torch's int8 weight-only kernel): "
+                          f"leave it out on {device.type}, or pass --device cpu")
+
+
+def prepare(lm, quantize: str | None = None):
+    """Turn `lm` (just loaded) into a model that only decodes, as the module docstring says."""
+    from engine.models.linear import Linear, PackedWeight, _onednn_decodes
+    check(quantize, lm.device)
+    layers = [(name, m) for name, m in lm.model.named_modules() if isinstance(m, Linear)]
+    if not layers:
+        return lm   # a family without Linear layers (n-grams)
+    with torch.no_grad():
+        packs = _onednn_decodes(torch.zeros(1, 1, dtype=lm.dtype, device=lm.device), lm.dtype)
+    if quantize is None and not packs:
+        return lm   # nothing to pack here (a GPU, or a dtype oneDNN lacks): the plain weights decode
+    for name, layer in layers:
+        if not isinstance(layer.packed, PackedWeight):
+            continue
+        int8 = quantize == "int8" and layer.in_features % INT8_BLOCK == 0
+        layer.packed.form = "int8" if int8 else "packed" if packs else None
+        layer.packed.drop_plain = layer.packed.form is not None and layer is not lm.model.lm_head
+    _decode_once(lm)
+    lm.quantize = quantize
+    return lm
+
+
+def _decode_once(lm) -> None:
+    """One token through the model with a cache: each layer group makes its decoding form now, as
+    the model's own code groups the layers (q/k/v and gate/up as one product), and drops its plain
+    weights; then a layer no decoding step reached (a head of another use) is made on its own."""
+    from engine.models.linear import fused_linear
+    model = lm.model
+    with torch.inference_mode():
+        ids = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
+        new_cache = getattr(model, "new_cache", None)
+        model(ids, cache=new_cache(1, 1)) if new_cache is not None else model(ids)
+        for m in model.modules():
+            packed = getattr(m, "packed", None)
+            if packed is not None and packed.form is not None and packed.key != "made" \
+                    and not m._parameters["weight"].is_meta:
+                fused_linear(torch.zeros(1, m.in_features, dtype=lm.dtype, device=lm.device), m)
+
+
+def refuse_if_prepared(lm, what: str) -> None:
+    """One line instead of a failure deep inside: `what` needs the plain weights, which are gone."""
+    if any(p.is_meta for p in lm.model.parameters()):
+        raise ParleyError(f"cannot {what}: this model was loaded only to decode, its plain weights dropped"
+                          + (" and the rest quantized to int8" if getattr(lm, "quantize", None) else "")
+                          + "; load it with engine.load(path) (no --quantize) to do that")

@@ -1,0 +1,80 @@
+"""int8 weights and decode-only models (engine/quantize.py, engine/models/linear.py)."""
+import pytest
+import torch
+
+import engine
+from engine.errors import ParleyError
+from engine.generate import generate
+from engine.quantize import quantize_int8
+from engine.settings import Settings
+
+DEFAULT = "assets/default-model"
+
+
+def test_per_channel_scales_match_a_hand_computation():
+    w = torch.tensor([[0.5, -1.27, 0.0, 0.1], [2.54, 1.0, -0.5, 0.0]])
+    q, scales = quantize_int8(w)
+    # row max |w| / 127, rounded to bfloat16: 0.01 and 0.02
+    assert torch.equal(scales, torch.tensor([1.27 / 127, 2.54 / 127]).to(torch.bfloat16))
+    s = scales.float()
+    assert torch.equal(q, torch.round(w / s[:, None]).to(torch.int8))
+    assert q.abs().max() <= 127 and q[0, 1] == -127
+
+
+def _greedy(lm, ids, n=20):
+    return generate(lm, ids, [Settings(temperature=0, max_new_tokens=n)], top_alternatives=0)[0].token_ids
+
+
+def test_decode_only_model_decodes_identically_and_refuses_training_and_saving(tmp_path):
+    plain = engine.load(DEFAULT, device="cpu")
+    packed = engine.load(DEFAULT, device="cpu", decode_only=True)
+    assert any(p.is_meta for p in packed.model.parameters())   # the plain weights are gone
+    ids = plain.tokenizer.encode_chat([{"role": "user", "content": "hi! how are you today?"}])
+    assert _greedy(packed, ids) == _greedy(plain, ids)
+    x = torch.tensor([ids])
+    # a 19-token prefill: the plain model runs it through MKL, the packed one through oneDNN (same
+    # maths, other rounding order), so float32 rounding apart (measured 1.3e-5)
+    assert (packed.logits(x) - plain.logits(x)).abs().max() < 1e-4
+    with pytest.raises(ParleyError, match="only to decode"):
+        packed.save(tmp_path / "out")
+    with pytest.raises(ParleyError, match="only to decode"):
+        packed.model(x)   # gradients enabled: training
+    from engine import lora
+    with pytest.raises(ParleyError, match="only to decode"):
+        lora.add(packed, DEFAULT, 4)
+
+
+def test_int8_logits_close_to_float32_and_greedy_ids_equal():
+    plain = engine.load(DEFAULT, device="cpu")
+    q = engine.load(DEFAULT, device="cpu", quantize="int8")
+    assert q.model.lm_head.packed.form == "int8"
+    ids = plain.tokenizer.encode_chat([{"role": "user", "content": "hi! how are you today?"}])
+    x = torch.tensor([ids])
+    a, b = plain.logits(x), q.logits(x)
+    # int8 per-channel rounding (<= half a step, 1/254 of a row's largest weight) plus bfloat16
+    # activations in the products: measured 0.09 on logits of magnitude ~18
+    assert (a - b).abs().max() < 0.5
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert _greedy(q, ids) == _greedy(plain, ids)   # the shipped model's greedy reply survives
+
+
+def test_quantize_flag_reaches_the_engine(monkeypatch):
+    from engine import cli
+    seen = {}
+    real = engine.load
+
+    def spy(path, *args, **kwargs):
+        seen.update(kwargs)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(engine, "load", spy)
+    assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--quantize", "int8", "--device", "cpu"]) == 0
+    assert seen["quantize"] == "int8" and seen["decode_only"]
+
+
+def test_app_takes_quantize(monkeypatch):
+    from tui_app import main as app_main
+    got = {}
+    monkeypatch.setattr(app_main, "run_app", lambda args: got.update(q=args.quantize))
+    with pytest.raises(SystemExit):
+        app_main.main(["--quantize", "int8"])
+    assert got["q"] == "int8"
