@@ -275,7 +275,9 @@ def cmd_serve(args) -> None:
                          Limits(args.max_tokens, args.max_n), args.max_rows, not args.no_log).check()
     models = {}
     for name in args.model or ["default"]:
-        lm = engine.load(resolve_model(name), device=args.device, dtype=args.dtype)
+        # a served model only decodes: its weights in their decoding form alone (engine/quantize.py)
+        lm = engine.load(resolve_model(name), device=args.device, dtype=args.dtype, decode_only=True,
+                         quantize=args.quantize)
         # a directory is served under its folder's name; a known or Hugging Face name as itself
         served = Path(name).expanduser().name if Path(name).expanduser().is_dir() else name
         if served in models:

@@ -15,6 +15,8 @@ float (none in the usual shapes).
 A prepared model decodes and scores as before (prefill and eval take the same path); gradients,
 saving, LoRA and merging are refused with one line (the weights they need are gone).
 """
+import copy
+
 import torch
 
 from engine.errors import ParleyError
@@ -34,13 +36,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scales
 
 
-def check(quantize: str | None, device: torch.device) -> None:
+def check(quantize: str | None, device: torch.device, flag: str = "--quantize") -> None:
     if quantize is None:
         return
     if quantize not in QUANTIZE:
-        raise ParleyError(f"--quantize {quantize!r} is not known: use {' or '.join(QUANTIZE)}, or leave it out")
+        raise ParleyError(f"{flag} {quantize!r} is not known: use {' or '.join(QUANTIZE)}, or leave it out")
     if device.type != "cpu":
-        raise ParleyError(f"--quantize {quantize} runs on the CPU only (torch's int8 weight-only kernel): "
+        raise ParleyError(f"{flag} {quantize} runs on the CPU only (torch's int8 weight-only kernel): "
                           f"leave it out on {device.type}, or pass --device cpu")
 
 
@@ -64,6 +66,21 @@ def prepare(lm, quantize: str | None = None):
     _decode_once(lm)
     lm.quantize = quantize
     return lm
+
+
+def decoding_copy(lm, quantize: str | None):
+    """A model that only decodes, made from `lm` as it is now (a model in training: its LoRA
+    adapters folded into the copy's weights), `lm` itself untouched: what the online trainers draw
+    each step's rollouts from with --rollout-quantize (engine/rlhf/rollout.py)."""
+    from engine import lora
+    from engine.lm import LM
+    with torch.no_grad():
+        model = copy.deepcopy(lm.model)
+        if lora.adapted_layers(model):
+            lora.merge(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return prepare(LM(model, lm.tokenizer, lm.config, lm.generation_config, lm.path), quantize)
 
 
 def _decode_once(lm) -> None:

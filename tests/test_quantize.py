@@ -58,8 +58,10 @@ def test_int8_logits_close_to_float32_and_greedy_ids_equal():
     assert _greedy(q, ids) == _greedy(plain, ids)   # the shipped model's greedy reply survives
 
 
-def test_quantize_flag_reaches_the_engine(monkeypatch):
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--max-new-tokens", "2"], ["serve", "--port", "0"]])
+def test_quantize_flag_reaches_the_engine(monkeypatch, command):
     from engine import cli
+    from engine.serve import app as serve_app
     seen = {}
     real = engine.load
 
@@ -67,7 +69,8 @@ def test_quantize_flag_reaches_the_engine(monkeypatch):
         seen.update(kwargs)
         return real(path, *args, **kwargs)
     monkeypatch.setattr(engine, "load", spy)
-    assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--quantize", "int8", "--device", "cpu"]) == 0
+    monkeypatch.setattr(serve_app.Server, "run", lambda self: self.close())   # loaded, not served
+    assert cli.main(command + ["--quantize", "int8", "--device", "cpu"]) in (0, None)
     assert seen["quantize"] == "int8" and seen["decode_only"]
 
 
@@ -78,3 +81,49 @@ def test_app_takes_quantize(monkeypatch):
     with pytest.raises(SystemExit):
         app_main.main(["--quantize", "int8"])
     assert got["q"] == "int8"
+
+
+def test_rollouts_drawn_from_an_int8_copy_of_the_policy_as_it_is_now(monkeypatch):
+    """--rollout-quantize: each rollout draws from an int8 copy made from the policy's current
+    weights, its LoRA adapter folded in, and leaves the policy (still training) untouched."""
+    from engine import lora
+    from engine.quantize import prepare
+    from engine.rlhf import rollout
+    policy = lora.add(engine.load(DEFAULT, device="cpu", dtype="float32"), DEFAULT, 4)
+    torch.manual_seed(0)
+    layers = lora.adapted_layers(policy.model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.05)   # an adapter that changes the replies
+    # The reference: the same weights folded in by hand (W + scale B A), quantized as a model loaded so.
+    by_hand = engine.load(DEFAULT, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for name, module in by_hand.model.named_modules():
+            if name in layers:
+                a = layers[name]
+                module.weight.add_(a.lora_scale * a.lora_B @ a.lora_A)
+    prepare(by_hand, "int8")
+
+    seen = []
+    real = rollout.generate_batch
+    monkeypatch.setattr(rollout, "generate_batch", lambda lm, *a, **k: seen.append(lm) or real(lm, *a, **k))
+    prompts = [[{"role": "user", "content": "hi! how are you?"}], [{"role": "user", "content": "tell me a story"}]]
+    drawn = rollout.sample(policy, prompts, 2, rollout.Sampling(1.5, 12, "int8"), 128, seed=7)
+    assert seen[0] is not policy and seen[0].quantize == "int8"
+    expected = rollout.sample(by_hand, prompts, 2, rollout.Sampling(1.5, 12), 128, seed=7)
+    assert [s[3] for s in drawn] == [s[3] for s in expected]
+    # the policy keeps its plain weights, its trainable adapter and its float decoding path
+    assert not any(p.is_meta for p in policy.model.parameters())
+    assert all(layer.lora_A.requires_grad for layer in layers.values())
+    assert policy.model.lm_head.packed.form is None
+
+
+def test_rollout_quantize_is_refused_off_the_cpu():
+    from engine.rlhf.rollout import start_online
+    from engine.train.config import GRPOConfig
+
+    class Run:
+        device = torch.device("cuda")
+    c = GRPOConfig(policy=DEFAULT, reward_model="nowhere", rollout_quantize="int8")
+    with pytest.raises(ParleyError, match="--rollout-quantize int8 runs on the CPU only"):
+        start_online(c, Run(), None)

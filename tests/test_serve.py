@@ -24,7 +24,7 @@ PLAIN = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0)
 
 @pytest.fixture(scope="module")
 def lm(checkpoints):
-    return engine.load(checkpoints("llama_gqa_untied")[0], device="cpu")
+    return engine.load(checkpoints("llama_gqa_untied")[0], device="cpu", decode_only=True)   # as parley serve loads it
 
 
 @pytest.fixture(scope="module")

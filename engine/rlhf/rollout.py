@@ -24,8 +24,10 @@ def start_online(c, run, store) -> tuple:
     """What PPO, RLOO and GRPO start from, for their config `c` (engine.train.config.OnlineConfig):
     (policy LM, frozen reward model, frozen reference copy of the policy, rollout sampling,
     training prompts, held-out prompts)."""
+    from engine.quantize import check
     from engine.rlhf.reward_model import load_reward_model
     from engine.train.run import frozen_copy, load_model
+    check(c.rollout_quantize, run.device, "--rollout-quantize")
     lm = load_model(c.policy, run.device, c)   # with --lora-r, an adapter on it (engine/lora.py)
     rm = load_reward_model(c.reward_model, device=lm.device)
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
@@ -34,7 +36,7 @@ def start_online(c, run, store) -> tuple:
     for p in rm.model.parameters():
         p.requires_grad_(False)
     train, heldout = split_prompts(load_prompts(c.prompts, store))
-    sampling = Sampling(c.temperature, c.max_new_tokens)
+    sampling = Sampling(c.temperature, c.max_new_tokens, c.rollout_quantize)
     return lm, rm, frozen_copy(lm.model), sampling, train, heldout[:c.eval_prompts]
 
 
@@ -42,16 +44,23 @@ def start_online(c, run, store) -> tuple:
 class Sampling:
     """How rollouts are drawn: from the policy's own distribution at `temperature`, nothing cut
     (top-k, top-p and min-p off), so that log-probabilities recomputed from logits / T are the
-    probabilities the tokens were drawn with."""
+    probabilities the tokens were drawn with.
+
+    `quantize` ("int8"): the replies are drawn from an int8 copy of the policy made afresh at each
+    rollout (engine/quantize.py decoding_copy), which decodes faster on the CPU. Their
+    log-probabilities still come from the float policy, so sampling is a little off-policy (the
+    int8 rounding; the ratio and KL are computed as without it)."""
     temperature: float = 1.0
     max_new_tokens: int = 32
+    quantize: str | None = None
 
     def settings(self, seed: int) -> Settings:
         return Settings(temperature=self.temperature, top_k=0, top_p=1.0, min_p=0.0,
                         max_new_tokens=self.max_new_tokens, seed=seed)
 
     def to_dict(self) -> dict:
-        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens}
+        return {"temperature": self.temperature, "max_new_tokens": self.max_new_tokens} \
+            | ({"quantize": self.quantize} if self.quantize else {})
 
 
 def load_prompts(source: str | None, store=None) -> list[list[dict]]:
@@ -118,6 +127,9 @@ def sample(lm, prompts: list[list[dict]], k: int, sampling: Sampling, context: i
     indices = list(range(len(prompts))) if indices is None else list(indices)
     context = min(context, lm.max_context)
     windows = [prompt_window(lm.tokenizer, prompts[i], context, sampling.max_new_tokens) for i in indices]
+    if sampling.quantize:
+        from engine.quantize import decoding_copy
+        lm = decoding_copy(lm, sampling.quantize)
     results = generate_batch(lm, windows, [[sampling.settings(seed + i * k + j) for j in range(k)] for i in indices],
                              top_alternatives=0)
     return [(i, j, window, reply.token_ids, reply.text, reply.finish_reason == "eos")

@@ -149,6 +149,9 @@ class OnlineConfig(StepsConfig):
     target_kl: float | None = option(None, "adapt beta towards this KL per reply (Ziegler et al. 2019)")
     temperature: float = option(1.0, "rollout temperature (log-probabilities use logits / T too)")
     max_new_tokens: int = option(32, "reply length in rollouts")
+    rollout_quantize: str | None = option(None, "draw rollouts from an int8 copy of the policy made each step "
+                                          "(CPU; faster decoding, log-probabilities still from the float policy)",
+                                          choices=("int8",))
     missing_eos_penalty: float = option(1.0, "subtracted from the score of a reply that never reaches EOS", rule="finite")
     score_clip: float = option(10.0, "scores are clipped to +- this")
     clip: float = option(0.2, "the clip range epsilon of the policy ratio (and of PPO's values)")
