@@ -1,19 +1,33 @@
 """Decoding speed: Parley against transformers.generate on the same random weights, in one run.
 
     python benchmarks/bench_generate.py [--device cpu|cuda] [--new-tokens 64] [--repeats 5]
+                                        [--sections speed memory context]
 
-For GPT-2-124M and SmolLM2-135M shapes it prints, for float32 and bfloat16:
+For GPT-2-124M and SmolLM2-135M shapes it prints three tables.
+
+speed, for float32, bfloat16 and (on the CPU) float32 with int8 weights (`--quantize int8`,
+against transformers in float32):
   - decode tokens/s at batch 1 of Parley and of transformers, and their ratio;
   - the time of a 4-candidate side-by-side run divided by a 1-candidate run (Parley);
   - the fraction of the memory-bandwidth limit Parley reaches: weight bytes read per token x
     tokens/s / the copy bandwidth measured here (bytes read + written per second);
-  - ATen operations per decoding step of each (counted once, after the timings): on the CPU a
-    thin model's step is as much per-operation overhead as weight reading.
+  - a step's time split into the weights' reading at that bandwidth and the rest (per-operation
+    overhead, attention, sampling), with ATen operations per step of each (counted once, after the
+    timings): on the CPU a thin model's step is as much overhead as weight reading.
+memory: the peak resident memory of a process that loads the model and decodes, above the same
+  process's memory before loading (each run in a fresh process: a peak never comes down), Parley
+  (as `parley generate` loads it: decode-only) against transformers in the same dtype.
+context: decode tokens/s with the context already at 128, 512 and 2,048 tokens (and the model's
+  maximum), and the time to the first token of a 400-token prompt, Parley against transformers
+  (float32).
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
 shared machine slows Parley and transformers alike.
 """
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +41,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
 from engine.generate import generate  # noqa: E402
+from engine.models.linear import Linear  # noqa: E402
 from engine.settings import Settings  # noqa: E402
+
+# (label, dtype, quantize): the rows of the speed and memory tables; transformers runs in `dtype`
+VARIANTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8")}
 
 SHAPES = {
     "gpt2-124M": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
@@ -97,33 +115,105 @@ def copy_bandwidth(device) -> float:
     return 5 * 2 * src.numel() * src.element_size() / interleaved_best({"copy": copy}, 5)["copy"]
 
 
-def bench(name: str, path: Path, dtype: str, device, n: int, repeats: int, bandwidth: float) -> dict:
-    lm = engine.load(path, device=device, dtype=dtype)
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=lm.dtype).to(device).eval()
-    prompt = torch.randint(1, lm.tokenizer.vocab_size - 1, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+def bytes_per_token(lm) -> int:
+    """Weight bytes a decoding step reads: every parameter once (tied ones once), an int8 layer's
+    weights as int8 rows and their bfloat16 scales."""
+    int8, total = set(), 0
+    for m in lm.model.modules():
+        if isinstance(m, Linear) and m.packed.form == "int8":
+            total += m.in_features * m.out_features + 2 * m.out_features
+            int8.add(id(m._parameters["weight"]))
+    return total + sum(p.numel() * p.element_size() for p in lm.model.parameters() if id(p) not in int8)
+
+
+def runners(lm, ref, device):
+    """parley(prompt, k, candidates) and transformers(prompt, k): k new tokens, exactly."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def parley(k, candidates=1):
+    def parley(prompt, k, candidates=1):
         # min_new_tokens keeps EOS out, so every run makes exactly k tokens
         s = Settings(temperature=0, max_new_tokens=k, min_new_tokens=k)
         generate(lm, prompt, [s] * candidates, top_alternatives=0)
         sync()
 
-    def transformers(k):
+    def transformers(prompt, k):
         with torch.no_grad():
             ref.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=k,
                          min_new_tokens=k, pad_token_id=0)
         sync()
+    return parley, transformers
 
+
+def load_pair(path: Path, variant: str, device):
+    dtype, quantize = VARIANTS[variant]
+    lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return lm, ref
+
+
+def random_prompt(lm, length: int) -> list[int]:
+    return torch.randint(1, lm.tokenizer.vocab_size - 1, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, bandwidth: float) -> dict:
+    lm, ref = load_pair(path, variant, device)
+    parley, transformers = runners(lm, ref, device)
+    prompt = random_prompt(lm, 32)
     # decode rate = (n - 1) / (time for n new tokens - time for 1): the prefill cancels out
-    t = interleaved_best({"ours": lambda: parley(n), "ours_1": lambda: parley(1), "four": lambda: parley(n, 4),
-                          "theirs": lambda: transformers(n), "theirs_1": lambda: transformers(1)}, repeats)
+    t = interleaved_best({"ours": lambda: parley(prompt, n), "ours_1": lambda: parley(prompt, 1),
+                          "four": lambda: parley(prompt, n, 4),
+                          "theirs": lambda: transformers(prompt, n), "theirs_1": lambda: transformers(prompt, 1)},
+                         repeats)
     ours, theirs = (n - 1) / (t["ours"] - t["ours_1"]), (n - 1) / (t["theirs"] - t["theirs_1"])
-    one, four = t["ours"], t["four"]
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-    return dict(model=name, dtype=dtype, parley=ours, transformers=theirs, speedup=ours / theirs,
-                side_by_side=four / one, bandwidth_fraction=weight_bytes * ours / bandwidth,
-                ops=(ops_per_step(parley, n), ops_per_step(transformers, n)))
+    weight_bytes = bytes_per_token(lm)
+    step, reading = 1 / ours, weight_bytes / bandwidth
+    return dict(model=name, variant=variant, parley=ours, transformers=theirs, speedup=ours / theirs,
+                side_by_side=t["four"] / t["ours"], bandwidth_fraction=reading / step,
+                step_ms=1e3 * step, read_ms=1e3 * reading,
+                ops=(ops_per_step(lambda k: parley(prompt, k), n), ops_per_step(lambda k: transformers(prompt, k), n)))
+
+
+def context_rates(name: str, path: Path, device, n: int, repeats: int) -> dict:
+    """Decode tokens/s with the context at each length (prompt of length - n, then n tokens), and
+    the time to the first token of a 400-token prompt, in float32."""
+    lm, ref = load_pair(path, "float32", device)
+    parley, transformers = runners(lm, ref, device)
+    lengths = sorted({c for c in (128, 512, 2048) if c <= lm.max_context} | {lm.max_context})
+    rows = {}
+    for length in lengths:
+        prompt = random_prompt(lm, length - n)
+        t = interleaved_best({"ours": lambda: parley(prompt, n), "ours_1": lambda: parley(prompt, 1),
+                              "theirs": lambda: transformers(prompt, n), "theirs_1": lambda: transformers(prompt, 1)},
+                             repeats)
+        rows[length] = ((n - 1) / (t["ours"] - t["ours_1"]), (n - 1) / (t["theirs"] - t["theirs_1"]))
+    prompt = random_prompt(lm, 400)
+    t = interleaved_best({"ours": lambda: parley(prompt, 1), "theirs": lambda: transformers(prompt, 1)}, repeats)
+    return dict(model=name, rates=rows, ttft=(t["ours"], t["theirs"]))
+
+
+def peak_memory(impl: str, path: Path, variant: str, device: str, n: int) -> float:
+    """MiB of peak resident memory above the process's own before loading, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--child-memory", impl, str(path), variant, device, str(n)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def child_memory(impl: str, path: str, variant: str, device: str, n: int) -> None:
+    """The child of peak_memory: load, decode n tokens, print the peak above the start."""
+    def rss_mib():   # ru_maxrss is in KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = torch.device(device)
+    before = rss_mib()
+    dtype, quantize = VARIANTS[variant]
+    if impl == "parley":
+        lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
+        parley, _ = runners(lm, None, device)
+        parley(random_prompt(lm, 32), n)
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        _, transformers = runners(None, ref, device)
+        transformers(torch.randint(1, ref.config.vocab_size - 1, (32,)).tolist(), n)
+    print(json.dumps({"peak_mib": rss_mib() - before}))
 
 
 def main():
@@ -132,24 +222,55 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
-    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="float32, bfloat16 and int8 (int8 weights, float32 activations; CPU only)")
+    parser.add_argument("--sections", nargs="*", default=["speed", "memory", "context"],
+                        choices=["speed", "memory", "context"])
+    parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_memory:
+        impl, path, variant, device, n = args.child_memory
+        return child_memory(impl, path, variant, device, int(n))
     device = torch.device(args.device)
+    variants = [v for v in args.variants if VARIANTS[v][1] is None or device.type == "cpu"]
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"{args.new_tokens} new tokens after a 32-token prompt, best of {args.repeats}")
-    header = (f"{'model':<14}{'dtype':<10}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}{'of BW':>7}"
-              f"{'ops/step parley, hf':>21}")
-    print(header)
     with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
         for name in args.models:
-            path = Path(tmp) / name
-            build(SHAPES[name], path)
-            for dtype in args.dtypes:
-                r = bench(name, path, dtype, device, args.new_tokens, args.repeats, bandwidth)
-                print(f"{r['model']:<14}{r['dtype']:<10}{r['parley']:>13.1f}{r['transformers']:>10.1f}"
-                      f"{r['speedup']:>8.2f}x{r['side_by_side']:>7.2f}x{r['bandwidth_fraction']:>6.0%}"
-                      f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}", flush=True)
+            paths[name] = Path(tmp) / name
+            build(SHAPES[name], paths[name])
+        if "speed" in args.sections:
+            print("\nspeed (int8: int8 weights, float32 activations, against transformers float32)")
+            print(f"{'model':<14}{'weights':<10}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}"
+                  f"{'of BW':>7}{'step ms = read + rest':>23}{'ops/step parley, hf':>21}")
+            for name in args.models:
+                for variant in variants:
+                    r = bench(name, paths[name], variant, device, args.new_tokens, args.repeats, bandwidth)
+                    print(f"{r['model']:<14}{r['variant']:<10}{r['parley']:>13.1f}{r['transformers']:>10.1f}"
+                          f"{r['speedup']:>8.2f}x{r['side_by_side']:>7.2f}x{r['bandwidth_fraction']:>6.0%}"
+                          f"{r['step_ms']:>10.1f} = {r['read_ms']:.1f} + {r['step_ms'] - r['read_ms']:.1f}"
+                          f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}", flush=True)
+        if "memory" in args.sections:
+            print(f"\npeak resident memory above the process's start, loading and decoding {args.new_tokens} tokens "
+                  "(fresh process each; int8 against transformers float32)")
+            print(f"{'model':<14}{'weights':<10}{'parley MiB':>11}{'hf MiB':>9}{'ratio':>8}")
+            for name in args.models:
+                for variant in variants:
+                    ours = peak_memory("parley", paths[name], variant, args.device, args.new_tokens)
+                    theirs = peak_memory("transformers", paths[name], variant, args.device, args.new_tokens)
+                    print(f"{name:<14}{variant:<10}{ours:>11.0f}{theirs:>9.0f}{ours / theirs:>7.2f}x", flush=True)
+        if "context" in args.sections:
+            n, repeats = 16, max(2, args.repeats // 2)
+            print(f"\ndecode tokens/s with the context at each length ({n} new tokens, best of {repeats}), and "
+                  "time to the first token of a 400-token prompt; float32; parley / transformers")
+            for name in args.models:
+                r = context_rates(name, paths[name], device, n, repeats)
+                cells = "  ".join(f"{length}: {a:.1f} / {b:.1f} ({a / b:.2f}x)" for length, (a, b) in r["rates"].items())
+                a, b = r["ttft"]
+                print(f"{name:<14}{cells}  | first token of 400: {1e3 * a:.0f} / {1e3 * b:.0f} ms ({b / a:.2f}x)",
+                      flush=True)
 
 
 if __name__ == "__main__":
