@@ -1,5 +1,6 @@
 """`parley train mlm`: a BERT learns planted structure, reads back in transformers, resumes exactly,
 and `parley eval` gives its pseudo-perplexity beside a causal model, marked as such."""
+import itertools
 import json
 import os
 import shutil
@@ -41,22 +42,30 @@ def config(workspace, out, **changes):
 
 
 def test_bert_learns_the_planted_pairs_and_transformers_reads_it(workspace, tmp_path):
-    out = train_mlm(config(workspace, tmp_path / "bert", max_steps=600))
+    # rows of two whole lines ([CLS], 2 x 7 tokens, [SEP]: "the red fruit is a cherry ." is 7), so that each
+    # fruit sits where training put it, four tokens after its colour, beside a line of an independent pair
+    out = train_mlm(config(workspace, tmp_path / "bert", seq_len=16, max_steps=1000,
+                                eval_every=500, save_every=1000))
     model, tok = bert.load(out)
-    mask = tok.token_id("[MASK]")
-    for colour, fruit in PAIRS:   # between two lines of other pairs, as in training rows
-        text = f"the {PAIRS[(PAIRS.index((colour, fruit)) + 1) % 5][0]} fruit is a " \
-               f"{PAIRS[(PAIRS.index((colour, fruit)) + 1) % 5][1]} . the {colour} fruit is a"
-        before = tok.encode(text, add_special_tokens=False)
-        target = tok.encode(f" {fruit}", add_special_tokens=False)
-        assert len(target) == 1
-        row = [tok.token_id("[CLS]"), *before, mask, *tok.encode(" . the", add_special_tokens=False),
+    one = {word: tok.encode(f" {word}", add_special_tokens=False) for pair in PAIRS for word in pair}
+    assert all(len(ids) == 1 for ids in one.values())   # so one masked position asks for one fruit
+    asked = right = 0
+    for first, second in itertools.product(PAIRS, PAIRS):   # every row training can have held
+        text = f"the {first[0]} fruit is a {first[1]} .", f"the {second[0]} fruit is a {second[1]} ."
+        row = [tok.token_id("[CLS]"), *(i for t in text for i in tok.encode(t, add_special_tokens=False)),
                tok.token_id("[SEP]")]
-        with torch.no_grad():
-            assert model(torch.tensor([row]))[0, len(before) + 1].argmax().item() == target[0], colour
+        assert len(row) == 16
+        for position, fruit in ((6, first[1]), (13, second[1])):
+            assert row[position] == one[fruit][0]
+            masked = list(row)
+            masked[position] = tok.token_id("[MASK]")
+            with torch.no_grad():
+                right += int(model(torch.tensor([masked]))[0, position].argmax().item() == row[position])
+            asked += 1
+    assert right / asked >= 0.9, f"{right} of {asked} fruits right (chance is 1 in 5)"
     from transformers import BertForMaskedLM
     ref = BertForMaskedLM.from_pretrained(out).eval()
-    ids = torch.tensor([row])
+    ids = torch.tensor([masked])
     with torch.no_grad():
         assert (ref(ids).logits - model(ids)).abs().max().item() < 1e-4
 
