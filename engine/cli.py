@@ -226,12 +226,12 @@ def cmd_eval(args) -> None:
     import engine
     from engine import data
     from engine.registry import resolve_model
-    from engine.train.evaluate import compare, table
+    from engine.train.evaluate import BertModel, compare, load_for_eval, table
     names = args.model or ["default"]
     models = {}
-    for name in names:   # with --quantize, each model twice: as loaded and quantized, side by side
-        models[name] = engine.load(resolve_model(name), device=args.device, dtype=args.dtype, decode_only=True)
-        if args.quantize:
+    for name in names:   # with --quantize, each causal model twice: as loaded and quantized, side by side
+        models[name] = load_for_eval(resolve_model(name), args.device, args.dtype)
+        if args.quantize and not isinstance(models[name], BertModel):
             models[f"{name} {args.quantize}"] = engine.load(resolve_model(name), device=args.device, dtype=args.dtype,
                                                             quantize=args.quantize)
     _, heldout = data.load(args.data)

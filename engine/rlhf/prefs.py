@@ -93,15 +93,16 @@ def fit_prompt(prompt: list[int], replies: list[list[int]], max_len: int) -> lis
     return prompt[-room:] if room >= 1 else None
 
 
-def encode_pairs(tokenizer, groups: list[dict], max_len: int) -> tuple[list[dict], int]:
+def encode_pairs(tokenizer, groups: list[dict], max_len: int, split=reply_ids) -> tuple[list[dict], int]:
     """Groups with each pair as token ids (prompt window, chosen reply, rejected reply) that fit
-    in `max_len`; and the number of pairs skipped because a reply alone is that long."""
+    in `max_len`; and the number of pairs skipped because a reply alone is that long. `split`
+    gives (prompt ids, reply ids) of one prompt and reply (reply_ids, or a BERT's plain text)."""
     encoded, skipped = [], 0
     for g in groups:
         pairs = []
         for chosen, rejected in g["pairs"]:
-            prompt, c = reply_ids(tokenizer, g["prompt"], chosen)
-            _, r = reply_ids(tokenizer, g["prompt"], rejected)
+            prompt, c = split(tokenizer, g["prompt"], chosen)
+            _, r = split(tokenizer, g["prompt"], rejected)
             window = fit_prompt(prompt, [c, r], max_len)
             if window is None:
                 skipped += 1
@@ -122,11 +123,11 @@ def reply_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, device):
     return ids, pad_mask, targets
 
 
-def encoded_split(tokenizer, groups: list[dict], max_len: int):
+def encoded_split(tokenizer, groups: list[dict], max_len: int, split=reply_ids):
     """(train, held-out) groups as token ids, and the number of pairs too long to fit, said once."""
     train, heldout = split_by_prompt(groups)
-    train, skipped_train = encode_pairs(tokenizer, train, max_len)
-    heldout, skipped_heldout = encode_pairs(tokenizer, heldout, max_len) if heldout is not train else (train, 0)
+    train, skipped_train = encode_pairs(tokenizer, train, max_len, split)
+    heldout, skipped_heldout = encode_pairs(tokenizer, heldout, max_len, split) if heldout is not train else (train, 0)
     skipped = skipped_train + skipped_heldout
     if skipped:
         print(f"skipped {skipped} preference pairs whose reply alone fills {max_len} tokens "

@@ -18,6 +18,17 @@ be the wrong ones to normalise on.)
 The directory is saved in transformers' ...ForSequenceClassification layout (the backbone's
 tensors, minus lm_head, plus `score.weight`), with Parley's offset, scale, the settings they
 were measured at and the length in config.json.
+
+A BERT (`parley train mlm`) is a backbone too: `--base BERT_DIR`. It reads a row whole, so it
+reads it as BERT's classifiers do: [CLS] prompt [SEP] reply [SEP] (plain text, as it was
+pretrained: a BERT has no chat template), the head on the last hidden state of [CLS].
+transformers' BertForSequenceClassification puts a pooler (dense + tanh) between the two; we
+have none, because next-sentence prediction trains it and `parley train mlm` does not do that,
+so it would start random: the linear head reads [CLS] directly, and the directory names its
+architecture ParleyBertForSequenceClassification (transformers cannot read the head). A BERT
+cannot sample, so its rewards are normalised on the replies of its own training pairs; it
+scores (`parley score`) but is not PPO's critic, nor the reward of PPO, RLOO or GRPO (whose
+policy's tokenizer it does not share).
 """
 import math
 import random
@@ -31,7 +42,7 @@ from engine import checkpoint, lora
 from engine.device import pick_device
 from engine.errors import ParleyError
 from engine.files import output_dir, write_json
-from engine.models import family
+from engine.models import bert, family
 from engine.rlhf.losses import reward_model_loss
 from engine.rlhf.prefs import encoded_split, fit_prompt, preference_groups, prompt_batches, reply_ids, right_pad
 from engine.rlhf.rollout import Sampling, reward_normaliser
@@ -45,13 +56,31 @@ CLASSIFIERS = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequ
                "smollm3": "SmolLM3ForSequenceClassification", "phi3": "Phi3ForSequenceClassification",
                "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification",
                "gpt2": "GPT2ForSequenceClassification"}
+BERT_CLASSIFIER = "ParleyBertForSequenceClassification"   # not transformers' layout: no pooler (see above)
+
+
+def is_bert(config: dict) -> bool:
+    return config.get("model_type") == "bert"
+
+
+def bert_reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], list[int]]:
+    """A BERT's (prompt ids, reply ids): the messages' plain text and [SEP], the reply and [SEP].
+    The [CLS] before them is BertRewardModel's to add, so a prompt cut to fit never loses it."""
+    from engine.train.mlm import text_of
+    sep = tokenizer.token_id(tokenizer.special_tokens.get("sep_token"))
+    if sep is None or tokenizer.token_id(tokenizer.special_tokens.get("cls_token")) is None:
+        raise ParleyError("this BERT's tokenizer lacks [CLS] or [SEP] (cls_token, sep_token in tokenizer_config.json): "
+                          "use a BERT that `parley train mlm` wrote")
+    return (tokenizer.encode(text_of(prompt), add_special_tokens=False) + [sep],
+            tokenizer.encode(reply, add_special_tokens=False) + [sep])
 
 
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, offset: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.backbone = backbone
-        self.score = nn.Linear(backbone.lm_head.weight.shape[1], 1, bias=False)
+        width = backbone.config.hidden_size if isinstance(backbone, bert.Bert) else backbone.lm_head.weight.shape[1]
+        self.score = nn.Linear(width, 1, bias=False)
         self.offset, self.scale = offset, scale
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
@@ -69,11 +98,31 @@ class RewardModel(nn.Module):
         return self.normalise(self.score(hidden[torch.arange(len(idx), device=idx.device), last]).squeeze(-1))
 
 
+class BertRewardModel(RewardModel):
+    """A reward from BERT's [CLS] state: the [CLS] goes in front of each row here, and the MLM
+    head is dropped (a reward model reads hidden states only)."""
+
+    def __init__(self, backbone: bert.Bert, cls_id: int, offset: float = 0.0, scale: float = 1.0):
+        backbone.cls = nn.Module()
+        super().__init__(backbone, offset, scale)
+        self.cls_id = cls_id
+
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        if every_position:
+            raise ParleyError("a BERT reward model reads each row whole, so it has no value per position for PPO's "
+                              "critic: train the reward model on the policy (parley train rm --base POLICY)")
+        first = torch.ones_like(pad_mask[:, :1])
+        hidden = self.backbone.hidden_states(torch.cat([torch.full_like(idx[:, :1], self.cls_id), idx], 1),
+                                             pad_mask=torch.cat([first, pad_mask], 1))
+        return self.normalise(self.score(hidden[:, 0]).squeeze(-1))
+
+
 class RewardLM:
     """A reward model with its tokenizer and config; `rewards` scores (prompt, response) pairs."""
 
     def __init__(self, model: RewardModel, tokenizer: Tokenizer, config: dict):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.split = bert_reply_ids if is_bert(config) else reply_ids   # how a prompt and a reply become ids
         self.pad_id = tokenizer.pad_token_id
         if self.pad_id is None or self.pad_id in (config.get("eos_token_id"), tokenizer.eos_token_id):
             raise ParleyError("a reward model needs a pad token distinct from EOS: add pad_token to "
@@ -97,7 +146,7 @@ class RewardLM:
         return window + reply
 
     def encode(self, prompt: list[dict], response: str) -> list[int]:
-        return self.fit(*reply_ids(self.tokenizer, prompt, response))
+        return self.fit(*self.split(self.tokenizer, prompt, response))
 
     def batch(self, rows: list[list[int]]):
         return right_pad(rows, self.pad_id, self.device)
@@ -115,11 +164,15 @@ class RewardLM:
             self.write(tmp)
 
     def write(self, directory: Path) -> None:
-        fam = family(self.config["model_type"])
         backbone = self.model.backbone
-        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("lm_head")}
-        tensors = {**fam.state_to_hf(state), "score.weight": self.model.score.weight}
-        config = {**self.config, "architectures": [CLASSIFIERS[self.config["model_type"]]], "num_labels": 1,
+        if is_bert(self.config):
+            tensors, architecture = dict(backbone.state_dict()), BERT_CLASSIFIER   # the MLM head is gone already
+        else:
+            fam = family(self.config["model_type"])
+            state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("lm_head")}
+            tensors, architecture = fam.state_to_hf(state), CLASSIFIERS[self.config["model_type"]]
+        tensors["score.weight"] = self.model.score.weight
+        config = {**self.config, "architectures": [architecture], "num_labels": 1,
                   "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "pad_token_id": self.pad_id,
                   "parley_reward_offset": self.model.offset, "parley_reward_scale": self.model.scale}
         checkpoint.write_tensors(directory, tensors)
@@ -135,8 +188,10 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
     if not str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
         raise ParleyError(f"{path} is not a reward model (its architectures is {config.get('architectures')}): "
                           "train one with `parley train rm`")
-    fam = family(config.get("model_type"))
     device = pick_device(device)
+    if is_bert(config):
+        return load_bert_reward_model(path, config, device)
+    fam = family(config.get("model_type"))
     with torch.device("meta"):
         backbone = fam.Model(fam.Config.from_hf(config))
     tensors = checkpoint.read_tensors(path, device, torch.float32)
@@ -156,17 +211,36 @@ def load_reward_model(path: str | Path, device=None) -> RewardLM:
     return RewardLM(model.eval(), Tokenizer.from_dir(path), config)
 
 
+def load_bert_reward_model(path: Path, config: dict, device) -> RewardLM:
+    with torch.device("meta"):
+        backbone = bert.Bert(bert.BertConfig.from_hf(config))
+    tokenizer = Tokenizer.from_dir(path)
+    model = BertRewardModel(backbone, tokenizer.token_id(tokenizer.special_tokens.get("cls_token")),
+                            config.get("parley_reward_offset", 0.0), config.get("parley_reward_scale", 1.0))
+    tensors = checkpoint.read_tensors(path, device, torch.float32)
+    score = tensors.pop("score.weight", None)
+    if score is None:
+        raise ParleyError(f"{path}: tensor 'score.weight' is missing: the reward head was not saved")
+    checkpoint.check_tensors(checkpoint.weight_files(path)[0], backbone.state_dict(), tensors)
+    backbone.load_state_dict(tensors, assign=True)
+    model.score.weight = nn.Parameter(score)
+    return RewardLM(model.to(device).eval(), tokenizer, config)
+
+
 # -- training ----------------------------------------------------------------------------------------
 def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
     run = Run(c, c.base, store, shown=("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"))
     torch.manual_seed(c.seed)
-    lm = load_model(c.base, run.device, c)   # with --lora-r, the backbone trains an adapter and the head
-    groups = preference_groups(c.prefs, store)
-    train, heldout, run.config["skipped_pairs"] = encoded_split(lm.tokenizer, groups, c.max_len)
-    model = RewardModel(lm.model).to(lm.device)
+    if is_bert(config_of(c.base)):
+        model, tokenizer, config = start_bert(c, run.device)
+    else:
+        lm = load_model(c.base, run.device, c)   # with --lora-r, the backbone trains an adapter and the head
+        model, tokenizer, config = RewardModel(lm.model).to(lm.device), lm.tokenizer, lm.config
     nn.init.normal_(model.score.weight, std=1 / math.sqrt(model.score.in_features + 1))
     model.train()
-    rm = RewardLM(model, lm.tokenizer, {**lm.config, "parley_max_length": c.max_len})
+    rm = RewardLM(model, tokenizer, {**config, "parley_max_length": c.max_len})
+    groups = preference_groups(c.prefs, store)
+    train, heldout, run.config["skipped_pairs"] = encoded_split(tokenizer, groups, c.max_len, rm.split)
     optimizer = torch.optim.AdamW(lora.trainable(model), lr=c.lr, weight_decay=0.0)
     start = run.restore(optimizer, {"reward_model": lora.checkpointed(model)}).get("step", 0)
     batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
@@ -189,7 +263,12 @@ def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
                 values.update(eval_accuracy=eval_accuracy.item(), eval_margin=eval_margin.item())
             run.end_step(step + 1, values, optimizer, {"reward_model": lora.checkpointed(model)})
         model.eval()
-        if run.rank == 0:
+        if run.rank == 0 and is_bert(rm.config):
+            model.offset, model.scale = pairs_normaliser(rm, train, c.reward_scale)
+            rm.config["parley_reward_normalised_at"] = "the training pairs' replies (a BERT cannot sample)"
+            print(f"rewards normalised on the replies of {len(train)} training prompts: offset {model.offset:.4f}, "
+                  f"scale {model.scale:.4f}", flush=True)
+        elif run.rank == 0:
             # A fresh, frozen copy of the base: the backbone above has been trained into a reward model.
             policy = load_model(c.base, run.device)
             chosen = random.Random(c.seed).sample(train, min(c.normalise_samples, len(train)))
@@ -202,6 +281,43 @@ def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
         lora.merge(model)   # a reward model is saved whole, in the classification layout PPO and transformers read
         run.save(rm.write, model=False)
     return rm
+
+
+def config_of(name: str) -> dict:
+    """The config.json of the model `name` names, {} where it has none (a known name resolves to one)."""
+    from engine.registry import resolve_model
+    path = resolve_model(name)
+    return (checkpoint.read_json(path / "config.json", required=False) or {}) if path.is_dir() else {}
+
+
+def start_bert(c: RewardModelConfig, device) -> tuple:
+    """(reward model, tokenizer, config) on a BERT backbone (`parley train mlm` wrote it)."""
+    from engine.registry import resolve_model
+    if c.lora_r is not None:
+        raise ParleyError("--lora-r adapts a causal model; a BERT reward model trains whole: drop --lora-r")
+    path = resolve_model(c.base)
+    backbone, tokenizer = bert.load(path, device)
+    if c.max_len + 1 > backbone.config.max_position_embeddings:
+        raise ParleyError(f"--max-len {c.max_len} and [CLS] are more than this BERT's "
+                          f"{backbone.config.max_position_embeddings} positions: use --max-len "
+                          f"{backbone.config.max_position_embeddings - 1} or less")
+    model = BertRewardModel(backbone, tokenizer.token_id(tokenizer.special_tokens.get("cls_token")))
+    return model.to(device), tokenizer, backbone.config.to_hf()
+
+
+@torch.no_grad()
+def pairs_normaliser(rm: RewardLM, groups: list[dict], scale: bool) -> tuple[float, float]:
+    """(offset, scale) that give the chosen and rejected replies of `groups` raw rewards of mean 0
+    (and, with `scale`, standard deviation 1): where the model has no policy of its own to sample."""
+    rows = [p + reply for g in groups for p, chosen, rejected in g["pairs"] for reply in (chosen, rejected)]
+    offset, old_scale = rm.model.offset, rm.model.scale
+    rm.model.offset, rm.model.scale = 0.0, 1.0
+    try:
+        raw = rm.score_rows(rows)
+    finally:
+        rm.model.offset, rm.model.scale = offset, old_scale
+    std = raw.std().item() if len(raw) > 1 else 1.0
+    return raw.mean().item(), (std if scale and std > 1e-6 else 1.0)
 
 
 def pair_loss(rm: RewardLM, groups: list[dict], model=None):

@@ -25,11 +25,14 @@ def start_online(c, run, store) -> tuple:
     (policy LM, frozen reward model, frozen reference copy of the policy, rollout sampling,
     training prompts, held-out prompts)."""
     from engine.quantize import check
-    from engine.rlhf.reward_model import load_reward_model
+    from engine.rlhf.reward_model import is_bert, load_reward_model
     from engine.train.run import frozen_copy, load_model
     check(c.rollout_quantize, run.device, "--rollout-quantize")
     lm = load_model(c.policy, run.device, c)   # with --lora-r, an adapter on it (engine/lora.py)
     rm = load_reward_model(c.reward_model, device=lm.device)
+    if is_bert(rm.config):
+        raise ParleyError(f"{c.reward_model} is a BERT reward model, which reads plain text in a tokenizer of its own: "
+                          "PPO, RLOO and GRPO score with one on the policy (parley train rm --base POLICY)")
     if rm.tokenizer.vocab_size != lm.tokenizer.vocab_size:
         raise ParleyError("the reward model and the policy use different tokenizers: train the reward model on the "
                           "policy (parley train rm --base POLICY)")

@@ -6,6 +6,7 @@ field has a flag and nothing is listed twice.
     tokenizer  TokenizerConfig      pretrain  PretrainConfig     rm    RewardModelConfig
     ngram      NGramConfig          sft       SFTConfig          dpo   DPOConfig
     ppo        PPOConfig            rloo      RLOOConfig         grpo  GRPOConfig
+    mlm        MLMConfig (BERT)
 
 `TRAINERS` names the function that runs each mode on its config (imported only when run, so
 reading a config imports no torch).
@@ -99,6 +100,26 @@ class PretrainConfig(StepsConfig):
 class SFTConfig(PretrainConfig):
     """Supervised fine-tuning: the pretraining loop with the loss on assistant tokens only."""
     mode: ClassVar[str] = "sft"
+
+
+@dataclass
+class MLMConfig(StepsConfig):
+    """BERT: masked-language-model pretraining, 15% of tokens, 80/10/10 (engine/train/mlm.py)."""
+    mode: ClassVar[str] = "mlm"
+    data: str | None = option(None, "chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    tokenizer: str = option(None, "the tokenizer directory (the causal models' one, to compare fairly); "
+                            "[CLS], [SEP], [MASK] and [PAD] are added to it", required=True)
+    hidden_size: int = option(256, "width of the encoder")
+    layers: int = option(4, "encoder layers")
+    heads: int = option(4, "attention heads (must divide --hidden-size)")
+    seq_len: int = option(128, "tokens per training row, [CLS] and [SEP] included")
+    batch_size: int = option(32, "rows per optimizer step")
+    mask_rate: float = option(0.15, "share of tokens the model is asked about", rule="fraction")
+    warmup_steps: int = option(100, "steps of linear warm-up", rule="count0")
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr x this", rule="fraction")
+    weight_decay: float = option(0.01, "AdamW weight decay (on matrices only)", rule="count0")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    eval_batches: int = option(4, "held-out batches per evaluation")
 
 
 @dataclass
@@ -203,12 +224,13 @@ class GRPOConfig(GroupConfig):
     kl_estimator: str = option("k3", "KL estimator", choices=("k1", "k3"))
 
 
-CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, RewardModelConfig, DPOConfig,
-                               PPOConfig, RLOOConfig, GRPOConfig)}
+CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, MLMConfig, RewardModelConfig,
+                               DPOConfig, PPOConfig, RLOOConfig, GRPOConfig)}
 
 # mode: (module, function); each function takes (config, store) and returns what it trained
 TRAINERS = {"tokenizer": ("engine.train.tokenizer", "run"), "ngram": ("engine.train.ngram", "run"),
             "pretrain": ("engine.train.trainer", "train"), "sft": ("engine.train.trainer", "train"),
+            "mlm": ("engine.train.mlm", "train_mlm"),
             "rm": ("engine.rlhf.reward_model", "train_reward_model"), "dpo": ("engine.rlhf.dpo", "train_dpo"),
             "ppo": ("engine.rlhf.ppo", "train_ppo"), "rloo": ("engine.rlhf.group", "train_group"),
             "grpo": ("engine.rlhf.group", "train_group")}

@@ -8,11 +8,13 @@ the model's context, each window starting with the last token of the one before.
 """
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine import data
+from engine.errors import ParleyError
 from engine.train.logprobs import summed_loss
 
 
@@ -38,6 +40,32 @@ def evaluate(lm, examples, max_examples: int | None = None) -> dict:
             "ppl_per_word": math.exp(total / n_words)}
 
 
+@torch.no_grad()
+def evaluate_bert(model, tokenizer, examples, max_examples: int | None = None) -> dict:
+    """BERT's pseudo-perplexity (engine/models/bert.py): each token predicted from all the others,
+    in windows of the model's positions, [CLS] … [SEP] around each. Not comparable with a causal
+    model's perplexity, which sees only the left: `measure` says which one a row holds."""
+    from engine.models import bert
+    from engine.train.mlm import text_of
+    cls, sep = (tokenizer.token_id(tokenizer.special_tokens.get(k)) for k in ("cls_token", "sep_token"))
+    mask = tokenizer.token_id(tokenizer.special_tokens.get("mask_token"))
+    if None in (cls, sep, mask):
+        raise ParleyError("this BERT's tokenizer lacks [CLS], [SEP] or [MASK] (cls_token, sep_token, mask_token in "
+                          "tokenizer_config.json): re-save it with its special tokens")
+    body = model.config.max_position_embeddings - 2
+    scores, n_words = [], 0
+    for example in examples[:max_examples]:
+        ids = tokenizer.encode(text_of(example), add_special_tokens=False)
+        for start in range(0, len(ids), body):
+            row = [cls, *ids[start:start + body], sep]
+            scores += bert.pseudo_log_likelihoods(model, row, [False] + [True] * (len(row) - 2) + [False], mask)
+        n_words += words(example)
+    total = -sum(scores)
+    return {"examples": len(examples[:max_examples]), "tokens": len(scores), "words": n_words,
+            "loss_per_token": total / len(scores), "ppl_per_token": math.exp(total / len(scores)),
+            "ppl_per_word": math.exp(total / n_words), "measure": "pseudo-perplexity"}
+
+
 def describe(config: dict) -> str:
     """A model's family in a few words, from its config.json."""
     kind = config.get("model_type")
@@ -52,7 +80,7 @@ def describe(config: dict) -> str:
         sizes = ", ".join(f"{name} {config[f'attention_{name}']}" for name in ("window", "stride")
                           if config.get(f"attention_{name}"))
         return f"GPT {config['attention_pattern']} ({sizes})"
-    return {"gpt2": "GPT dense", "llama": "Llama"}.get(kind, kind)
+    return {"gpt2": "GPT dense", "llama": "Llama", "bert": "BERT (pseudo-ppl*)"}.get(kind, kind)
 
 
 def size_on_disk(path: Path) -> int:
@@ -64,11 +92,36 @@ def compare(models: dict, examples, max_examples: int | None = None) -> list[dic
     rows = []
     for name, lm in models.items():
         start = time.perf_counter()
-        result = evaluate(lm, examples, max_examples)
-        rows.append({"model": name, "family": describe(lm.config), "parameters": lm.num_parameters(),
+        if isinstance(lm, BertModel):
+            result = evaluate_bert(lm.model, lm.tokenizer, examples, max_examples)
+            config, parameters = {"model_type": "bert"}, sum(p.numel() for p in lm.model.parameters())
+        else:
+            result = {**evaluate(lm, examples, max_examples), "measure": "perplexity"}
+            config, parameters = lm.config, lm.num_parameters()
+        rows.append({"model": name, "family": describe(config), "parameters": parameters,
                      "bytes": size_on_disk(lm.path) if lm.path else None, **result,
                      "eval_seconds": time.perf_counter() - start})
     return rows
+
+
+@dataclass
+class BertModel:
+    """A BERT to evaluate beside the causal models (engine.models.bert.load gives model and tokenizer)."""
+    model: object
+    tokenizer: object
+    path: Path
+
+
+def load_for_eval(path: Path, device, dtype):
+    """A causal model, or a BERT directory (which engine.load refuses: it cannot decode)."""
+    import engine
+    from engine.checkpoint import read_json
+    config = read_json(path / "config.json", required=False) if path.is_dir() else None
+    if (config or {}).get("model_type") == "bert":
+        from engine.models import bert
+        model, tokenizer = bert.load(path, device or "cpu")
+        return BertModel(model, tokenizer, path)
+    return engine.load(path, device=device, dtype=dtype, decode_only=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -80,5 +133,8 @@ def table(rows: list[dict]) -> str:
         size = f"{r['bytes'] / 1e6:.1f}" if r["bytes"] is not None else "-"
         lines.append((r["model"], r["family"], params, size, f"{r['ppl_per_token']:.2f}", f"{r['ppl_per_word']:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    note = ("\n* pseudo-perplexity: each token from all the others (a bidirectional model's measure, "
+            "lower than a causal model's by construction; compare BERTs with BERTs)"
+            if any(r.get("measure") == "pseudo-perplexity" for r in rows) else "")
     return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(line, widths))) for line in lines)
+                               enumerate(zip(line, widths))) for line in lines) + note
