@@ -14,9 +14,9 @@ against transformers in float32):
   - a step's time split into the weights' reading at that bandwidth and the rest (per-operation
     overhead, attention, sampling), with ATen operations per step of each (counted once, after the
     timings): on the CPU a thin model's step is as much overhead as weight reading.
-memory: the peak resident memory of a process that loads the model and decodes, above the same
-  process's memory before loading (each run in a fresh process: a peak never comes down), Parley
-  (as `parley generate` loads it: decode-only) against transformers in the same dtype.
+memory: the peak resident memory of a process while it loads the model and while it decodes (the
+  peak is reset between the two), above the same process's memory before loading, each in a fresh
+  process; Parley (as `parley generate` loads it: decode-only) against transformers in the same dtype.
 context: decode tokens/s with the context already at 128, 512 and 2,048 tokens (and the model's
   maximum), and the time to the first token of a 400-token prompt, Parley against transformers
   (float32).
@@ -26,7 +26,7 @@ shared machine slows Parley and transformers alike.
 """
 import argparse
 import json
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -151,8 +151,9 @@ def load_pair(path: Path, variant: str, device):
     return lm, ref
 
 
-def random_prompt(lm, length: int) -> list[int]:
-    return torch.randint(1, lm.tokenizer.vocab_size - 1, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+def random_prompt(lm_or_config, length: int) -> list[int]:
+    vocab = getattr(lm_or_config, "vocab_size", None) or lm_or_config.tokenizer.vocab_size
+    return torch.randint(1, vocab - 1, (length,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, bandwidth: float) -> dict:
@@ -191,29 +192,41 @@ def context_rates(name: str, path: Path, device, n: int, repeats: int) -> dict:
     return dict(model=name, rates=rows, ttft=(t["ours"], t["theirs"]))
 
 
-def peak_memory(impl: str, path: Path, variant: str, device: str, n: int) -> float:
-    """MiB of peak resident memory above the process's own before loading, in a fresh process."""
+def peak_memory(impl: str, path: Path, variant: str, device: str, n: int) -> tuple[float, float]:
+    """MiB of peak resident memory above the process's own before loading, while loading and while
+    decoding, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--child-memory", impl, str(path), variant, device, str(n)],
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["load_mib"], result["decode_mib"]
+
+
+def status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak since the last reset) of this process, in MiB."""
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def reset_peak() -> None:
+    # Linux: writing 5 to clear_refs sets VmHWM back to VmRSS, so each phase has its own peak
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def child_memory(impl: str, path: str, variant: str, device: str, n: int) -> None:
-    """The child of peak_memory: load, decode n tokens, print the peak above the start."""
-    def rss_mib():   # ru_maxrss is in KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The child of peak_memory: load, decode n tokens; print each phase's peak above the start."""
     device = torch.device(device)
-    before = rss_mib()
     dtype, quantize = VARIANTS[variant]
+    before = status_mib("VmRSS")
+    reset_peak()
     if impl == "parley":
         lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
-        parley, _ = runners(lm, None, device)
-        parley(random_prompt(lm, 32), n)
+        run, prompt = runners(lm, None, device)[0], random_prompt(lm, 32)
     else:
         ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-        _, transformers = runners(None, ref, device)
-        transformers(torch.randint(1, ref.config.vocab_size - 1, (32,)).tolist(), n)
-    print(json.dumps({"peak_mib": rss_mib() - before}))
+        run, prompt = runners(None, ref, device)[1], random_prompt(ref.config, 32)
+    load = status_mib("VmHWM")
+    reset_peak()
+    run(prompt, n)
+    print(json.dumps({"load_mib": load - before, "decode_mib": status_mib("VmHWM") - before}))
 
 
 def main():
@@ -253,14 +266,15 @@ def main():
                           f"{r['step_ms']:>10.1f} = {r['read_ms']:.1f} + {r['step_ms'] - r['read_ms']:.1f}"
                           f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}", flush=True)
         if "memory" in args.sections:
-            print(f"\npeak resident memory above the process's start, loading and decoding {args.new_tokens} tokens "
-                  "(fresh process each; int8 against transformers float32)")
-            print(f"{'model':<14}{'weights':<10}{'parley MiB':>11}{'hf MiB':>9}{'ratio':>8}")
+            print(f"\npeak resident memory above the process's start, MiB: while loading, and while decoding "
+                  f"{args.new_tokens} tokens (fresh process each; int8 against transformers float32)")
+            print(f"{'model':<14}{'weights':<10}{'load parley':>12}{'hf':>7}{'decode parley':>15}{'hf':>7}{'ratio':>8}")
             for name in args.models:
                 for variant in variants:
                     ours = peak_memory("parley", paths[name], variant, args.device, args.new_tokens)
                     theirs = peak_memory("transformers", paths[name], variant, args.device, args.new_tokens)
-                    print(f"{name:<14}{variant:<10}{ours:>11.0f}{theirs:>9.0f}{ours / theirs:>7.2f}x", flush=True)
+                    print(f"{name:<14}{variant:<10}{ours[0]:>12.0f}{theirs[0]:>7.0f}{ours[1]:>15.0f}{theirs[1]:>7.0f}"
+                          f"{ours[1] / theirs[1]:>7.2f}x", flush=True)
         if "context" in args.sections:
             n, repeats = 16, max(2, args.repeats // 2)
             print(f"\ndecode tokens/s with the context at each length ({n} new tokens, best of {repeats}), and "

@@ -18,6 +18,7 @@ A prepared model decodes and scores as before (prefill and eval take the same pa
 saving, LoRA and merging are refused with one line (the weights they need are gone).
 """
 import copy
+import ctypes
 
 import torch
 
@@ -67,8 +68,19 @@ def prepare(lm, quantize: str | None = None):
         layer.packed.drop_plain = layer.packed.form is not None and layer is not lm.model.lm_head
     _decode_once(lm)
     _own_copies(lm.model)
+    _return_freed_memory()
     lm.quantize = quantize
     return lm
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system. Loading reads every weight in float32 and
+    packing makes a second copy before the first goes: glibc keeps those freed buffers in its heap,
+    and the process would stay ~100 MiB above what the model holds (gpt2-124M: 719 against 619 MiB)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (macOS, Windows, musl): its allocator decides
+        pass
 
 
 def _own_copies(model) -> None:

@@ -214,3 +214,56 @@ def test_train_takes_known_model_names_as_generate_does():
     assert lm.path == resolve_model("default") and lm.dtype == torch.float32
     with pytest.raises(ParleyError):
         load_model("no-such-model", "cpu")
+
+
+def test_sft_aux_lm_is_gpt1s_objective(workspace, tmp_path):
+    """--aux-lm λ: one step of SFT equals a hand-written step on (Σ assistant NLL + λ Σ other NLL) /
+    assistant tokens (GPT-1's L3 = L2 + λ·L1), and the logged losses are each term's own mean."""
+    import torch.nn.functional as F
+
+    from engine.tokenizer import Tokenizer
+    from engine.train.presets import new_lm
+    from engine.train.trainer import Batches, pack
+    c = config(workspace, tmp_path / "aux", mode="sft", aux_lm=0.7, max_steps=1, warmup_steps=1, eval_every=1,
+               save_every=1, grad_clip=0.5)
+    with Store(tmp_path / "parley.db") as store:
+        out = train(c, store)
+        run = store.runs()[0]["id"]
+        logged = {name: store.metrics(run, name)[0]["value"] for name in ("loss", "lm_loss", "eval_lm_loss")}
+
+    ref = new_lm("tiny", Tokenizer.from_dir(workspace / "tok"), c.seed).model.train()
+    train_set, heldout = data.load(c.data)
+    ids, mask = pack(ref_tok := Tokenizer.from_dir(workspace / "tok"), train_set, True, c.seq_len)
+    rows = Batches(len(ids), c.batch_size, c.seed).rows(0)
+
+    def nll_split(model, ids, mask):
+        nll = F.cross_entropy(model(ids[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
+        m = mask[:, 1:].float()
+        assert 0 < m.sum() < m.numel()   # both terms have tokens: a mask with holes
+        return (nll * m).sum(), (nll * (1 - m)).sum(), m.sum(), (1 - m).sum()
+
+    asst, other, n_asst, n_other = nll_split(ref, ids[rows], mask[rows])
+    assert logged["loss"] == pytest.approx((asst / n_asst).item(), rel=1e-5)
+    assert logged["lm_loss"] == pytest.approx((other / n_other).item(), rel=1e-5)
+    ((asst + 0.7 * other) / n_asst).backward()
+    params = [p for p in ref.parameters()]
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                      lr=c.lr, betas=(0.9, 0.95), eps=1e-8).step()
+    trained = engine.load(out, device="cpu").model.state_dict()
+    for name, value in ref.state_dict().items():
+        # Adam divides by |g|: where a gradient is ~0, summation order alone moves a weight by ~1e-6
+        # (lr is 3e-3, and a wrong λ or mask moves most weights by up to 2 lr)
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-5, msg=name)
+
+    eval_ids, eval_mask = pack(ref_tok, heldout, True, c.seq_len)
+    n = c.eval_batches * c.batch_size
+    with torch.no_grad():
+        _, other, _, n_other = nll_split(ref.eval(), eval_ids[:n], eval_mask[:n])
+    assert logged["eval_lm_loss"] == pytest.approx((other / n_other).item(), rel=1e-5)
+
+
+def test_sft_aux_lm_flag_is_refused_below_zero(workspace, tmp_path):
+    result = parley("train", "sft", "--model", "x", "--out", tmp_path / "o", "--aux-lm", "-1", "--no-store")
+    assert result.returncode != 0 and "--aux-lm" in result.stderr and "Traceback" not in result.stderr

@@ -100,6 +100,8 @@ class PretrainConfig(StepsConfig):
 class SFTConfig(PretrainConfig):
     """Supervised fine-tuning: the pretraining loop with the loss on assistant tokens only."""
     mode: ClassVar[str] = "sft"
+    aux_lm: float = option(0.0, "GPT-1's auxiliary objective: add this x the language-model loss on the other "
+                           "(prompt) tokens, L3 = L2 + lambda x L1; 0 is off", rule="count0")
 
 
 @dataclass

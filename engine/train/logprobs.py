@@ -20,6 +20,15 @@ def token_logprobs(model, ids: torch.Tensor, pad_mask: torch.Tensor | None, targ
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
+def split_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token cross-entropy of `ids` [B, T] summed over the `targets` positions [B, T-1],
+    and summed over the other positions: SFT's loss and GPT-1's auxiliary language-model loss,
+    from one forward pass."""
+    nll = -token_logprobs(model, ids, None, torch.ones(targets.shape, device=ids.device))
+    targets = targets.to(nll.dtype)
+    return (nll * targets).sum(), (nll * (1 - targets)).sum()
+
+
 def summed_loss(model, ids: torch.Tensor, targets: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The next-token cross-entropy summed over the `targets` positions [B, T-1] of `ids` [B, T]."""
     return -token_logprobs(model, ids, pad_mask, targets.to(torch.float32)).sum()

@@ -12,6 +12,8 @@
 - Checkpoints (engine.train.resume) are Hugging Face model directories under OUT/checkpoints/,
   with the optimizer and RNG state beside them. Under torchrun (engine.train.distributed) only
   rank 0 writes checkpoints, metrics and the final model in OUT.
+- SFT with --aux-lm λ is GPT-1's fine-tuning objective (Radford et al. 2018, eq. 5): the
+  assistant-token loss plus λ times the language-model loss on the other tokens, one forward pass.
 - With --lora-r only a LoRA adapter trains (engine/lora.py): the checkpoints and OUT are adapter
   directories, and the optimizer holds the adapter's state only.
 """
@@ -24,8 +26,8 @@ from engine import data
 from engine.errors import ParleyError
 from engine.tokenizer import Tokenizer
 from engine.train import distributed
-from engine.train.config import PretrainConfig
-from engine.train.logprobs import summed_loss
+from engine.train.config import PretrainConfig, SFTConfig
+from engine.train.logprobs import split_loss
 from engine.train.presets import new_lm
 from engine.train.resume import newest_checkpoint
 from engine.train.run import Run, load_model
@@ -100,7 +102,11 @@ def train(c: PretrainConfig, store=None):
     """Run pretraining or SFT (c.mode); returns the output directory. `store` records the run."""
     if c.autocast not in ("auto", "bf16", "none"):
         raise ParleyError(f"--autocast {c.autocast!r}: use auto, bf16 or none")
-    run = Run(c, c.model or c.preset, store, shown=("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl"))
+    sft = isinstance(c, SFTConfig)
+    aux_lm = c.aux_lm if sft else 0.0
+    # SFT also logs the loss on the tokens it does not learn from, to show what --aux-lm keeps
+    shown = ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl")
+    run = Run(c, c.model or c.preset, store, shown=shown + (("lm_loss", "eval_lm_loss") if sft else ()))
     if c.batch_size % (run.world * c.grad_accum):
         raise ParleyError(f"--batch-size {c.batch_size} must be divisible by processes x --grad-accum "
                           f"({run.world} x {c.grad_accum})")
@@ -128,22 +134,30 @@ def train(c: PretrainConfig, store=None):
                 group["lr"] = lr_at(step, c)
             rows = batches.rows(step)
             count = mask[rows, 1:].sum().clamp(min=1)  # masked tokens in the whole global batch
+            others = (1 - mask[rows, 1:]).sum().clamp(min=1)   # the auxiliary loss's tokens
             mine = rows[run.rank::run.world].chunk(c.grad_accum)
-            loss_sum = torch.zeros((), device=device)
+            sums = torch.zeros(2, device=device)
             for i, chunk in enumerate(mine):
                 with run.no_sync(model) if i < len(mine) - 1 else nullcontext():
                     with autocast:
-                        total = summed_loss(model, ids[chunk].to(device), mask[chunk, 1:].to(device))
-                    run.backward(total / count)
-                loss_sum += total.detach()
+                        total, aux = split_loss(model, ids[chunk].to(device), mask[chunk, 1:].to(device))
+                    # GPT-1 writes both terms as sums over their tokens (L3 = L2 + λ·L1); dividing by
+                    # the assistant tokens alone keeps λ = 0 exactly plain SFT.
+                    run.backward((total + aux_lm * aux) / count)
+                sums += torch.stack([total.detach(), aux.detach()])
             [grad_norm] = run.step(optimizer, [lm.model.parameters()], c.grad_clip)
-            loss = distributed.sum_values([loss_sum.item()], device)[0] / count.item()
+            loss_sum, aux_sum = distributed.sum_values(sums.tolist(), device)
             if run.rank == 0:
-                values = {"loss": loss, "lr": lr_at(step, c), "grad_norm": grad_norm,
+                values = {"loss": loss_sum / count.item(), "lr": lr_at(step, c), "grad_norm": grad_norm,
                           "tokens_per_s": c.batch_size * seq_len / run.progress.seconds_since_last()}
+                if sft:
+                    values["lm_loss"] = aux_sum / others.item()
                 if (step + 1) % c.eval_every == 0 or step + 1 == c.max_steps:
-                    values["eval_loss"] = evaluate_rows(lm.model, eval_ids, eval_mask, c.batch_size, device, autocast)
+                    values["eval_loss"], eval_lm_loss = evaluate_rows(lm.model, eval_ids, eval_mask, c.batch_size,
+                                                                      device, autocast)
                     values["eval_ppl"] = math.exp(min(values["eval_loss"], 50))
+                    if sft:
+                        values["eval_lm_loss"] = eval_lm_loss
                 run.end_step(step + 1, values, optimizer, {}, lm=lm)
         lm.model.eval()
         run.save(lm.write)
@@ -151,14 +165,16 @@ def train(c: PretrainConfig, store=None):
 
 
 @torch.no_grad()
-def evaluate_rows(model, ids, mask, batch_size, device, autocast) -> float:
-    """The mean next-token loss over the masked tokens of held-out rows."""
+def evaluate_rows(model, ids, mask, batch_size, device, autocast) -> tuple[float, float]:
+    """The mean next-token loss of held-out rows over their masked tokens, and over the others."""
     model.eval()
-    total, count = 0.0, 0
+    totals, counts = [0.0, 0.0], [0, 0]
     for start in range(0, len(ids), batch_size):
         rows = slice(start, start + batch_size)
         with autocast:
-            total += summed_loss(model, ids[rows].to(device), mask[rows, 1:].to(device)).item()
-        count += mask[rows, 1:].sum().item()
+            losses = split_loss(model, ids[rows].to(device), mask[rows, 1:].to(device))
+        for k, (loss, n) in enumerate(zip(losses, (mask[rows, 1:].sum(), (1 - mask[rows, 1:]).sum()))):
+            totals[k] += loss.item()
+            counts[k] += n.item()
     model.train()
-    return total / max(count, 1)
+    return totals[0] / max(counts[0], 1), totals[1] / max(counts[1], 1)
