@@ -1,6 +1,7 @@
 """The arena's Bradley–Terry ratings: the fit against hand-solved tables and a numerical optimiser,
 ties, the bootstrap intervals, and the battles read from a store filled through its own API."""
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -203,3 +204,50 @@ def test_replies_without_a_preset_are_left_out(store):
     unknown = store.add_message(c, "assistant", "imported", u, make_current=False)   # no settings, no model
     store.rank(store.create_comparison(c, u, [known, unknown]), {known: 1, unknown: 2})
     assert battles(store) == [] and ratings(store) == []
+
+
+def ranked_home(tmp_path, monkeypatch):
+    """PARLEY_HOME with a store where temperature 0.3 beat 1.3 three times and lost once."""
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    with Store() as s:
+        c = s.create_conversation("arena")
+        u = s.add_message(c, "user", "Hi")
+        for cold_won in (True, True, False, True):
+            cold, hot = reply(s, c, u, "cold", temperature=0.3), reply(s, c, u, "hot", temperature=1.3)
+            s.vote(s.create_comparison(c, u, [cold, hot]), "best", best=cold if cold_won else hot)
+
+
+def test_parley_arena_prints_the_table(tmp_path, monkeypatch, capsys):
+    from engine.cli import main
+    ranked_home(tmp_path, monkeypatch)
+    assert main(["arena", "--rounds", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "preset", "rating", "95%", "CI", "battles", "win", "rate"]
+    first, second = lines[1].split(), lines[2].split()
+    assert first[:4] == ["1", "temperature=0.3", "@", "tiny"] and first[-2:] == ["4", "75%"]
+    assert second[:4] == ["2", "temperature=1.3", "@", "tiny"] and second[-2:] == ["4", "25%"]
+    assert int(first[4]) + int(second[4]) == 2000 and int(first[4]) > 1000
+    assert lines[3].startswith("4 battles;") and "mean rating 1000" in lines[3] and len(lines) == 4
+
+    assert main(["arena", "--rounds", "100", "--json", "--by", "settings"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["rank"], r["preset"], r["settings"], r["model"], r["battles"]) for r in rows] == [
+        (1, "temperature=0.3", {"temperature": 0.3}, None, 4), (2, "temperature=1.3", {"temperature": 1.3}, None, 4)]
+    assert rows[0]["ci_low"] < rows[0]["rating"] < rows[0]["ci_high"]
+
+    assert main(["arena", "--rounds", "100", "--anchor", "temperature=1.3 @ tiny"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[4] == "1000"
+    assert main(["arena", "--anchor", "temperature=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("parley: error: --anchor 'temperature=2' is no preset") and err.count("\n") == 1
+
+
+def test_parley_arena_on_an_empty_store_says_so(tmp_path, monkeypatch, capsys):
+    from engine.cli import main
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    assert main(["arena"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no battles yet") and out.count("\n") == 1
+    assert main(["arena", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("no battles yet")
