@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, Label, Markdown, Static
 
+from engine.settings import Settings
 from engine.store import Store
 from tui_app.app import ParleyApp
 from tui_app.screens import ChatScreen, CompareScreen
@@ -777,3 +778,65 @@ async def test_keys_typed_while_the_app_starts_go_to_the_prompt(app):
         await pilot.press("h", "i")
         await pilot.pause(0.2)
         assert app.screen.query_one(PromptArea).text == "hi" and app.screen.query_one("#search", Input).value == ""
+
+
+def rank_presets(store, model, other, wins):
+    """Comparisons of two replies through the store's API: `wins` of (winner, loser) with each a
+    (temperature, model) preset."""
+    c = store.create_conversation("arena")
+    u = store.add_message(c, "user", "Hi")
+    for winner, loser in wins:
+        ids = [store.add_message(c, "assistant", "x", u, model=m, settings=Settings(temperature=t).to_dict(),
+                                 make_current=False) for t, m in (winner, loser)]
+        store.vote(store.create_comparison(c, u, ids), "best", best=ids[0])
+
+
+@sync
+async def test_arena_shows_the_ratings_and_uses_the_best_preset(app, checkpoints):
+    from textual.widgets import DataTable
+    from textual_plotext import PlotextPlot
+
+    from engine.arena import ratings
+    from tui_app.screens import ArenaScreen
+    other, _ = checkpoints("llama_gqa_untied")
+    model = app.model_name
+    best, middle, worst = (0.4, str(other)), (0.9, model), (1.5, model)
+    rank_presets(app.store, model, other, [(best, middle)] * 3 + [(middle, best), (middle, worst)] * 2
+                 + [(best, worst)] * 2 + [(worst, middle)])
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
+        table = app.screen.query_one(DataTable)
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        expected = ratings(app.store)
+        assert [row[1] for row in rows] == [f"temperature=0.4 @ {other}", f"temperature=0.9 @ {model}",
+                                            f"temperature=1.5 @ {model}"] == [r.preset.label for r in expected]
+        assert [row[2] for row in rows] == [f"{r.rating:.0f}" for r in expected]
+        assert rows[0][3] == f"{expected[0].low:.0f} to {expected[0].high:.0f}" and rows[0][4:] == ["7", "71%"]
+        assert "95% interval" in str(app.screen.query_one(PlotextPlot).render())
+        await pilot.press("b")   # presets by settings alone
+        await until(pilot, lambda: app.screen.rows and app.screen.rows[0].preset.model is None)
+        assert [str(table.get_row_at(i)[1]) for i in range(table.row_count)] == [
+            "temperature=0.4", "temperature=0.9", "temperature=1.5"]
+        await pilot.press("b", "b")   # by model, then back to both
+        await until(pilot, lambda: app.screen.rows and app.screen.by == "both" and app.screen.rows[0].preset.model)
+        await pilot.press("u")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        await until(pilot, lambda: app.settings.temperature == 0.4 and app.model_name == str(other))
+        assert app.screen.query_one("#set-temperature", Input).value == "0.4"
+        await until(pilot, lambda: app.lm is not None)   # the preset's model loaded
+
+
+@sync
+async def test_arena_on_an_empty_store_says_so(app):
+    from tui_app.screens import ArenaScreen
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen)
+                    and "no battles yet" in str(app.screen.query_one("#arena-note").render()))
+        await pilot.press("u")   # nothing to use: the screen stays
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ArenaScreen) and app.settings.temperature == 0.8
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
