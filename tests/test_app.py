@@ -840,3 +840,53 @@ async def test_arena_on_an_empty_store_says_so(app):
         assert isinstance(app.screen, ArenaScreen) and app.settings.temperature == 0.8
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+
+def pane_titles(screen):
+    return [str(label.render()) for label in screen.query(".pane-title")]
+
+
+@sync
+async def test_blind_compare_hides_and_shuffles_the_panes_settings_until_ranked(app):
+    import random
+
+    from engine.arena import battles
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=4)
+        screen = app.screen
+        first = screen.comparison_id
+        assert "temperature 0.3" in pane_titles(screen)[0]   # not blind: pane A runs slot A
+        screen.rng = random.Random(0)   # shuffles two panes as [1, 0]: pane A runs what slot B would
+        await pilot.press("alt+b")
+        await until(pilot, lambda: screen.comparison_id not in (None, first) and screen.replies is None)
+        assert app.store.preference("blind_compare") is True
+        assert pane_titles(screen) == ["A  (blind: shown once ranked)", "B  (blind: shown once ranked)"]
+        assert not any(box.display for box in screen.query(".pane-settings"))
+        ids = screen.message_ids
+        candidates = app.store.comparison(screen.comparison_id)["candidates"]
+        assert [m["id"] for m in candidates] == ids
+        assert [m["settings"]["temperature"] for m in candidates] == [0.7, 0.3]   # shuffled
+        rank = screen.query_one("#rank", Input)
+        rank.value = "b a"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.ranked == ids[1])
+        assert isinstance(app.screen, CompareScreen)   # it stays, to show which pane ran what
+        titles = pane_titles(screen)
+        assert "temperature 0.7" in titles[0] and "temperature 0.3" in titles[1] and app.model_name in titles[1]
+        assert all(box.display for box in screen.query(".pane-settings"))
+        # stored as any ranking: one ranking of the comparison, the pair, the battle
+        assert [r["ranks"] for r in app.store.rankings()] == [{ids[0]: 2, ids[1]: 1}]
+        assert [(p["chosen_id"], p["rejected_id"]) for p in app.store.preference_pairs()] == [(ids[1], ids[0])]
+        assert [(b.a.label, b.score) for b in battles(app.store, "settings")] == [("max_new_tokens=4 temperature=0.7", 0.0)]
+        rank.value = "a b"
+        await pilot.press("enter")   # no second ranking of the same battle
+        await pilot.pause(0.1)
+        assert len(app.store.rankings()) == 1
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        assert app.store.conversation(app.store.conversations()[0]["id"])["current_leaf"] == ids[1]
+        await pilot.press("ctrl+o")   # blind mode is remembered
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.titles)
+        assert pane_titles(app.screen)[0] == "A  (blind: shown once ranked)"
+        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
