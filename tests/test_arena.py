@@ -122,6 +122,13 @@ def test_bootstrap_intervals_hold_the_estimate_shrink_with_more_data_and_repeat(
     assert [other[n].low for n in "ABCD"] != [small[n].low for n in "ABCD"]
 
 
+def test_a_preset_missing_from_a_resample_adds_nothing_to_its_interval():
+    # E lost its one battle: about a third of the resamples leave it out, and those say nothing of it
+    # (its prior alone would put it near the mean); in the others it only lost, so it is below the mean
+    rows = by_model(rate(fights((A, B, 10, 8, 2), (B, C, 9, 7, 1), (A, C, 12, 6, 0), (D, A, 0, 1, 0))))
+    assert rows["D"].low < rows["D"].rating < rows["D"].high < 1000 and rows["D"].battles == 1
+
+
 def test_no_battles_no_table_and_bad_config_is_one_line():
     assert rate([]) == []
     with pytest.raises(ParleyError, match="--by 'pane'"):
