@@ -45,6 +45,8 @@ class ArenaConfig:
             raise ParleyError(f"--by {self.by!r} is not one of {', '.join(BY)}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 100_000:
             raise ParleyError(f"--rounds {self.rounds!r} is out of range: give a whole number from 1 to 100000")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ParleyError(f"--seed {self.seed!r} is out of range: give a whole number from 0 up")
         if not self.virtual_ties >= 0:
             raise ParleyError(f"virtual_ties = {self.virtual_ties!r} must be 0 or more")
         return self

@@ -135,6 +135,8 @@ def test_no_battles_no_table_and_bad_config_is_one_line():
         rate(fights((A, B, 1, 1, 0)), ArenaConfig(by="pane"))
     with pytest.raises(ParleyError, match="--rounds 0"):
         rate(fights((A, B, 1, 1, 0)), ArenaConfig(rounds=0))
+    with pytest.raises(ParleyError, match="--seed -1"):
+        rate(fights((A, B, 1, 1, 0)), ArenaConfig(seed=-1))
 
 
 def test_changed_settings_are_canonical_and_leave_the_seed_out():
