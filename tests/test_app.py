@@ -780,7 +780,7 @@ async def test_keys_typed_while_the_app_starts_go_to_the_prompt(app):
         assert app.screen.query_one(PromptArea).text == "hi" and app.screen.query_one("#search", Input).value == ""
 
 
-def rank_presets(store, model, other, wins):
+def rank_presets(store, wins):
     """Comparisons of two replies through the store's API: `wins` of (winner, loser) with each a
     (temperature, model) preset."""
     c = store.create_conversation("arena")
@@ -801,7 +801,7 @@ async def test_arena_shows_the_ratings_and_uses_the_best_preset(app, checkpoints
     other, _ = checkpoints("llama_gqa_untied")
     model = app.model_name
     best, middle, worst = (0.4, str(other)), (0.9, model), (1.5, model)
-    rank_presets(app.store, model, other, [(best, middle)] * 3 + [(middle, best), (middle, worst)] * 2
+    rank_presets(app.store, [(best, middle)] * 3 + [(middle, best), (middle, worst)] * 2
                  + [(best, worst)] * 2 + [(worst, middle)])
     async with app.run_test(size=(160, 50)) as pilot:
         await until(pilot, lambda: app.lm is not None)
@@ -890,3 +890,15 @@ async def test_blind_compare_hides_and_shuffles_the_panes_settings_until_ranked(
         await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.titles)
         assert pane_titles(app.screen)[0] == "A  (blind: shown once ranked)"
         await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+
+
+@sync
+async def test_arena_shows_preset_labels_as_text(app):
+    from tui_app.screens import ArenaScreen
+    odd = "[b]odd[/b]"
+    rank_presets(app.store, [((0.4, odd), (0.9, odd))] * 2 + [((0.9, odd), (0.4, odd))])
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
+        shot = app.export_screenshot()
+        assert "temperature=0.4&#160;@&#160;[b]odd[/b]" in shot and "temperature=0.9&#160;@&#160;[b]odd[/b]" in shot
