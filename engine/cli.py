@@ -247,6 +247,25 @@ def cmd_eval(args) -> None:
         print(table(rows))
 
 
+def cmd_arena(args) -> None:
+    from engine.arena import ArenaConfig, ratings, table
+    from engine.store import Store
+    config = ArenaConfig(by=args.by, rounds=args.rounds, seed=args.seed, anchor=args.anchor).check()
+    with Store() as store:
+        rows = ratings(store, config)
+    if not rows:
+        print("no battles yet: rank the candidates of a comparison in the app (Ctrl+O) whose settings or models "
+              "differ", file=sys.stderr if args.json else sys.stdout)
+    elif args.json:
+        for row in rows:
+            print(json.dumps(row.to_dict(), ensure_ascii=False))
+    else:
+        print(printable(table(rows)))
+        print(f"{sum(r.battles for r in rows) // 2} battles; Bradley-Terry, ties half a win; 95% CI from "
+              f"{config.rounds} bootstrap rounds (seed {config.seed}); "
+              + (f"{config.anchor} rated 1000" if config.anchor else "mean rating 1000"))
+
+
 def cmd_pull(args) -> None:
     import engine
     from engine import hub
@@ -357,6 +376,20 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    from engine.arena import BY, ArenaConfig
+    defaults = ArenaConfig()
+    p = sub.add_parser("arena", help="ratings of the decoding presets (and models) your rankings in the compare "
+                       "view pit against each other: Bradley-Terry, with 95%% bootstrap intervals")
+    p.add_argument("--by", choices=BY, default=defaults.by, help="what a preset is: its settings, its model, or "
+                   f"both, as 'settings @ model' (default {defaults.by})")
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="bootstrap resamples behind the intervals "
+                   f"(default {defaults.rounds})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the resampling (default "
+                   f"{defaults.seed}): the same rankings give the same table")
+    p.add_argument("--anchor", help="a preset, as the table names it, to rate 1000 (default: the mean is 1000)")
+    p.add_argument("--json", action="store_true", help="one JSON object per preset and line, best first")
+    p.set_defaults(func=cmd_arena)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write the merged model")
     p.add_argument("adapter", help="a LoRA adapter directory (adapter_config.json, adapter_model.safetensors)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, Label, Markdown, Static
 
+from engine.settings import Settings
 from engine.store import Store
 from tui_app.app import ParleyApp
 from tui_app.screens import ChatScreen, CompareScreen
@@ -777,3 +778,127 @@ async def test_keys_typed_while_the_app_starts_go_to_the_prompt(app):
         await pilot.press("h", "i")
         await pilot.pause(0.2)
         assert app.screen.query_one(PromptArea).text == "hi" and app.screen.query_one("#search", Input).value == ""
+
+
+def rank_presets(store, wins):
+    """Comparisons of two replies through the store's API: `wins` of (winner, loser) with each a
+    (temperature, model) preset."""
+    c = store.create_conversation("arena")
+    u = store.add_message(c, "user", "Hi")
+    for winner, loser in wins:
+        ids = [store.add_message(c, "assistant", "x", u, model=m, settings=Settings(temperature=t).to_dict(),
+                                 make_current=False) for t, m in (winner, loser)]
+        store.vote(store.create_comparison(c, u, ids), "best", best=ids[0])
+
+
+@sync
+async def test_arena_shows_the_ratings_and_uses_the_best_preset(app, checkpoints):
+    from textual.widgets import DataTable
+    from textual_plotext import PlotextPlot
+
+    from engine.arena import ratings
+    from tui_app.screens import ArenaScreen
+    other, _ = checkpoints("llama_gqa_untied")
+    model = app.model_name
+    best, middle, worst = (0.4, str(other)), (0.9, model), (1.5, model)
+    rank_presets(app.store, [(best, middle)] * 3 + [(middle, best), (middle, worst)] * 2
+                 + [(best, worst)] * 2 + [(worst, middle)])
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
+        table = app.screen.query_one(DataTable)
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        expected = ratings(app.store)
+        assert [row[1] for row in rows] == [f"temperature=0.4 @ {other}", f"temperature=0.9 @ {model}",
+                                            f"temperature=1.5 @ {model}"] == [r.preset.label for r in expected]
+        assert [row[2] for row in rows] == [f"{r.rating:.0f}" for r in expected]
+        assert rows[0][3] == f"{expected[0].low:.0f} to {expected[0].high:.0f}" and rows[0][4:] == ["7", "71%"]
+        assert "95% interval" in str(app.screen.query_one(PlotextPlot).render())
+        await pilot.press("b")   # presets by settings alone
+        await until(pilot, lambda: app.screen.rows and app.screen.rows[0].preset.model is None)
+        assert [str(table.get_row_at(i)[1]) for i in range(table.row_count)] == [
+            "temperature=0.4", "temperature=0.9", "temperature=1.5"]
+        await pilot.press("b", "b")   # by model, then back to both
+        await until(pilot, lambda: app.screen.rows and app.screen.by == "both" and app.screen.rows[0].preset.model)
+        await pilot.press("u")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        await until(pilot, lambda: app.settings.temperature == 0.4 and app.model_name == str(other))
+        assert app.screen.query_one("#set-temperature", Input).value == "0.4"
+        await until(pilot, lambda: app.lm is not None)   # the preset's model loaded
+
+
+@sync
+async def test_arena_on_an_empty_store_says_so(app):
+    from tui_app.screens import ArenaScreen
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen)
+                    and "no battles yet" in str(app.screen.query_one("#arena-note").render()))
+        await pilot.press("u")   # nothing to use: the screen stays
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ArenaScreen) and app.settings.temperature == 0.8
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+
+def pane_titles(screen):
+    return [str(label.render()) for label in screen.query(".pane-title")]
+
+
+@sync
+async def test_blind_compare_hides_and_shuffles_the_panes_settings_until_ranked(app):
+    import random
+
+    from engine.arena import battles
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=4)
+        screen = app.screen
+        first = screen.comparison_id
+        assert "temperature 0.3" in pane_titles(screen)[0]   # not blind: pane A runs slot A
+        screen.rng = random.Random(0)   # shuffles two panes as [1, 0]: pane A runs what slot B would
+        await pilot.press("alt+b")
+        await until(pilot, lambda: screen.comparison_id not in (None, first) and screen.replies is None)
+        assert app.store.preference("blind_compare") is True
+        assert pane_titles(screen) == ["A  (blind: shown once ranked)", "B  (blind: shown once ranked)"]
+        assert not any(box.display for box in screen.query(".pane-settings"))
+        ids = screen.message_ids
+        candidates = app.store.comparison(screen.comparison_id)["candidates"]
+        assert [m["id"] for m in candidates] == ids
+        assert [m["settings"]["temperature"] for m in candidates] == [0.7, 0.3]   # shuffled
+        rank = screen.query_one("#rank", Input)
+        rank.value = "b a"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.ranked == ids[1])
+        assert isinstance(app.screen, CompareScreen)   # it stays, to show which pane ran what
+        titles = pane_titles(screen)
+        assert "temperature 0.7" in titles[0] and "temperature 0.3" in titles[1] and app.model_name in titles[1]
+        assert all(box.display for box in screen.query(".pane-settings"))
+        # stored as any ranking: one ranking of the comparison, the pair, the battle
+        assert [r["ranks"] for r in app.store.rankings()] == [{ids[0]: 2, ids[1]: 1}]
+        assert [(p["chosen_id"], p["rejected_id"]) for p in app.store.preference_pairs()] == [(ids[1], ids[0])]
+        assert [(b.a.label, b.score) for b in battles(app.store, "settings")] == [("max_new_tokens=4 temperature=0.7", 0.0)]
+        rank.value = "a b"
+        await pilot.press("enter")   # no second ranking of the same battle
+        await pilot.pause(0.1)
+        assert len(app.store.rankings()) == 1
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        assert app.store.conversation(app.store.conversations()[0]["id"])["current_leaf"] == ids[1]
+        await pilot.press("ctrl+o")   # blind mode is remembered
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.titles)
+        assert pane_titles(app.screen)[0] == "A  (blind: shown once ranked)"
+        await until(pilot, lambda: app.screen.comparison_id and app.screen.replies is None)
+
+
+@sync
+async def test_arena_shows_preset_labels_as_text(app):
+    from tui_app.screens import ArenaScreen
+    odd = "[b]odd[/b]"
+    rank_presets(app.store, [((0.4, odd), (0.9, odd))] * 2 + [((0.9, odd), (0.4, odd))])
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
+        shot = app.export_screenshot()
+        assert "temperature=0.4&#160;@&#160;[b]odd[/b]" in shot and "temperature=0.9&#160;@&#160;[b]odd[/b]" in shot

@@ -206,6 +206,17 @@ def uses_uvicorn():
     assert "timeout_graceful_shutdown" in inspect.signature(uvicorn.Config).parameters
 
 
+def uses_textual_plotext():
+    from textual_plotext import PlotextPlot
+    plt = PlotextPlot().plt   # tui_app/screens/arena.py draws with these
+    plt.clear_figure()
+    plt.plot([1, 1], [900, 1100])
+    plt.scatter([1], [1000], marker="●")
+    plt.xticks([1], ["1"])
+    plt.xlim(0.5, 1.5)
+    plt.title("ratings")
+
+
 def uses_openai():
     import openai
     assert hasattr(openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="x").chat.completions, "create")
@@ -244,6 +255,8 @@ FIRST_WITH = {
                 "floor is the release tested", uses_uvicorn),
     "openai": ("3.57", "OpenAI(base_url=).chat.completions / .completions / .models and its error classes; the floor "
                "is the release tested", uses_openai),
+    "textual-plotext": ("1.0.1", ("PlotextPlot and its plt (clear_figure, plot, scatter, xticks, xlim, title); the "
+                                  "floor is the release tested"), uses_textual_plotext),
     "peft": ("0.21", "PeftModel.from_pretrained of a LoRA adapter onto a transformers 5 model (the release checked "
              "with transformers 5.24)", uses_peft),
 }

@@ -5,12 +5,13 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
+from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Select, Static
 
 from engine.errors import ParleyError
 from engine.settings import TEMPLATES, Settings, settings_at
 from engine.store import Store
 from engine.terminal import printable
+from tui_app.screens.arena import ArenaScreen
 from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
 from tui_app.screens.inspector import InspectorScreen
@@ -44,6 +45,7 @@ class ChatScreen(RepliesMixin, Screen):
         # not F6/F7: the prompt (a TextArea) takes them; Alt+letter reaches the screen from any widget
         Binding("alt+t", "tree", "Tree", id="tree"),
         Binding("alt+a", "toggle_archived", "Archived", show=False, id="toggle_archived"),
+        Binding("alt+r", "arena", "Arena", show=False, id="arena"),
     ]
     AUTO_FOCUS = "#prompt"   # from the first frame: keys typed while the app starts go to the prompt
     DEFAULT_CSS = """
@@ -380,6 +382,30 @@ class ChatScreen(RepliesMixin, Screen):
 
     def action_training(self) -> None:
         self.app.push_screen(TrainingScreen())
+
+    def action_arena(self) -> None:
+        self.app.push_screen(ArenaScreen(), self.use_preset)
+
+    def use_preset(self, best) -> None:
+        """The arena's best preset (an engine.arena.Rating) becomes the chat's decoding settings, and
+        its model, if it names one, the model (of the open conversation too, as a pick in Ctrl+L is)."""
+        if best is None:
+            return
+        preset = best.preset
+        if preset.settings is not None:
+            try:
+                settings = Settings.from_dict(preset.settings_dict())
+            except (ParleyError, TypeError) as e:
+                self.app.notify(f"the preset {preset.label} cannot be used: {e}", severity="error")
+                return
+            panel = self.query_one(SettingsPanel)
+            panel.show(settings)
+            panel.query_one("#strategy", Select).value = settings.strategy
+            self.app.settings = settings
+        if preset.model is not None and preset.model != self.app.model_name:
+            self.app.switch_model(preset.model)
+            self.model_picked(preset.model)
+        self.app.notify(f"using {preset.label} (rated {best.rating:.0f})")
 
     def action_models(self) -> None:
         self.app.push_screen(ModelsScreen(), self.model_picked)

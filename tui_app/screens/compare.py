@@ -1,5 +1,10 @@
-"""Compare: 2-6 candidates side by side in one batched run, then rank and flag them."""
+"""Compare: 2-6 candidates side by side in one batched run, then rank and flag them.
+
+Blind mode (Alt+B, remembered in the store) is FastChat's anonymous battle: the panes' settings and
+models are hidden, and shuffled among the panes, until the comparison is ranked; the ranking is
+stored as any other, and then the labels show which pane ran what."""
 import dataclasses
+import random
 
 from textual import on, work
 from textual.binding import Binding
@@ -28,6 +33,7 @@ class CompareScreen(RepliesMixin, Screen):
         Binding("ctrl+up", "more", "+ Pane", id="more"),
         Binding("ctrl+down", "fewer", "- Pane", id="fewer"),
         Binding("ctrl+g", "run", "Run", id="run"),
+        Binding("alt+b", "toggle_blind", "Blind", id="toggle_blind"),
     ]
     DEFAULT_CSS = """
     #panes { height: 1fr; }
@@ -44,6 +50,10 @@ class CompareScreen(RepliesMixin, Screen):
         self.init_replies()
         self.message_ids: list[str] = []
         self.comparison_id: str | None = None
+        self.blind = False           # read from the store on mount
+        self.rng = random.Random()   # which pane runs which settings, in blind mode
+        self.titles: list[str] = []  # each pane's full title: its letter, model and temperature
+        self.ranked: str | None = None   # the best candidate, once a blind comparison is ranked
 
     def pane_settings(self) -> list[Settings]:
         """Pane i: the chat's settings with its own temperature, then the pane's own overrides."""
@@ -78,10 +88,15 @@ class CompareScreen(RepliesMixin, Screen):
         yield Footer()
 
     async def on_mount(self) -> None:
+        self.blind = bool(self.app.store.preference("blind_compare", False))
         await self.action_run()
 
     async def action_run(self) -> None:
         if self.streaming:
+            return
+        if self.ranked is not None:
+            self.app.notify("this comparison is ranked: Esc goes back (the best candidate continues)",
+                            severity="warning")
             return
         if self.comparison_id:
             # a rerun (more panes, new overrides) replaces the candidates not ranked yet, rather than
@@ -90,26 +105,50 @@ class CompareScreen(RepliesMixin, Screen):
             self.comparison_id, self.message_ids = None, []
         panes = self.query_one("#panes", Horizontal)
         await panes.remove_children()
-        for i, s in enumerate(self.pane_settings()):
-            model = self.models.get(i, self.app.model_name)
-            typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(i, {}).items()]
-                             + ([f"model={self.models[i]}"] if i in self.models else []))
-            pane = Vertical(Label(printable(f"{pane_letter(i).upper()}  {model}  temperature {s.temperature}"), markup=False,
-                                  classes="pane-title"),
+        settings = self.pane_settings()
+        # pane i runs slot order[i]: the settings (and model) typed for that slot; blind mode shuffles
+        # them, so a pane's place says nothing of what it runs
+        order = self.rng.sample(range(self.n), self.n) if self.blind else list(range(self.n))
+        self.titles = []
+        for i, slot in enumerate(order):
+            model = self.models.get(slot, self.app.model_name)
+            typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(slot, {}).items()]
+                             + ([f"model={self.models[slot]}"] if slot in self.models else []))
+            self.titles.append(printable(f"{pane_letter(i).upper()}  {model}  temperature {settings[slot].temperature}"))
+            pane = Vertical(Label("", markup=False, classes="pane-title"),
                             Input(typed,
                                   placeholder="e.g. temperature=0.3 top_k=20 model=NAME (Enter runs again)",
-                                  id=f"pane-settings-{i}", classes="pane-settings"),
+                                  id=f"pane-settings-{slot}", classes="pane-settings"),
                             VerticalScroll(id=f"body-{i}"),
                             Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
             await panes.mount(pane)
+        self.show_labels()
         self.streaming = True
         self.views.clear()
-        self.run_panes(self.pane_settings())
+        self.run_panes([settings[slot] for slot in order],
+                       {i: self.models[slot] for i, slot in enumerate(order) if slot in self.models})
         self.query_one("#rank", Input).focus()
 
+    def show_labels(self) -> None:
+        """Each pane's settings and model, or in blind mode before the ranking only its letter."""
+        hidden = self.blind and self.ranked is None
+        for i, (label, box) in enumerate(zip(self.query(".pane-title").results(Label),
+                                             self.query(".pane-settings").results(Input))):
+            label.update(f"{pane_letter(i).upper()}  (blind: shown once ranked)" if hidden else self.titles[i])
+            box.display = not hidden
+        self.sub_title = "blind: settings and models hidden until ranked (Alt+B)" if hidden else ""
+
+    async def action_toggle_blind(self) -> None:
+        self.blind = not self.blind
+        self.app.store.set_preference("blind_compare", self.blind)
+        if self.blind and self.ranked is None and not self.streaming:
+            await self.action_run()   # a fresh, shuffled run: the panes seen so far are no blind battle
+        else:
+            self.show_labels()
+
     @work(thread=True, exclusive=True, group="compare")
-    def run_panes(self, settings: list[Settings]) -> None:
-        stream_replies(self, self.conversation_id, self.parent_id, settings, self.models)
+    def run_panes(self, settings: list[Settings], models: dict[int, str]) -> None:
+        stream_replies(self, self.conversation_id, self.parent_id, settings, models)
 
     async def mount_replies(self, replies, messages: list[dict]) -> None:
         self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
@@ -137,10 +176,13 @@ class CompareScreen(RepliesMixin, Screen):
     def action_close(self) -> None:
         if self.replies is not None:
             self.replies.cancel()
-        self.dismiss(None)
+        self.dismiss(self.ranked)
 
     @on(Input.Submitted, "#rank")
     def save_ranking(self, event: Input.Submitted) -> None:
+        if self.ranked is not None:
+            self.app.notify("this comparison is ranked already: Esc goes back", severity="warning")
+            return
         if self.streaming or not self.comparison_id:
             self.app.notify("wait for every pane to finish (Ctrl+S stops them)", severity="warning")
             return
@@ -154,6 +196,11 @@ class CompareScreen(RepliesMixin, Screen):
             flag = self.query_one(f"#flag-{i}", Select).value
             if isinstance(flag, str):
                 store.flag(mid, flag)
+        if self.blind:   # the reveal: which pane ran what, before going back
+            self.ranked = best
+            self.show_labels()
+            self.app.notify("ranking saved: each pane now shows its settings and model; Esc goes back")
+            return
         self.app.notify("ranking saved")
         self.dismiss(best)
 
