@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoint import SINGLE, check_tensors, read_json, read_tensors, write_tensors
+from engine.checkpoint import (
+    SINGLE,
+    check_tensors,
+    read_json,
+    read_tensors,
+    write_tensors,
+)
 from engine.errors import ParleyError
 from engine.files import output_dir, write_json
 
@@ -129,7 +135,7 @@ class Word2Vec(nn.Module):
         if loss == "hierarchical":
             codes, points = huffman(self.counts.tolist())
             longest = max(map(len, codes))
-            pad = lambda rows: torch.tensor([r + [0] * (longest - len(r)) for r in rows])  # noqa: E731
+            pad = lambda rows: torch.tensor([r + [0] * (longest - len(r)) for r in rows])
             self.register_buffer("codes", pad(codes).float(), persistent=False)
             self.register_buffer("points", pad(points), persistent=False)
             self.register_buffer("path_mask", pad([[1] * len(c) for c in codes]).float(), persistent=False)
@@ -233,6 +239,5 @@ def write_text_format(path: Path, words: list[str], vectors: torch.Tensor) -> No
     rows = vectors.float().cpu().numpy()
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"{rows.shape[0]} {rows.shape[1]}\n")
-        for word, row in zip(words, rows):
-            f.write(word + " " + " ".join(f"{x:.9g}" for x in row.tolist()) + "\n")
+        f.writelines(word + " " + " ".join(f"{x:.9g}" for x in row.tolist()) + "\n" for word, row in zip(words, rows))
 

@@ -133,7 +133,7 @@ def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
 
 def run(c: Word2VecConfig, store=None) -> Word2Vec:
     """`parley train word2vec`; nothing goes to the store."""
-    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    log = lambda line: print(line, file=sys.stderr)
     model = train_word2vec(c, log)
     model.save(c.out, sample=c.sample, min_count=c.min_count, epochs=c.epochs, seed=c.seed)
     log(f"wrote {c.out}: {len(model.words)} words x {c.dim} (vectors.txt is the word2vec text format)")
