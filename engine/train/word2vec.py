@@ -21,7 +21,7 @@ from engine.train.config import Word2VecConfig
 
 DEFAULT_LR = {"skipgram": 0.025, "cbow": 0.05}
 MIN_LR_RATIO = 1e-4   # word2vec.c's floor: the rate never quite reaches 0
-MAX_RATE = 1.0
+MAX_RATE = 1.0       # the most one batch may move a vector, in units of its gradients' mean (sgd_step)
 
 
 def sentences_of(examples) -> list[list[str]]:
@@ -77,22 +77,24 @@ def epoch_examples(ids: torch.Tensor, sentence: torch.Tensor, keep: torch.Tensor
 
 
 def sgd_step(model: Word2Vec, lr: float) -> None:
-    """Move each vector a batch used by lr x the mean of its examples' gradients.
+    """Move each vector a batch used by lr x the sum of its examples' gradients, the rate capped at
+    MAX_RATE / uses for a vector the batch used more than MAX_RATE / lr times.
 
     word2vec.c updates after every example, so a word seen n times moves n small steps, each seeing
-    the last. Summing n gradients into one step instead overshoots: a frequent word in a batch of
-    thousands moves hundreds of steps at once, and training diverges. The mean is one example's
-    step for a word seen once per batch (most words), and stays one step for the rest, whatever the
-    batch size. The embeddings' sparse gradients hold one row per lookup (uncoalesced), so the
-    lookups that contributed (a non-zero row: padding contributes zeros) are counted from them.
+    the last; their sum is one example's step each, which a batch gives as long as lr x n is small
+    (nearly every word of a real vocabulary). A word a batch holds hundreds of times (a tiny
+    vocabulary, or "the" as a negative) would move hundreds of steps at once, blind to each other,
+    and training diverges: so its steps together move it at most a rate of MAX_RATE. The
+    embeddings' sparse gradients hold one row per lookup (uncoalesced), so the uses are counted
+    from them (a row of zeros is padding: a CBOW window's empty places, a short Huffman path's end).
     """
     with torch.no_grad():
         for p in model.parameters():
-            rows, grads = p.grad._indices()[0], p.grad._values()
-            uses = torch.zeros(p.shape[0], device=p.device).index_add_(0, rows, grads.ne(0).any(1).float())
+            lookups, grads = p.grad._indices()[0], p.grad._values()
+            uses = torch.zeros(p.shape[0], device=p.device).index_add_(0, lookups, grads.ne(0).any(1).float())
             summed = p.grad.coalesce()
             rows = summed.indices()[0]
-            rate = torch.clamp(MAX_RATE / (lr * uses[rows]).clamp(min=1e-12), max=1.0) * lr
+            rate = torch.minimum(torch.full_like(uses[rows], lr), MAX_RATE / uses[rows].clamp(min=1))
             p.index_add_(0, rows, summed.values() * rate[:, None], alpha=-1)
             p.grad = None
 
