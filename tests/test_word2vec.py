@@ -125,6 +125,13 @@ def test_hierarchical_softmax_is_a_distribution_over_the_words():
     assert torch.exp(-loss).sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_cbow_input_is_the_mean_of_the_window_s_words():
+    model = Word2Vec(["a", "b", "c", "d"], [4, 3, 2, 1], dim=3, architecture="cbow")
+    v = model.input.weight.detach()
+    h = model.hidden(torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(h, torch.stack([(v[1] + v[2]) / 2, v[3]]))
+
+
 def test_huffman_codes_by_hand():
     # word2vec.c's tree for counts 5 3 2 1: (2, 1) join as inner node 0 (sum 3, 2 on the 1 branch);
     # then that node (3, taken before the leaf 3 on a tie) and 3 as node 1, word 3 on the 1 branch;
