@@ -113,15 +113,15 @@ def hierarchical_softmax_loss(h: torch.Tensor, nodes: torch.Tensor, codes: torch
 
 
 class Word2Vec(nn.Module):
-    """The two tables and the loss of a batch. `words` and `counts` are the vocabulary, most frequent first."""
+    """The two tables and the loss of a batch. `vocab` and `counts` are the words, most frequent first."""
 
-    def __init__(self, words: list[str], counts, dim: int, architecture: str = "skipgram", loss: str = "negative",
+    def __init__(self, vocab: list[str], counts, dim: int, architecture: str = "skipgram", loss: str = "negative",
                  window: int = 5, negative: int = 5, seed: int = 0):
         super().__init__()
         if architecture not in ARCHITECTURES or loss not in LOSSES:
             raise ParleyError(f"word2vec: architecture {architecture!r} and loss {loss!r}: use one of "
                               f"{', '.join(ARCHITECTURES)} and one of {', '.join(LOSSES)}")
-        self.words, self.counts = list(words), torch.tensor(np.asarray(counts, dtype=np.int64))
+        self.words, self.counts = list(vocab), torch.tensor(np.asarray(counts, dtype=np.int64))
         self.index = {w: i for i, w in enumerate(self.words)}
         self.dim, self.architecture, self.loss, self.window, self.negative = dim, architecture, loss, window, negative
         v = len(self.words)

@@ -104,7 +104,6 @@ def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
     sentences = sentences_of(train)
     vocab, counts = vocabulary(sentences, c.min_count)
     device = pick_device(c.device)
-    torch.manual_seed(c.seed)
     model = Word2Vec(vocab, counts, c.dim, c.architecture, c.loss, c.window, c.negative, c.seed).to(device)
     ids, sentence = encode(sentences, model.index)
     keep = torch.from_numpy(keep_probability(np.asarray(counts, dtype=np.float64), c.sample)).float()
