@@ -67,7 +67,7 @@ def train(data: Path, architecture="skipgram", loss="negative", **kw) -> Word2Ve
     # vocabularies, and on 50 words it leaves CBOW with hierarchical softmax missing some analogies
     settings = {"lr": 0.025, "dim": 16, "window": 2, "sample": 0, "min_count": 1, "epochs": 5, "batch_size": 256} | kw
     return train_word2vec(Word2VecConfig(out="unused", data=str(data), architecture=architecture, loss=loss,
-                                         **settings), log=lambda line: None)
+                                         **settings), quiet=True)
 
 
 # -- text into words, and the counts --

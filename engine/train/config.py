@@ -129,8 +129,8 @@ class Word2VecConfig:
     Over words, not a tokenizer's ids (engine/models/word2vec.py says how text becomes words). Each
     epoch sub-samples frequent words afresh, draws each centre word's window size in 1 … window (so
     near words count more, as in word2vec.c) and takes shuffled batches of pairs; plain SGD on the
-    summed loss with the rate decaying linearly to 0, word2vec.c's schedule. Sentences are the
-    corpus's lines or messages: no window crosses one's end.
+    summed loss (capped for a word a batch holds very often) with the rate decaying linearly to 0,
+    word2vec.c's schedule. Sentences are the corpus's lines or messages: no window crosses one's end.
     """
     mode: ClassVar[str] = "word2vec"
     out: str = option(None, "output directory", required=True)

@@ -18,6 +18,7 @@ from engine.device import pick_device
 from engine.errors import ParleyError
 from engine.models.word2vec import Word2Vec, keep_probability, words
 from engine.train.config import Word2VecConfig
+from engine.train.progress import StepProgress
 
 DEFAULT_LR = {"skipgram": 0.025, "cbow": 0.05}
 MIN_LR_RATIO = 1e-4   # word2vec.c's floor: the rate never quite reaches 0
@@ -99,7 +100,11 @@ def sgd_step(model: Word2Vec, lr: float) -> None:
             p.grad = None
 
 
-def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
+def train_word2vec(c: Word2VecConfig, quiet: bool = False) -> Word2Vec:
+    """The trained model; unless `quiet`, a line per epoch and each epoch's progress on stderr."""
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
     train, _ = data.load(c.data)
     sentences = sentences_of(train)
     vocab, counts = vocabulary(sentences, c.min_count)
@@ -118,6 +123,7 @@ def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
             raise ParleyError("no word has a neighbour within --window after sub-sampling: add data, widen "
                               "--window or lower --sample")
         steps, total = math.ceil(len(target) / c.batch_size), 0.0
+        progress_bar = None if quiet else StepProgress(steps, 0, ("loss", "lr"))
         for step in range(steps):
             # linear decay over all epochs, as word2vec.c decays over the words it has read
             progress = (epoch + step / steps) / c.epochs
@@ -125,8 +131,14 @@ def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
             loss = model(context[batch].to(device), target[batch].to(device),
                          None if mask is None else mask[batch].to(device), noise).sum()
             loss.backward()
-            sgd_step(model, lr * max(MIN_LR_RATIO, 1 - progress))
-            total += loss.item()
+            rate = lr * max(MIN_LR_RATIO, 1 - progress)
+            sgd_step(model, rate)
+            value = loss.item()
+            total += value
+            if progress_bar is not None:
+                progress_bar.show(step + 1, {"loss": value / len(target[batch]), "lr": rate})
+        if progress_bar is not None:
+            progress_bar.close()
         log(f"epoch {epoch + 1}/{c.epochs}: loss {total / len(target):.4f} per "
             f"{'pair' if c.architecture == 'skipgram' else 'centre word'} ({len(target)})")
     return model
@@ -134,8 +146,7 @@ def train_word2vec(c: Word2VecConfig, log=print) -> Word2Vec:
 
 def run(c: Word2VecConfig, store=None) -> Word2Vec:
     """`parley train word2vec`; nothing goes to the store."""
-    log = lambda line: print(line, file=sys.stderr)
-    model = train_word2vec(c, log)
+    model = train_word2vec(c)
     model.save(c.out, sample=c.sample, min_count=c.min_count, epochs=c.epochs, seed=c.seed)
-    log(f"wrote {c.out}: {len(model.words)} words x {c.dim} (vectors.txt is the word2vec text format)")
+    print(f"wrote {c.out}: {len(model.words)} words x {c.dim} (vectors.txt is the word2vec text format)", file=sys.stderr)
     return model
