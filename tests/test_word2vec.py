@@ -3,6 +3,7 @@ and the text format against gensim."""
 import heapq
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,13 @@ from engine.models.word2vec import (
     words,
 )
 from engine.train.config import Word2VecConfig
-from engine.train.word2vec import encode, epoch_examples, train_word2vec, vocabulary
+from engine.train.word2vec import (
+    encode,
+    epoch_examples,
+    sentences_of,
+    train_word2vec,
+    vocabulary,
+)
 
 COMBOS = [("skipgram", "negative"), ("skipgram", "hierarchical"), ("cbow", "negative"), ("cbow", "hierarchical")]
 LETTERS = "abcdefghijkl"   # names without digits: digits are not part of words
@@ -75,6 +82,12 @@ def train(data: Path, architecture="skipgram", loss="negative", **kw) -> Word2Ve
 def test_words_are_lower_cased_letters():
     assert words("Don't STOP: it's 42 o'clock, café-au-lait!") == ["don't", "stop", "it's", "o'clock", "café", "au",
                                                                   "lait"]
+
+
+def test_sentences_are_lines_or_messages():
+    conversation = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "42"},
+                    {"role": "assistant", "content": "Hello, you."}]
+    assert sentences_of(["One line.", conversation]) == [["one", "line"], ["hi", "there"], ["hello", "you"]]
 
 
 def test_vocabulary_most_frequent_first_with_min_count():
@@ -290,6 +303,10 @@ def test_bad_input_is_one_line(saved, tmp_path, monkeypatch):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     refused("similar", "wordma", "--model", tmp_path / "llama", words=["'llama'", "not a word2vec model"])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved, damaged)
+    (damaged / "vocab.json").write_text('{"words": ["a"], "counts": [1]}')
+    refused("similar", "wordma", "--model", damaged, words=["vocab.json", "vocab_size"])
     refused("train", "word2vec", "--data", saved.parent / "corpus.txt", "--out", tmp_path / "o", "--min-count",
             "100000", words=["--min-count 100000", "lower --min-count"])
     refused("train", "word2vec", "--data", saved.parent / "corpus.txt", "--out", tmp_path / "o", "--sample", "2",
