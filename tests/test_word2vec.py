@@ -25,6 +25,7 @@ from engine.train.word2vec import (
     encode,
     epoch_examples,
     sentences_of,
+    sgd_step,
     train_word2vec,
     vocabulary,
 )
@@ -170,6 +171,22 @@ def test_huffman_codes_are_optimal_and_prefix_free():
         strings = ["".join(map(str, code)) for code in codes]
         assert not any(a != b and b.startswith(a) for a in strings for b in strings)
         assert all(p[0] == len(counts) - 2 and max(p) <= len(counts) - 2 for p in points)
+
+
+def test_sgd_step_sums_each_row_s_gradients_with_its_rate_capped():
+    model = Word2Vec(["a", "b", "c"], [3, 2, 1], dim=2)
+    before = model.input.weight.detach().clone()
+    # row 0 looked up three times with gradient (1, 1) and once as padding (gradient 0), row 1 once
+    # with (2, 0), row 2 only as padding
+    weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+    (model.input(torch.tensor([0, 0, 0, 0, 1, 2])) * weights).sum().backward()
+    sgd_step(model, 0.1)   # 0.1 x 3 uses < 1: plain SGD on the summed gradients
+    torch.testing.assert_close(before - model.input.weight.detach(), torch.tensor([[0.3, 0.3], [0.2, 0.0], [0, 0]]))
+    before = model.input.weight.detach().clone()
+    (model.input(torch.tensor([0, 0, 0, 0, 1, 2])) * weights).sum().backward()
+    sgd_step(model, 0.5)   # row 0: 0.5 x 3 uses > 1, so its rate is 1 / 3: it moves one mean gradient
+    torch.testing.assert_close(before - model.input.weight.detach(), torch.tensor([[1.0, 1.0], [1.0, 0.0], [0, 0]]))
+    assert model.input.weight.grad is None
 
 
 # -- windows and sub-sampling --

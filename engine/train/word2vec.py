@@ -91,12 +91,12 @@ def sgd_step(model: Word2Vec, lr: float) -> None:
     """
     with torch.no_grad():
         for p in model.parameters():
+            if p.grad is None:
+                continue
             lookups, grads = p.grad._indices()[0], p.grad._values()
             uses = torch.zeros(p.shape[0], device=p.device).index_add_(0, lookups, grads.ne(0).any(1).float())
-            summed = p.grad.coalesce()
-            rows = summed.indices()[0]
-            rate = torch.minimum(torch.full_like(uses[rows], lr), MAX_RATE / uses[rows].clamp(min=1))
-            p.index_add_(0, rows, summed.values() * rate[:, None], alpha=-1)
+            rate = torch.clamp(MAX_RATE / uses.clamp(min=1), max=lr)
+            p.index_add_(0, lookups, grads * rate[lookups, None], alpha=-1)   # adds up repeated rows: no coalescing sort
             p.grad = None
 
 
