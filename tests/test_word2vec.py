@@ -271,6 +271,17 @@ def test_saved_model_loads_as_trained(saved):
     assert model.analogy("wordma", "wordfa", "wordmb", 1)[0][0] == "wordfb"
 
 
+@pytest.mark.parametrize("architecture,loss", COMBOS)
+def test_save_and_load_give_back_both_tables(tmp_path, architecture, loss):
+    model = train(neighbours_corpus(tmp_path / "corpus.txt", n=300), architecture, loss, epochs=1)
+    model.save(tmp_path / "model")
+    loaded = Word2Vec.load(tmp_path / "model")
+    assert (loaded.words, loaded.counts.tolist()) == (model.words, model.counts.tolist())
+    assert (loaded.architecture, loaded.loss, loaded.window) == (architecture, loss, 2)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
 def test_gensim_reads_the_text_format_as_the_same_vectors(saved):
     from gensim.models import KeyedVectors
     model = Word2Vec.load(saved)
