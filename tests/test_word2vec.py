@@ -189,6 +189,23 @@ def test_sgd_step_sums_each_row_s_gradients_with_its_rate_capped():
     assert model.input.weight.grad is None
 
 
+def test_huffman_codes_and_keep_probabilities_match_gensim():
+    # distinct counts: on ties gensim's heap and word2vec.c's two queues may pick different nodes
+    from gensim.models import Word2Vec as GensimWord2Vec
+    r = random.Random(0)
+    counts = sorted(r.sample(range(1, 400), 30), reverse=True)
+    names = [f"w{LETTERS[i // 12]}{LETTERS[i % 12]}" for i in range(30)]
+    reference = GensimWord2Vec(vector_size=4, min_count=1, sample=0.01, hs=1, negative=0, workers=1)
+    reference.build_vocab([[name] * c for name, c in zip(names, counts)])
+    kv = reference.wv
+    assert list(kv.index_to_key) == names
+    codes, points = huffman(counts)
+    assert codes == [kv.get_vecattr(name, "code").tolist() for name in names]
+    assert points == [kv.get_vecattr(name, "point").tolist() for name in names]
+    kept = np.array([kv.get_vecattr(name, "sample_int") for name in names]) / 2**32   # gensim keeps p x 2^32
+    np.testing.assert_allclose(keep_probability(np.array(counts, dtype=float), 0.01), kept, atol=1e-9)
+
+
 # -- windows and sub-sampling --
 
 def test_pairs_stay_inside_windows_and_sentences():
