@@ -276,9 +276,13 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("w2v")
     data, out = analogy_corpus(root / "corpus.txt"), root / "model"
     from engine.cli import main
+    before = torch.get_num_threads()   # set up before the function fixtures: one_thread is not yet on
     torch.set_num_threads(1)
-    assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
-                 "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
+    try:
+        assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
+                     "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
