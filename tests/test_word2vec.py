@@ -278,11 +278,15 @@ def saved(tmp_path_factory):
     from engine.cli import main
     before = torch.get_num_threads()   # set up before the function fixtures: one_thread is not yet on
     torch.set_num_threads(1)
+    home = root / "home"
     try:
-        assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
-                     "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PARLEY_HOME", str(home))
+            assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
+                         "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
     finally:
         torch.set_num_threads(before)
+    assert not home.exists()   # like ngram's, a word2vec run is not recorded in the store
     return out
 
 
