@@ -191,7 +191,7 @@ def cmd_train(args) -> None:
     config = config_from_args(configs.CONFIGS[args.mode], args)
     configs.validate(config)   # before the store opens: a refused run leaves no trace
     # under torchrun only the first process records the run
-    if args.no_store or args.mode in ("tokenizer", "ngram") or os.environ.get("RANK", "0") != "0":
+    if args.no_store or args.mode in ("tokenizer", "ngram", "word2vec") or os.environ.get("RANK", "0") != "0":
         configs.run(config)
     else:
         from engine.store import Store
@@ -214,6 +214,28 @@ def cmd_merge(args) -> None:
     lm = lora.load(path, device=args.device, dtype=args.dtype or "float32")
     lm.save(args.out)
     print(f"wrote {args.out}: {lm.config['model_type']} with the adapter of {path} merged", file=sys.stderr)
+
+
+def cmd_similar(args) -> None:
+    from engine.models.word2vec import Word2Vec
+    check_top(args.top)
+    print_neighbours(Word2Vec.load(args.model).similar(args.word, args.top))
+
+
+def cmd_analogy(args) -> None:
+    from engine.models.word2vec import Word2Vec
+    check_top(args.top)
+    print_neighbours(Word2Vec.load(args.model).analogy(args.a, args.b, args.c, args.top))
+
+
+def check_top(top: int) -> None:
+    if top < 1:
+        raise ParleyError(f"--top {top} is out of range: it must be 1 or more")
+
+
+def print_neighbours(rows: list[tuple[str, float]]) -> None:
+    for word, cosine in rows:
+        print(f"{printable(word)}\t{cosine:.4f}")
 
 
 def cmd_score(args) -> None:
@@ -336,7 +358,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from engine.train.config import CONFIGS
-    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, a language model (pretrain, sft), a reward "
+    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, word vectors (word2vec), a language model (pretrain, sft), a reward "
                        "model (rm) or fine-tune against preferences (dpo, ppo, rloo, grpo)")
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
     for mode, config_class in CONFIGS.items():
@@ -396,6 +418,20 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory of the merged model")
     add_model_options(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("similar", help="a word2vec model's nearest words to WORD, by cosine")
+    p.add_argument("word")
+    p.add_argument("--model", required=True, help="a word2vec directory (what `parley train word2vec` writes)")
+    p.add_argument("--top", type=int, default=10, help="how many words (default 10)")
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("analogy", help="A is to B as C is to ?: a word2vec model's nearest words to B - A + C "
+                       "(3CosAdd; A, B and C left out)")
+    for name in ("a", "b", "c"):
+        p.add_argument(name, metavar=name.upper())
+    p.add_argument("--model", required=True, help="a word2vec directory (what `parley train word2vec` writes)")
+    p.add_argument("--top", type=int, default=10, help="how many words (default 10)")
+    p.set_defaults(func=cmd_analogy)
 
     p = sub.add_parser("score", help="score replies with a reward model, one line per input line")
     p.add_argument("--reward-model", required=True)

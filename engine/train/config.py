@@ -6,7 +6,7 @@ field has a flag and nothing is listed twice.
     tokenizer  TokenizerConfig      pretrain  PretrainConfig     rm    RewardModelConfig
     ngram      NGramConfig          sft       SFTConfig          dpo   DPOConfig
     ppo        PPOConfig            rloo      RLOOConfig         grpo  GRPOConfig
-    mlm        MLMConfig (BERT)
+    mlm        MLMConfig (BERT)       word2vec  Word2VecConfig
 
 `TRAINERS` names the function that runs each mode on its config (imported only when run, so
 reading a config imports no torch).
@@ -125,6 +125,36 @@ class MLMConfig(StepsConfig):
 
 
 @dataclass
+class Word2VecConfig:
+    """word2vec word vectors: skip-gram or CBOW, negative sampling or hierarchical softmax (engine/train/word2vec.py).
+
+    Over words, not a tokenizer's ids (engine/models/word2vec.py says how text becomes words). Each
+    epoch sub-samples frequent words afresh, draws each centre word's window size in 1 … window (so
+    near words count more, as in word2vec.c) and takes shuffled batches of pairs; plain SGD on the
+    summed loss (capped for a word a batch holds very often) with the rate decaying linearly to 0,
+    word2vec.c's schedule. Sentences are the corpus's lines or messages: no window crosses one's end.
+    """
+    mode: ClassVar[str] = "word2vec"
+    out: str = option(None, "output directory", required=True)
+    data: str | None = option(None, "chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    architecture: str = option("skipgram", "skipgram: a word predicts its neighbours; cbow: the neighbours' mean "
+                               "predicts the word", choices=("skipgram", "cbow"))
+    loss: str = option("negative", "negative sampling or hierarchical softmax (over the Huffman tree of the counts)",
+                       choices=("negative", "hierarchical"))
+    dim: int = option(100, "vector size")
+    window: int = option(5, "the most words either side of the centre word")
+    negative: int = option(5, "noise words per pair (negative sampling)")
+    sample: float = option(1e-3, "sub-sampling threshold: words more frequent than this are dropped at random "
+                           "(0: keep all)", rule="fraction")
+    min_count: int = option(5, "words seen fewer times than this are left out")
+    epochs: int = option(5, "passes over the corpus")
+    lr: float | None = option(None, "starting learning rate (default 0.025 for skipgram, 0.05 for cbow, as word2vec)")
+    batch_size: int = option(1024, "pairs (skipgram) or centre words (cbow) per SGD step")
+    seed: int = option(0, "random seed: the run is a pure function of it", rule="seed")
+    device: str | None = option(None, "cpu, cuda or mps (default: the best available)")
+
+
+@dataclass
 class PreferenceConfig(StepsConfig):
     """What the reward model and DPO share: the pairs, read as whole prompts in one length."""
     prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
@@ -226,13 +256,13 @@ class GRPOConfig(GroupConfig):
     kl_estimator: str = option("k3", "KL estimator", choices=("k1", "k3"))
 
 
-CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, MLMConfig, RewardModelConfig,
-                               DPOConfig, PPOConfig, RLOOConfig, GRPOConfig)}
+CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, MLMConfig, Word2VecConfig,
+                               RewardModelConfig, DPOConfig, PPOConfig, RLOOConfig, GRPOConfig)}
 
 # mode: (module, function); each function takes (config, store) and returns what it trained
 TRAINERS = {"tokenizer": ("engine.train.tokenizer", "run"), "ngram": ("engine.train.ngram", "run"),
             "pretrain": ("engine.train.trainer", "train"), "sft": ("engine.train.trainer", "train"),
-            "mlm": ("engine.train.mlm", "train_mlm"),
+            "mlm": ("engine.train.mlm", "train_mlm"), "word2vec": ("engine.train.word2vec", "run"),
             "rm": ("engine.rlhf.reward_model", "train_reward_model"), "dpo": ("engine.rlhf.dpo", "train_dpo"),
             "ppo": ("engine.rlhf.ppo", "train_ppo"), "rloo": ("engine.rlhf.group", "train_group"),
             "grpo": ("engine.rlhf.group", "train_group")}
