@@ -2,9 +2,10 @@
 import json
 import threading
 import time
-
 import urllib.error
 import urllib.request
+from dataclasses import replace
+
 import openai
 import pytest
 
@@ -290,3 +291,61 @@ def test_concurrent_http_requests_each_get_their_own_reply(client, lm):
     for t in threads:
         t.join()
     assert replies == {s: alone(lm, HELLO, max_new_tokens=20 + s % 4, seed=s).text for s in seeds}
+
+
+# -- Mirostat: mu is carried per row across steps, as a Generation carries it -----------------------
+MIROSTAT = {"mirostat_tau": 2.0, "mirostat_eta": 0.5}   # low enough that mu cuts this model's distributions
+
+
+def test_mirostat_rows_get_what_they_get_alone_while_others_join_and_leave(lm):
+    """A (Mirostat) runs; C (no Mirostat, short) joins at A's step 1 and leaves first; B (Mirostat,
+    other tau) joins at A's step 4. Each row's mu must follow it through the joins and the drop."""
+    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in
+               ["Tell me about the sea.", "What do you like to read on a rainy afternoon?", "Hi"]]
+    settings = [Settings(**PLAIN, seed=11, max_new_tokens=24, **MIROSTAT),
+                Settings(**PLAIN, seed=5, max_new_tokens=18, mirostat_tau=3.0, mirostat_eta=0.3),
+                Settings(**PLAIN, seed=2, max_new_tokens=6)]
+    expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
+    # mu does cut: without Mirostat the same seed draws other tokens
+    assert expected[0] != generate(lm, prompts[0], replace(settings[0], mirostat_tau=0.0))[0].token_ids
+    batcher = Batcher(lm)
+    results, widest = {}, [0]
+
+    def job(i, join_at=None):
+        def emit(event):
+            widest[0] = max(widest[0], len(batcher.rows))
+            if isinstance(event, Token) and join_at and event.step in join_at:
+                batcher.submit(job(join_at[event.step]))
+            if isinstance(event, Finished):
+                results[i] = event.token_ids
+        return Job(prompts[i], [settings[i]], emit)
+
+    batcher.submit(job(0, {1: 2, 4: 1}))
+    while batcher.busy:
+        batcher.step()
+    assert widest[0] == 3
+    assert [results[i] for i in range(3)] == expected
+
+
+def test_a_served_mirostat_reply_is_parley_generates(client, lm):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, seed=9, n=2,
+                                           extra_body=MIROSTAT)
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts == [alone(lm, HELLO, max_new_tokens=20, seed=9 + i, **MIROSTAT).text for i in range(2)]
+    assert texts[0] != alone(lm, HELLO, max_new_tokens=20, seed=9).text
+
+
+def test_dry_in_a_served_request_uses_the_sequence_breakers(lm):
+    """DRY's breakers come from the tokenizer's token texts: a served row must have them as a Generation
+    does. Greedy on this model repeats "ik ik"; "k" as a breaker keeps DRY off that repeat."""
+    prompt = lm.tokenizer.encode("a b a b a b a b a")
+    dry = Settings(**{**PLAIN, "temperature": 0.0}, max_new_tokens=40, dry_multiplier=5.0, dry_allowed_length=1,
+                   dry_sequence_breakers=["k"])
+    expected = generate(lm, prompt, dry)[0].token_ids
+    assert expected != generate(lm, prompt, replace(dry, dry_sequence_breakers=[]))[0].token_ids
+    got = {}
+    batcher = Batcher(lm)
+    batcher.submit(Job(prompt, [dry], lambda e: got.setdefault("ids", e.token_ids) if isinstance(e, Finished) else 0))
+    while batcher.busy:
+        batcher.step()
+    assert got["ids"] == expected

@@ -206,9 +206,6 @@ def _settings(body: dict, n: int, room: int, max_tokens: int) -> list[Settings]:
         if values.get(name, neutral) != neutral:
             raise ApiError(400, f"{name} = {values[name]!r}: parley serve samples or decodes greedily, beam search "
                                 "runs in `parley generate`", param=name)
-    if values.get("mirostat_tau"):   # its per-row state across steps is kept by `parley generate` and the app only
-        raise ApiError(400, f"mirostat_tau = {values['mirostat_tau']!r}: parley serve does not keep Mirostat's state "
-                            "yet; use it in `parley generate` or the app", param="mirostat_tau")
     tokens = values["max_new_tokens"]
     if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > max_tokens:
         raise ApiError(400, f"{given} = {tokens} is more than this server gives a reply ({max_tokens}): ask for fewer, "
