@@ -12,7 +12,7 @@ import pytest
 import engine
 from engine.cli import main
 from engine.errors import ParleyError
-from engine.generate import Finished, Token, generate
+from engine.generate import Finished, Generation, Token, generate
 from engine.serve.app import Server, ServeConfig
 from engine.serve.batcher import Batcher, Job
 from engine.settings import Settings
@@ -143,6 +143,51 @@ def test_logprobs_are_the_models(client, lm):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [t.token for t in entry.top_logprobs] == [lm.tokenizer.decode([t], skip_special_tokens=False)
                                                          for t in top.indices.tolist()]
+
+
+def test_stop_top_p_and_max_completion_tokens(client, lm):
+    """The OpenAI names the other tests leave out: stop cuts the reply where the engine's does."""
+    settings = dict(max_new_tokens=30, seed=13, top_p=0.8)
+    full = alone(lm, HELLO, **settings).text
+    stop = full[4:7]
+    assert len(full) > 10 and full.index(stop) >= 1 and stop.strip()
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=30, seed=13,
+                                           top_p=0.8, stop=[stop])
+    expected = alone(lm, HELLO, **settings, stop=[stop])
+    assert reply.choices[0].message.content == expected.text == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    # top_p counts: at 1 the same seed draws another reply
+    assert full != alone(lm, HELLO, **{**settings, "top_p": 1.0}).text
+    short = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=5, seed=13,
+                                           extra_body={"min_new_tokens": 5})
+    assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+
+
+def test_completions_logprobs_are_the_models(client, lm):
+    import torch
+    reply = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, seed=8, logprobs=2)
+    prompt = lm.tokenizer.encode("Once upon a time")
+    ids = generate(lm, prompt, Settings(**PLAIN, max_new_tokens=6, seed=8))[0].token_ids
+    with torch.no_grad():
+        logprobs = lm.logits(torch.tensor([prompt + ids]))[0].log_softmax(-1)
+    got = reply.choices[0].logprobs
+    pieces = [lm.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert got.tokens == pieces and len(got.token_logprobs) == len(ids)
+    for i, token in enumerate(ids):
+        row = logprobs[len(prompt) - 1 + i]
+        assert got.token_logprobs[i] == pytest.approx(row[token].item(), abs=1e-4)
+        top = row.topk(2)
+        # one key per text: of two tokens that read the same (byte pieces show as U+FFFD), the likelier
+        best = {}
+        for t, value in zip(top.indices.tolist(), top.values.tolist()):
+            best.setdefault(lm.tokenizer.decode([t], skip_special_tokens=False), value)
+        assert list(got.top_logprobs[i]) == list(best)
+        assert list(got.top_logprobs[i].values()) == pytest.approx(list(best.values()), abs=1e-4)
+    # offsets into the reply's text: a byte piece's text waits for the rest of its character
+    texts = [e.text for e in Generation(lm, prompt, [Settings(**PLAIN, max_new_tokens=6, seed=8)])
+             if isinstance(e, Token)]
+    assert got.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
+    assert reply.choices[0].text == "".join(texts)
 
 
 def test_bad_settings_are_400_naming_them(client):

@@ -260,7 +260,16 @@ def completion_logprobs(tokens: list[Token], offset: int = 0) -> dict:
         offsets.append(at)
         at += len(t.text)
     return {"tokens": [t.piece for t in tokens], "token_logprobs": [_lp(t.logprob) for t in tokens],
-            "top_logprobs": [{a.text: _lp(a.prob) for a in t.top_before} for t in tokens], "text_offset": offsets}
+            "top_logprobs": [_by_text(t.top_before) for t in tokens], "text_offset": offsets}
+
+
+def _by_text(alternatives) -> dict:
+    """{text: logprob}, most likely first; tokens that read the same (byte pieces of one character
+    show as U+FFFD) share a key, which keeps the likeliest of them."""
+    out = {}
+    for a in alternatives:
+        out.setdefault(a.text, _lp(a.prob))
+    return out
 
 
 def response(req: Request, finished: list[Finished], tokens: dict[int, list[Token]]) -> dict:
