@@ -13,7 +13,7 @@ import engine
 from engine.cli import main
 from engine.errors import ParleyError
 from engine.generate import Finished, Generation, Token, generate
-from engine.serve.app import Server, ServeConfig
+from engine.serve.app import ServeConfig, Server
 from engine.serve.batcher import Batcher, Job
 from engine.settings import Settings
 from engine.store import Store
@@ -147,7 +147,7 @@ def test_logprobs_are_the_models(client, lm):
 
 def test_stop_top_p_and_max_completion_tokens(client, lm):
     """The OpenAI names the other tests leave out: stop cuts the reply where the engine's does."""
-    settings = dict(max_new_tokens=30, seed=13, top_p=0.8)
+    settings = {"max_new_tokens": 30, "seed": 13, "top_p": 0.8}
     full = alone(lm, HELLO, **settings).text
     stop = full[4:7]
     assert len(full) > 10 and full.index(stop) >= 1 and stop.strip()
@@ -245,6 +245,25 @@ def test_a_client_gone_mid_stream_frees_its_rows_and_is_logged_cancelled(client,
     wait_for(lambda: not batcher.rows, "the rows to leave the batch")
     reply = wait_for_logged(home, "leaver")[-1]
     assert reply["finish_reason"] == "cancelled" and reply["completion_tokens"] < 1500
+
+
+def test_a_client_gone_before_a_whole_reply_frees_its_rows(client, server, home, monkeypatch):
+    """Not streamed: the client gives up (its timeout) while the reply decodes; the server sees the
+    connection close and cancels the job rather than decoding the rest for nobody."""
+    batcher = server.engine.batchers["tiny"]
+    step = batcher.step
+
+    def slow_step():   # 10 ms a step: the ~240 tokens the context leaves take seconds, past the timeout
+        time.sleep(0.01)
+        step()
+    monkeypatch.setattr(batcher, "step", slow_step)
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=1500, user="quitter",
+            extra_body={"min_new_tokens": 1500})
+    wait_for(lambda: not batcher.rows, "the rows to leave the batch")
+    reply = wait_for_logged(home, "quitter")[-1]
+    assert reply["finish_reason"] == "cancelled" and 0 < reply["completion_tokens"] < 100
 
 
 def wait_for_logged(home, user: str) -> list[dict]:
