@@ -342,6 +342,25 @@ def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
     assert [results[i] for i in range(3)] == expected
 
 
+def test_a_row_gets_the_same_bits_beside_more_than_sixteen_others(lm):
+    """Above 16 rows (engine/models/linear.py's MAX_ROWS) the products take other kernels: a row's
+    tokens and log-probabilities must still be exactly what it gets alone."""
+    prompt = lm.tokenizer.encode_chat(HELLO)
+    settings = [Settings(**PLAIN, seed=100 + i, max_new_tokens=10, min_new_tokens=10) for i in range(20)]
+
+    def run(job_settings):
+        out = {}
+        batcher = Batcher(lm)
+        batcher.submit(Job(prompt, job_settings, lambda e: out.setdefault(e.candidate, []).append(
+            (e.token_id, e.logprob)) if isinstance(e, Token) else None))
+        while batcher.busy:
+            batcher.step()
+        return [out[c] for c in range(len(job_settings))]
+    together = run(settings)
+    assert together == [run([s])[0] for s in settings]
+    assert len({tuple(t for t, _ in row) for row in together}) == 20
+
+
 def test_concurrent_http_requests_each_get_their_own_reply(client, lm):
     seeds = [21, 22, 23, 24]
     replies = {}
