@@ -411,30 +411,30 @@ def choose_tokens(batch: "_Batch", step: int, n_prompt: int, eos_ids: list[int])
     """Every row's processors on its logits, then its token: greedy, drawn, or (beams) the best
     scores, which BeamSearch then ranks. Returns the model's log-probs, the processed scores and
     the tokens [rows]."""
-    rows = batch.rows
-    mu = torch.where(batch.mu.isnan(), 2 * rows.mirostat_tau, batch.mu) if rows.mirostat else None
-    logprobs, scores, chosen = choose_row_tokens(batch.logits, rows, batch.seen, batch.counts,
-                                                 batch.sequences[:, :n_prompt + step], batch.seeds,
-                                                 torch.full_like(batch.seeds, step), eos_ids, mu)
-    if rows.mirostat:   # Mirostat's mu follows the surprise of each row's drawn token
-        drawn = scores.log_softmax(dim=-1).gather(1, chosen[:, None])
-        batch.mu = torch.where(rows.on["mirostat"], sampling.mirostat_update(mu, rows, drawn), batch.mu)
+    logprobs, scores, chosen, batch.mu = choose_row_tokens(batch.logits, batch.rows, batch.seen, batch.counts,
+                                                           batch.sequences[:, :n_prompt + step], batch.seeds,
+                                                           torch.full_like(batch.seeds, step), eos_ids, batch.mu)
     return logprobs, scores, chosen
 
 
 def choose_row_tokens(logits, rows: RowSettings, seen, counts, sequences, seeds, steps, eos_ids: list[int],
-                      mu: torch.Tensor | None = None):
+                      mu: torch.Tensor):
     """choose_tokens on plain tensors, each row at its own step `steps` [rows] (its tokens so far):
     what a continuous batch (engine/serve/batcher.py), whose rows started at different times, needs.
-    `mu`: Mirostat's per-row state, where a row uses it."""
+    `mu` [rows, 1] is Mirostat's per-row state, NaN until the row's first Mirostat token; returns
+    (log-probs, scores, tokens, mu after this step)."""
+    start = torch.where(mu.isnan(), 2 * rows.mirostat_tau, mu) if rows.mirostat else None
     logprobs = logits.log_softmax(dim=-1)
     # Beams rank by log-probability, so their processors see log-probs, as in transformers.
     scores = sampling.process(torch.where(rows.beam, logprobs, logits), rows, seen, counts, sequences, steps, eos_ids,
-                              mu=mu)
+                              mu=start)
     chosen = scores.argmax(dim=-1)
     if bool(rows.sample.any()):
         chosen = torch.where(rows.sample[:, 0], sampling.sample(scores, seeds, steps), chosen)
-    return logprobs, scores, chosen
+    if rows.mirostat:   # Mirostat's mu follows the surprise of each row's drawn token
+        drawn = scores.log_softmax(dim=-1).gather(1, chosen[:, None])
+        mu = torch.where(rows.on["mirostat"], sampling.mirostat_update(start, rows, drawn), mu)
+    return logprobs, scores, chosen, mu
 
 
 def _timings(prefill_s: float, decode_s: float, n_tokens: int) -> dict:

@@ -2,17 +2,18 @@
 import json
 import threading
 import time
-
 import urllib.error
 import urllib.request
+from dataclasses import replace
+
 import openai
 import pytest
 
 import engine
 from engine.cli import main
 from engine.errors import ParleyError
-from engine.generate import Finished, Token, generate
-from engine.serve.app import Server, ServeConfig
+from engine.generate import Finished, Generation, Token, generate
+from engine.serve.app import ServeConfig, Server
 from engine.serve.batcher import Batcher, Job
 from engine.settings import Settings
 from engine.store import Store
@@ -144,6 +145,51 @@ def test_logprobs_are_the_models(client, lm):
                                                          for t in top.indices.tolist()]
 
 
+def test_stop_top_p_and_max_completion_tokens(client, lm):
+    """The OpenAI names the other tests leave out: stop cuts the reply where the engine's does."""
+    settings = {"max_new_tokens": 30, "seed": 13, "top_p": 0.8}
+    full = alone(lm, HELLO, **settings).text
+    stop = full[4:7]
+    assert len(full) > 10 and full.index(stop) >= 1 and stop.strip()
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=30, seed=13,
+                                           top_p=0.8, stop=[stop])
+    expected = alone(lm, HELLO, **settings, stop=[stop])
+    assert reply.choices[0].message.content == expected.text == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    # top_p counts: at 1 the same seed draws another reply
+    assert full != alone(lm, HELLO, **{**settings, "top_p": 1.0}).text
+    short = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=5, seed=13,
+                                           extra_body={"min_new_tokens": 5})
+    assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+
+
+def test_completions_logprobs_are_the_models(client, lm):
+    import torch
+    reply = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, seed=8, logprobs=2)
+    prompt = lm.tokenizer.encode("Once upon a time")
+    ids = generate(lm, prompt, Settings(**PLAIN, max_new_tokens=6, seed=8))[0].token_ids
+    with torch.no_grad():
+        logprobs = lm.logits(torch.tensor([prompt + ids]))[0].log_softmax(-1)
+    got = reply.choices[0].logprobs
+    pieces = [lm.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert got.tokens == pieces and len(got.token_logprobs) == len(ids)
+    for i, token in enumerate(ids):
+        row = logprobs[len(prompt) - 1 + i]
+        assert got.token_logprobs[i] == pytest.approx(row[token].item(), abs=1e-4)
+        top = row.topk(2)
+        # one key per text: of two tokens that read the same (byte pieces show as U+FFFD), the likelier
+        best = {}
+        for t, value in zip(top.indices.tolist(), top.values.tolist()):
+            best.setdefault(lm.tokenizer.decode([t], skip_special_tokens=False), value)
+        assert list(got.top_logprobs[i]) == list(best)
+        assert list(got.top_logprobs[i].values()) == pytest.approx(list(best.values()), abs=1e-4)
+    # offsets into the reply's text: a byte piece's text waits for the rest of its character
+    texts = [e.text for e in Generation(lm, prompt, [Settings(**PLAIN, max_new_tokens=6, seed=8)])
+             if isinstance(e, Token)]
+    assert got.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
+    assert reply.choices[0].text == "".join(texts)
+
+
 def test_bad_settings_are_400_naming_them(client):
     for extra, param in [(dict(top_k=-1), "top_k"), (dict(temperature="hot"), "temperature"),
                          (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=10**6), "max_tokens"),
@@ -199,6 +245,25 @@ def test_a_client_gone_mid_stream_frees_its_rows_and_is_logged_cancelled(client,
     wait_for(lambda: not batcher.rows, "the rows to leave the batch")
     reply = wait_for_logged(home, "leaver")[-1]
     assert reply["finish_reason"] == "cancelled" and reply["completion_tokens"] < 1500
+
+
+def test_a_client_gone_before_a_whole_reply_frees_its_rows(client, server, home, monkeypatch):
+    """Not streamed: the client gives up (its timeout) while the reply decodes; the server sees the
+    connection close and cancels the job rather than decoding the rest for nobody."""
+    batcher = server.engine.batchers["tiny"]
+    step = batcher.step
+
+    def slow_step():   # 10 ms a step: the ~240 tokens the context leaves take seconds, past the timeout
+        time.sleep(0.01)
+        step()
+    monkeypatch.setattr(batcher, "step", slow_step)
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go on"}], max_tokens=1500, user="quitter",
+            extra_body={"min_new_tokens": 1500})
+    wait_for(lambda: not batcher.rows, "the rows to leave the batch")
+    reply = wait_for_logged(home, "quitter")[-1]
+    assert reply["finish_reason"] == "cancelled" and 0 < reply["completion_tokens"] < 100
 
 
 def wait_for_logged(home, user: str) -> list[dict]:
@@ -277,6 +342,25 @@ def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
     assert [results[i] for i in range(3)] == expected
 
 
+def test_a_row_gets_the_same_bits_beside_more_than_sixteen_others(lm):
+    """Above 16 rows (engine/models/linear.py's MAX_ROWS) the products take other kernels: a row's
+    tokens and log-probabilities must still be exactly what it gets alone."""
+    prompt = lm.tokenizer.encode_chat(HELLO)
+    settings = [Settings(**PLAIN, seed=100 + i, max_new_tokens=10, min_new_tokens=10) for i in range(20)]
+
+    def run(job_settings):
+        out = {}
+        batcher = Batcher(lm)
+        batcher.submit(Job(prompt, job_settings, lambda e: out.setdefault(e.candidate, []).append(
+            (e.token_id, e.logprob)) if isinstance(e, Token) else None))
+        while batcher.busy:
+            batcher.step()
+        return [out[c] for c in range(len(job_settings))]
+    together = run(settings)
+    assert together == [run([s])[0] for s in settings]
+    assert len({tuple(t for t, _ in row) for row in together}) == 20
+
+
 def test_concurrent_http_requests_each_get_their_own_reply(client, lm):
     seeds = [21, 22, 23, 24]
     replies = {}
@@ -290,3 +374,61 @@ def test_concurrent_http_requests_each_get_their_own_reply(client, lm):
     for t in threads:
         t.join()
     assert replies == {s: alone(lm, HELLO, max_new_tokens=20 + s % 4, seed=s).text for s in seeds}
+
+
+# -- Mirostat: mu is carried per row across steps, as a Generation carries it -----------------------
+MIROSTAT = {"mirostat_tau": 2.0, "mirostat_eta": 0.5}   # low enough that mu cuts this model's distributions
+
+
+def test_mirostat_rows_get_what_they_get_alone_while_others_join_and_leave(lm):
+    """A (Mirostat) runs; C (no Mirostat, short) joins at A's step 1 and leaves first; B (Mirostat,
+    other tau) joins at A's step 4. Each row's mu must follow it through the joins and the drop."""
+    prompts = [lm.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in
+               ["Tell me about the sea.", "What do you like to read on a rainy afternoon?", "Hi"]]
+    settings = [Settings(**PLAIN, seed=11, max_new_tokens=24, **MIROSTAT),
+                Settings(**PLAIN, seed=5, max_new_tokens=18, mirostat_tau=3.0, mirostat_eta=0.3),
+                Settings(**PLAIN, seed=2, max_new_tokens=6)]
+    expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
+    # mu does cut: without Mirostat the same seed draws other tokens
+    assert expected[0] != generate(lm, prompts[0], replace(settings[0], mirostat_tau=0.0))[0].token_ids
+    batcher = Batcher(lm)
+    results, widest = {}, [0]
+
+    def job(i, join_at=None):
+        def emit(event):
+            widest[0] = max(widest[0], len(batcher.rows))
+            if isinstance(event, Token) and join_at and event.step in join_at:
+                batcher.submit(job(join_at[event.step]))
+            if isinstance(event, Finished):
+                results[i] = event.token_ids
+        return Job(prompts[i], [settings[i]], emit)
+
+    batcher.submit(job(0, {1: 2, 4: 1}))
+    while batcher.busy:
+        batcher.step()
+    assert widest[0] == 3
+    assert [results[i] for i in range(3)] == expected
+
+
+def test_a_served_mirostat_reply_is_parley_generates(client, lm):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, seed=9, n=2,
+                                           extra_body=MIROSTAT)
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts == [alone(lm, HELLO, max_new_tokens=20, seed=9 + i, **MIROSTAT).text for i in range(2)]
+    assert texts[0] != alone(lm, HELLO, max_new_tokens=20, seed=9).text
+
+
+def test_dry_in_a_served_request_uses_the_sequence_breakers(lm):
+    """DRY's breakers come from the tokenizer's token texts: a served row must have them as a Generation
+    does. Greedy on this model repeats "ik ik"; "k" as a breaker keeps DRY off that repeat."""
+    prompt = lm.tokenizer.encode("a b a b a b a b a")
+    dry = Settings(**{**PLAIN, "temperature": 0.0}, max_new_tokens=40, dry_multiplier=5.0, dry_allowed_length=1,
+                   dry_sequence_breakers=["k"])
+    expected = generate(lm, prompt, dry)[0].token_ids
+    assert expected != generate(lm, prompt, replace(dry, dry_sequence_breakers=[]))[0].token_ids
+    got = {}
+    batcher = Batcher(lm)
+    batcher.submit(Job(prompt, [dry], lambda e: got.setdefault("ids", e.token_ids) if isinstance(e, Finished) else 0))
+    while batcher.busy:
+        batcher.step()
+    assert got["ids"] == expected

@@ -5,9 +5,10 @@ request). A newcomer is prefilled on its own, then its cache rows are joined wit
 ones: the shorter side is left-padded so every row's newest token sits in the same slot, as in a
 Generation (engine/models/cache.py: positions come from each row's own count of real tokens, so
 padding changes no row's positions). Each step then runs one forward pass for all rows; a row's
-processors read its own settings and its own step count, and sampling draws from (seed, step)
-noise, so a request's tokens for a seed do not depend on what else runs (on the CPU the decoding
-products are batch-invariant too; engine/models/linear.py).
+processors read its own settings, its own step count and its own Mirostat state (mu, carried
+across steps as a Generation carries it), and sampling draws from (seed, step) noise, so a
+request's tokens for a seed do not depend on what else runs (on the CPU the decoding products are
+batch-invariant too; engine/models/linear.py).
 
 Why not one Generation per request: a Generation's rows share one start, one prompt width and one
 step counter; here rows start whenever a request arrives. The per-step work (`choose_row_tokens`,
@@ -106,9 +107,9 @@ class Batcher:
         if not self.rows:
             return
         with torch.inference_mode():
-            logprobs, scores, chosen = choose_row_tokens(
+            logprobs, _scores, chosen, self.mu = choose_row_tokens(
                 self.logits, self.row_settings, self.seen, self.counts, self.sequences[:, :self.cache.length],
-                self.seeds, self.steps, self.lm.eos_token_ids)
+                self.seeds, self.steps, self.lm.eos_token_ids, self.mu)
             self.sequences[:, self.cache.length] = chosen
             self.counts[torch.arange(len(chosen), device=chosen.device), chosen] += 1
             self.steps += 1
@@ -192,7 +193,7 @@ class Batcher:
     def _join(self, joining: list) -> None:
         """One cache, and per-row tensors, for the running rows followed by the joining jobs' rows."""
         device = self.lm.device
-        parts = ([(self.cache, self.sequences, self.seen, self.counts, self.logits)] if self.rows else [])
+        parts = ([(self.cache, self.sequences, self.seen, self.counts, self.logits, self.mu)] if self.rows else [])
         new_rows = []
         for job, cache, logits in joining:
             n = len(job.settings)
@@ -200,7 +201,8 @@ class Batcher:
             vocab = logits.shape[-1]
             seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
             seen[:, prompt[0]] = True
-            parts.append((cache, prompt, seen, torch.zeros(n, vocab, dtype=torch.int32, device=device), logits))
+            parts.append((cache, prompt, seen, torch.zeros(n, vocab, dtype=torch.int32, device=device), logits,
+                          torch.full((n, 1), torch.nan, device=device)))   # Mirostat's mu: not started
             new_rows += [_Row(job, c, self.lm) for c in range(n)]
         self.rows += new_rows
         extra = max(r.left for r in self.rows) + 1
@@ -209,6 +211,7 @@ class Batcher:
             self.seen = torch.cat([p[2] for p in parts])
             self.counts = torch.cat([p[3] for p in parts])
             self.logits = torch.cat([p[4] for p in parts])
+            self.mu = torch.cat([p[5] for p in parts])
         self._rows_changed()
         self.steps = torch.tensor([r.step for r in self.rows], dtype=torch.long, device=device)
 
@@ -230,12 +233,12 @@ class Batcher:
         with torch.inference_mode():
             self.cache.select_rows(index)
             self.sequences, self.seen, self.counts = self.sequences[index], self.seen[index], self.counts[index]
-            self.steps, self.logits = self.steps[index], self.logits[index]
+            self.steps, self.logits, self.mu = self.steps[index], self.logits[index], self.mu[index]
         self._rows_changed()
 
     def _rows_changed(self) -> None:
         settings = [r.settings for r in self.rows]
-        self.row_settings = RowSettings(settings, self.lm.device)
+        self.row_settings = RowSettings(settings, self.lm.device, self.lm.tokenizer)   # the tokenizer: DRY's breakers
         self.seeds = torch.tensor([s.seed for s in settings], dtype=torch.long, device=self.lm.device)
 
     def fail_all(self, message: str) -> None:

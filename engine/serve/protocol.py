@@ -206,9 +206,6 @@ def _settings(body: dict, n: int, room: int, max_tokens: int) -> list[Settings]:
         if values.get(name, neutral) != neutral:
             raise ApiError(400, f"{name} = {values[name]!r}: parley serve samples or decodes greedily, beam search "
                                 "runs in `parley generate`", param=name)
-    if values.get("mirostat_tau"):   # its per-row state across steps is kept by `parley generate` and the app only
-        raise ApiError(400, f"mirostat_tau = {values['mirostat_tau']!r}: parley serve does not keep Mirostat's state "
-                            "yet; use it in `parley generate` or the app", param="mirostat_tau")
     tokens = values["max_new_tokens"]
     if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > max_tokens:
         raise ApiError(400, f"{given} = {tokens} is more than this server gives a reply ({max_tokens}): ask for fewer, "
@@ -263,7 +260,16 @@ def completion_logprobs(tokens: list[Token], offset: int = 0) -> dict:
         offsets.append(at)
         at += len(t.text)
     return {"tokens": [t.piece for t in tokens], "token_logprobs": [_lp(t.logprob) for t in tokens],
-            "top_logprobs": [{a.text: _lp(a.prob) for a in t.top_before} for t in tokens], "text_offset": offsets}
+            "top_logprobs": [_by_text(t.top_before) for t in tokens], "text_offset": offsets}
+
+
+def _by_text(alternatives) -> dict:
+    """{text: logprob}, most likely first; tokens that read the same (byte pieces of one character
+    show as U+FFFD) share a key, which keeps the likeliest of them."""
+    out = {}
+    for a in alternatives:
+        out.setdefault(a.text, _lp(a.prob))
+    return out
 
 
 def response(req: Request, finished: list[Finished], tokens: dict[int, list[Token]]) -> dict:
