@@ -19,7 +19,8 @@ memory: the peak resident memory of a process while it loads the model and while
   process; Parley (as `parley generate` loads it: decode-only) against transformers in the same dtype.
 context: decode tokens/s with the context already at 128, 512 and 2,048 tokens (and the model's
   maximum), and the time to the first token of a 400-token prompt, Parley against transformers
-  (float32).
+  (float32); here each run's decoding steps are timed apart from its prefill (Parley's own
+  timings, a transformers streamer's timestamps), as a long prompt's prefill would drown them.
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
 shared machine slows Parley and transformers alike.
@@ -174,22 +175,61 @@ def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, ban
                 ops=(ops_per_step(lambda k: parley(prompt, k), n), ops_per_step(lambda k: transformers(prompt, k), n)))
 
 
+class Stamps:
+    """A transformers streamer that only notes when each put comes: the prompt's, then each new token's."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def timed_runs(lm, ref, device):
+    """parley(prompt, k) and transformers(prompt, k), each returning (seconds to the first new token,
+    seconds for the k - 1 steps after it): decode rates measured on the steps alone, so that a long
+    prompt's prefill and its noise on a shared machine stay out of them."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def parley(prompt, k):
+        [r] = generate(lm, prompt, Settings(temperature=0, max_new_tokens=k, min_new_tokens=k), top_alternatives=0)
+        sync()
+        return r.timings["prefill_s"], r.timings["decode_s"]
+
+    def transformers(prompt, k):
+        stamps, start = Stamps(), time.perf_counter()
+        with torch.no_grad():
+            ref.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=k,
+                         min_new_tokens=k, pad_token_id=0, streamer=stamps)
+        sync()
+        return stamps.times[1] - start, stamps.times[-1] - stamps.times[1]
+    return parley, transformers
+
+
+def best_of(run, repeats: int) -> tuple[float, float]:
+    """Each of run()'s two timings at its best over repeats (after one warm-up)."""
+    run()
+    times = [run() for _ in range(repeats)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
 def context_rates(name: str, path: Path, device, n: int, repeats: int) -> dict:
     """Decode tokens/s with the context at each length (prompt of length - n, then n tokens), and
     the time to the first token of a 400-token prompt, in float32."""
     lm, ref = load_pair(path, "float32", device)
-    parley, transformers = runners(lm, ref, device)
+    parley, transformers = timed_runs(lm, ref, device)
     lengths = sorted({c for c in (128, 512, 2048) if c <= lm.max_context} | {lm.max_context})
     rows = {}
     for length in lengths:
         prompt = random_prompt(lm, length - n)
-        t = interleaved_best({"ours": lambda: parley(prompt, n), "ours_1": lambda: parley(prompt, 1),
-                              "theirs": lambda: transformers(prompt, n), "theirs_1": lambda: transformers(prompt, 1)},
-                             repeats)
-        rows[length] = ((n - 1) / (t["ours"] - t["ours_1"]), (n - 1) / (t["theirs"] - t["theirs_1"]))
+        ours, theirs = (best_of(lambda run=run: run(prompt, n), repeats)[1] for run in (parley, transformers))
+        rows[length] = ((n - 1) / ours, (n - 1) / theirs)
     prompt = random_prompt(lm, 400)
-    t = interleaved_best({"ours": lambda: parley(prompt, 1), "theirs": lambda: transformers(prompt, 1)}, repeats)
-    return dict(model=name, rates=rows, ttft=(t["ours"], t["theirs"]))
+    ttft = tuple(best_of(lambda run=run: run(prompt, 2), repeats)[0] for run in (parley, transformers))
+    return dict(model=name, rates=rows, ttft=ttft)
 
 
 def peak_memory(impl: str, path: Path, variant: str, device: str, n: int) -> tuple[float, float]:
@@ -276,7 +316,7 @@ def main():
                     print(f"{name:<14}{variant:<10}{ours[0]:>12.0f}{theirs[0]:>7.0f}{ours[1]:>15.0f}{theirs[1]:>7.0f}"
                           f"{ours[1] / theirs[1]:>7.2f}x", flush=True)
         if "context" in args.sections:
-            n, repeats = 16, max(2, args.repeats // 2)
+            n, repeats = 32, max(3, args.repeats // 2)
             print(f"\ndecode tokens/s with the context at each length ({n} new tokens, best of {repeats}), and "
                   "time to the first token of a 400-token prompt; float32; parley / transformers")
             for name in args.models:

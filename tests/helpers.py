@@ -1,5 +1,6 @@
 """Tiny tokenizers and random checkpoints built on the fly: tests never download anything."""
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -7,6 +8,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<pad>", "<|begin_of_text|>",
            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n for a while, then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 CORPUS = [
     "Hello there! How are you doing today? I am fine, thank you.",

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import torch_threads
 
 from engine.models.attention import attention
 from engine.models.linear import Linear, fused_linear
@@ -16,10 +17,8 @@ from engine.models.linear import Linear, fused_linear
 @pytest.fixture(autouse=True)
 def two_threads():
     # batch-variance comes from sharing work between threads, so test with more than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

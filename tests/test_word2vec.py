@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from bad_input import assert_one_line_error, run_cli
+from helpers import torch_threads
 
 from engine.errors import ParleyError
 from engine.models.word2vec import (
@@ -37,10 +38,8 @@ LETTERS = "abcdefghijkl"   # names without digits: digits are not part of words
 @pytest.fixture(autouse=True)
 def one_thread():
     """The batches are tiny: threads only wait on each other (and on the other tests' processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def neighbours_corpus(path: Path, topics: int = 6, n: int = 1500, seed: int = 0) -> Path:
@@ -276,16 +275,12 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("w2v")
     data, out = analogy_corpus(root / "corpus.txt"), root / "model"
     from engine.cli import main
-    before = torch.get_num_threads()   # set up before the function fixtures: one_thread is not yet on
-    torch.set_num_threads(1)
     home = root / "home"
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("PARLEY_HOME", str(home))
-            assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
-                         "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
-    finally:
-        torch.set_num_threads(before)
+    # set up before the function fixtures: one_thread is not yet on
+    with torch_threads(1), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PARLEY_HOME", str(home))
+        assert main(["train", "word2vec", "--data", str(data), "--out", str(out), "--dim", "16", "--window", "2",
+                     "--sample", "0", "--min-count", "1", "--architecture", "cbow"]) == 0
     assert not home.exists()   # like ngram's, a word2vec run is not recorded in the store
     return out
 
