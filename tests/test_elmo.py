@@ -1,12 +1,17 @@
 """ELMo: the character CNN, the biLM's two losses against LSTMs written out by hand, which context
 each direction sees, the scalar mix by hand, the model protocol (cache, padding, eval), the
 tokenizer against word2vec's words, a planted two-sense word, the model directory and bad input."""
+import json
 import math
+import random
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bad_input import assert_one_line_error, run_cli
 
+import engine
 from engine.models.elmo import (
     BOS_CHAR,
     BOW_CHAR,
@@ -16,10 +21,15 @@ from engine.models.elmo import (
     BiLMConfig,
     ScalarMix,
     characters,
+    contextual_vectors,
     reverse_real,
     word_tokenizer,
 )
 from engine.models.word2vec import words
+from engine.train.config import ElmoConfig, Word2VecConfig
+from engine.train.elmo import train_elmo
+from engine.train.evaluate import evaluate
+from engine.train.word2vec import train_word2vec
 
 WORDS = [*SPECIALS, "the", "river", "bank", "money", "café", "ran"]
 
@@ -214,3 +224,157 @@ def test_tokenizer_cuts_text_as_word2vec_does():
     assert tok.decode(ids) == "hello don't café x foo’bar école b"
     assert tok.encode_chat([{"role": "user", "content": "Hello"}]) == [1, 3, 2, 1]   # <s> hello </s> <s>
     assert tok.eos_token_id == 2
+
+
+# -- training, on a planted corpus where "bank" has two senses --
+
+RIVER = ["river", "water", "boat", "fish", "shore", "stream", "muddy", "swim"]
+MONEY = ["money", "loan", "cash", "account", "deposit", "teller", "savings", "interest"]
+FILL = ["the", "a", "by", "at", "near", "with"]
+RIVER_SENTENCE = "fish water the bank near shore muddy"
+MONEY_SENTENCE = "cash loan a bank by account teller"
+
+
+def bank_corpus(path: Path, n: int = 1500, seed: int = 0) -> Path:
+    """Two topic words, a filler, "bank", a filler, two more of the same topic: the river or the money pool."""
+    r = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        t = r.sample(r.choice([RIVER, MONEY]), 4)
+        lines.append(" ".join([*t[:2], r.choice(FILL), "bank", r.choice(FILL), *t[2:]]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+TINY = {"projection_dim": 16, "hidden_size": 32, "filters": "1:8,2:8,3:16", "char_dim": 8, "max_characters": 12,
+        "batch_size": 16, "lr": 0.01, "eval_every": 10**6}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(directory, corpus, LM): a biLM trained for 300 steps on bank_corpus (about 10 s on one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("elmo")
+    corpus = bank_corpus(root / "bank.txt")
+    lm = train_elmo(ElmoConfig(out=str(root / "model"), data=str(corpus), max_steps=300, device="cpu", **TINY),
+                    quiet=True)
+    lm.save(root / "model")
+    torch.set_num_threads(before)
+    return root / "model", corpus, lm
+
+
+def sense_vectors(model, corpus: Path, layer=None) -> dict[str, torch.Tensor]:
+    """The mean vector of "bank" over the corpus's river sentences and over its money sentences."""
+    sentences = [words(line) for line in corpus.read_text().splitlines()[:300]]
+    vectors = contextual_vectors(model, sentences, layer)
+    senses = {"river": [], "money": []}
+    for s, v in zip(sentences, vectors):
+        senses["river" if set(s) & set(RIVER) else "money"].append(v[s.index("bank")])
+    return {k: torch.stack(v).mean(0) for k, v in senses.items()}
+
+
+def test_elmo_tells_the_senses_apart_where_word2vec_cannot(trained, tmp_path):
+    _, corpus, lm = trained
+    senses = sense_vectors(lm.model, corpus, layer=2)
+    river, money = (contextual_vectors(lm.model, [words(s)], layer=2)[0][3] for s in (RIVER_SENTENCE, MONEY_SENTENCE))
+    cos = lambda a, b: F.cosine_similarity(a, b, dim=0).item()
+    assert cos(river, senses["river"]) > cos(river, senses["money"]) + 0.02
+    assert cos(money, senses["money"]) > cos(money, senses["river"]) + 0.02
+    assert cos(river, money) < 0.99                         # one word, two vectors
+    # layer 0 is the token vector alone: the same in both sentences
+    zero = [contextual_vectors(lm.model, [words(s)], layer=0)[0][3] for s in (RIVER_SENTENCE, MONEY_SENTENCE)]
+    torch.testing.assert_close(zero[0], zero[1])
+    # word2vec on the same corpus: "bank" has one vector, and it sits between the two senses, its
+    # nearest words drawn from both pools
+    w2v = train_word2vec(Word2VecConfig(out="unused", data=str(corpus), dim=16, window=3, sample=0, min_count=1,
+                                        epochs=5, batch_size=256, lr=0.025), quiet=True)
+    near = {w for w, _ in w2v.similar("bank", 8)}
+    assert near & set(RIVER) and near & set(MONEY), near
+
+
+def test_similar_in_context_finds_the_same_sense(trained, tmp_path, monkeypatch):
+    model, _, _ = trained
+    for sentence, pool in ((RIVER_SENTENCE, RIVER), (MONEY_SENTENCE, MONEY)):
+        run = run_cli("similar", "Bank", "--context", sentence, "--model", model, "--top", "5", "--max-sentences",
+                      "300", "--device", "cpu", home=tmp_path, monkeypatch=monkeypatch)
+        assert run.rc == 0, run.err
+        lines = run.out.splitlines()
+        assert len(lines) == 5
+        for line in lines:
+            word, cosine, shown = line.split("\t")
+            assert word == "bank" and "[bank]" in shown and -1 <= float(cosine) <= 1
+            assert set(shown.split()) & set(pool), line        # a bank of the same sense
+    # the mix of all layers runs too, as does the token layer (where every bank is the same vector)
+    run = run_cli("similar", "bank", "--context", RIVER_SENTENCE, "--model", model, "--layer", "0", "--top", "3",
+                  "--max-sentences", "50", home=tmp_path, monkeypatch=monkeypatch)
+    assert [float(line.split("\t")[1]) for line in run.out.splitlines()] == pytest.approx([1.0] * 3)
+    run = run_cli("similar", "bank", "--context", RIVER_SENTENCE, "--model", model, "--layer", "mix", "--top", "3",
+                  "--max-sentences", "50", home=tmp_path, monkeypatch=monkeypatch)
+    assert run.rc == 0 and len(run.out.splitlines()) == 3, run.err
+
+
+# -- the model directory --
+
+@torch.no_grad()
+def test_save_load_round_trip(trained):
+    path, _, lm = trained
+    loaded = engine.load(path, device="cpu", dtype="float32")
+    assert type(loaded.model) is BiLM and loaded.config["model_type"] == "parley_elmo"
+    ids = torch.tensor([lm.tokenizer.encode("fish water the bank near shore")])
+    torch.testing.assert_close(loaded.model(ids), lm.model(ids))
+    for a, b in zip(loaded.model.layers(lm.model.char_table[ids]), lm.model.layers(lm.model.char_table[ids])):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(loaded.model.char_table, lm.model.char_table)
+    assert loaded.tokenizer.encode(RIVER_SENTENCE) == lm.tokenizer.encode(RIVER_SENTENCE)
+    assert loaded.eos_token_ids == [2]
+
+
+@torch.no_grad()
+def test_eval_scores_the_forward_lm(trained, tmp_path, monkeypatch):
+    path, corpus, lm = trained
+    text = tmp_path / "one.txt"
+    text.write_text(RIVER_SENTENCE + "\n")
+    ids = torch.tensor([[1, *lm.tokenizer.encode(RIVER_SENTENCE), 2]])      # <s> words </s>
+    expected = lm.model.losses(ids)[0].item()
+    result = evaluate(lm, [RIVER_SENTENCE])
+    assert result["tokens"] == ids.shape[1] - 1
+    assert result["loss_per_token"] == pytest.approx(expected, rel=1e-5)
+    run = run_cli("eval", "--model", path, "--data", corpus, "--json", "--max-examples", "20", home=tmp_path,
+                  monkeypatch=monkeypatch)
+    assert run.rc == 0, run.err
+    row = json.loads(run.out)
+    assert row["family"] == "ELMo biLM x2 (forward)" and row["ppl_per_token"] < 8   # 26 words, topics planted
+
+
+def test_generates_through_the_cli(trained, tmp_path, monkeypatch):
+    path, _, _ = trained
+    run = run_cli("generate", "--model", path, "--prompt", "fish water", "--max-new-tokens", "4", "--seed", "1",
+                  home=tmp_path, monkeypatch=monkeypatch)
+    assert run.rc == 0, run.err
+    assert run.out.strip() and all(w in RIVER + MONEY + FILL + ["bank"] for w in run.out.split())
+
+
+# -- bad input --
+
+def test_bad_input_is_one_line(trained, tmp_path, monkeypatch):
+    path, corpus, _ = trained
+
+    def refused(*argv, words):
+        assert_one_line_error(run_cli(*argv, home=tmp_path, monkeypatch=monkeypatch), *words)
+
+    refused("similar", "bank", "--model", path, words=["ELMo model", "--context"])
+    refused("similar", "bank", "--context", "the fish swam", "--model", path, words=["'bank'", "not a word of"])
+    refused("similar", "bank", "--context", RIVER_SENTENCE, "--model", path, "--layer", "7",
+            words=["--layer", "out of range"])
+    refused("similar", "bank", "--context", RIVER_SENTENCE, "--model", path, "--max-sentences", "0",
+            words=["--max-sentences 0"])
+    refused("similar", "two words", "--context", RIVER_SENTENCE, "--model", path, words=["not one word"])
+    refused("similar", "bank", "--context", RIVER_SENTENCE, "--model", tmp_path, words=["--context", "ELMo model"])
+    refused("train", "elmo", "--data", corpus, "--out", tmp_path / "o", "--filters", "3x8", words=["--filters", "width:count"])
+    refused("train", "elmo", "--data", corpus, "--out", tmp_path / "o", "--filters", "9:8", "--max-characters", "6",
+            words=["max_characters 6", "widest filter"])
+    refused("train", "elmo", "--data", corpus, "--out", tmp_path / "o", "--min-count", "100000",
+            words=["--min-count 100000"])
+    refused("train", "elmo", "--data", corpus, "--out", tmp_path / "o", "--max-len", "1", words=["--max-len 1"])
+    assert not (tmp_path / "o").exists()

@@ -233,6 +233,56 @@ class ScalarMix(nn.Module):
         return self.gamma * sum(w * h for w, h in zip(s, layers))
 
 
+# -- what the vectors are for --
+
+@torch.no_grad()
+def contextual_vectors(model: BiLM, sentences: list[list[str]], layer: int | None = None,
+                       batch_size: int = 64) -> list[torch.Tensor]:
+    """Each word's vector in each sentence ([len(sentence), 2 x projection_dim] per sentence), the
+    sentence read between <s> and </s> with each word's own characters (a word outside the
+    vocabulary too): ELMo's `layer` (0 … num_layers), or with None their scalar mix at its start,
+    the mean of the layers (without a task there is nothing to learn its weights from)."""
+    mix = ScalarMix(model.config.num_layers + 1).to(model.lm_head.weight.device)
+    device = model.lm_head.weight.device
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        batch = [[BOS, *s, EOS] for s in sentences[start:start + batch_size]]
+        width = max(map(len, batch))
+        chars = torch.zeros(len(batch), width, model.config.max_characters, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for i, s in enumerate(batch):
+            chars[i, :len(s)] = char_ids(s, model.config.max_characters)
+            mask[i, :len(s)] = True
+        layers = model.layers(chars.to(device), mask.to(device))
+        vectors = (mix(layers) if layer is None else layers[layer]).float().cpu()
+        out += [vectors[i, 1:len(s) - 1] for i, s in enumerate(batch)]
+    return out
+
+
+def contextual_neighbours(model: BiLM, context: list[str], word: str, sentences: list[list[str]], top: int,
+                          layer: int | None = None) -> list[tuple[str, float, list[str], int]]:
+    """The `top` words of `sentences`, each in its own sentence, whose vectors (`contextual_vectors`)
+    have the largest cosine with `word`'s in `context` (its first occurrence): (word, cosine,
+    sentence, position). Compared with other words in their contexts rather than with the
+    vocabulary's context-free layer 0, since only there does a sense show: the top layer is
+    the default, which Peters et al. (§5.3) found the best at word sense."""
+    if layer is not None and not 0 <= layer <= model.config.num_layers:
+        raise ParleyError(f"--layer {layer} is out of range: this biLM has layers 0 (the token vectors) to "
+                          f"{model.config.num_layers}")
+    if word not in context:
+        raise ParleyError(f"{word!r} is not a word of the --context sentence ({' '.join(context) or 'no words'}): "
+                          "give a sentence that holds it")
+    if not any(sentences):
+        raise ParleyError("there are no sentences to search (--data has no words): give a corpus with text")
+    query = contextual_vectors(model, [context], layer)[0][context.index(word)]
+    vectors = contextual_vectors(model, sentences, layer)
+    where = [(n, i) for n, s in enumerate(sentences) for i in range(len(s))]
+    cosine = F.normalize(torch.cat(vectors), dim=-1) @ F.normalize(query, dim=-1)
+    best = torch.topk(cosine, min(top, len(where)))
+    return [(sentences[n][i], c, sentences[n], i) for c, (n, i) in
+            zip(best.values.tolist(), (where[k] for k in best.indices.tolist()))]
+
+
 def word_tokenizer(vocab: list[str]):
     """An engine.tokenizer.Tokenizer over the biLM's words: lower-cased text cut by word2vec's WORD
     pattern (so it yields the words `words` yields), each word its id or <unk>'s; <s> and </s> are
