@@ -394,7 +394,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from engine.train.config import CONFIGS
-    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, word vectors (word2vec), a language model (pretrain, sft), a reward "
+    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, word vectors (word2vec, or contextual: elmo), a language model (pretrain, sft), a reward "
                        "model (rm) or fine-tune against preferences (dpo, ppo, rloo, grpo)")
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
     for mode, config_class in CONFIGS.items():
