@@ -21,6 +21,7 @@ from engine.models.elmo import (
     BiLMConfig,
     ScalarMix,
     characters,
+    contextual_neighbours,
     contextual_vectors,
     reverse_real,
     word_tokenizer,
@@ -182,6 +183,22 @@ def test_layers_are_token_duplicated_then_forward_backward():
     torch.testing.assert_close(layers[0], torch.cat([x, x], -1))
     for j in (1, 2):
         torch.testing.assert_close(layers[j], torch.cat([forward[j - 1], backward[j - 1]], -1))
+
+
+
+def test_neighbours_rank_by_cosine_about_the_mean():
+    model = tiny_bilm()
+    sentences = [["the", "river", "bank"], ["money", "bank"], ["ran", "the", "café", "zebra"]]   # zebra: no id
+    found = contextual_neighbours(model, ["the", "bank", "ran"], "bank", sentences, top=9, layer=2)
+    vectors = torch.cat(contextual_vectors(model, sentences, 2))
+    query = contextual_vectors(model, [["the", "bank", "ran"]], 2)[0][1]
+    mean = vectors.mean(0)
+    by_hand = [F.cosine_similarity(v - mean, query - mean, dim=0).item() for v in vectors]
+    where = [(n, i) for n, s in enumerate(sentences) for i in range(len(s))]
+    assert len(found) == 9
+    assert [c for _, c, _, _ in found] == pytest.approx(sorted(by_hand, reverse=True), abs=1e-5)
+    for word, cosine, sentence, i in found:
+        assert sentence[i] == word and by_hand[where.index((sentences.index(sentence), i))] == pytest.approx(cosine)
 
 
 # -- the model protocol --

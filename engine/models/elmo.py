@@ -262,8 +262,8 @@ def contextual_vectors(model: BiLM, sentences: list[list[str]], layer: int | Non
 def contextual_neighbours(model: BiLM, context: list[str], word: str, sentences: list[list[str]], top: int,
                           layer: int | None = None) -> list[tuple[str, float, list[str], int]]:
     """The `top` words of `sentences`, each in its own sentence, whose vectors (`contextual_vectors`)
-    have the largest cosine with `word`'s in `context` (its first occurrence): (word, cosine,
-    sentence, position). Compared with other words in their contexts rather than with the
+    have the largest cosine about their mean with `word`'s in `context` (its first occurrence):
+    (word, cosine, sentence, position). Compared with other words in their contexts rather than with the
     vocabulary's context-free layer 0, since only there does a sense show: the top layer is
     the default, which Peters et al. (§5.3) found the best at word sense."""
     if layer is not None and not 0 <= layer <= model.config.num_layers:
@@ -277,7 +277,11 @@ def contextual_neighbours(model: BiLM, context: list[str], word: str, sentences:
     query = contextual_vectors(model, [context], layer)[0][context.index(word)]
     vectors = contextual_vectors(model, sentences, layer)
     where = [(n, i) for n, s in enumerate(sentences) for i in range(len(s))]
-    cosine = F.normalize(torch.cat(vectors), dim=-1) @ F.normalize(query, dim=-1)
+    vectors = torch.cat(vectors)
+    # LSTM states share a large common direction (contextual vectors are anisotropic, Ethayarajh 2019),
+    # so raw cosines all sit near 1: the cosine is taken about the searched words' mean vector
+    mean = vectors.mean(0)
+    cosine = F.normalize(vectors - mean, dim=-1) @ F.normalize(query - mean, dim=-1)
     best = torch.topk(cosine, min(top, len(where)))
     return [(sentences[n][i], c, sentences[n], i) for c, (n, i) in
             zip(best.values.tolist(), (where[k] for k in best.indices.tolist()))]
