@@ -4,9 +4,11 @@ tokenizer against word2vec's words, a planted two-sense word, the model director
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from bad_input import assert_one_line_error, run_cli
@@ -28,7 +30,7 @@ from engine.models.elmo import (
 )
 from engine.models.word2vec import words
 from engine.train.config import ElmoConfig, Word2VecConfig
-from engine.train.elmo import train_elmo
+from engine.train.elmo import Rows, train_elmo
 from engine.train.evaluate import evaluate
 from engine.train.word2vec import train_word2vec
 
@@ -395,3 +397,35 @@ def test_bad_input_is_one_line(trained, tmp_path, monkeypatch):
             words=["--min-count 100000"])
     refused("train", "elmo", "--data", corpus, "--out", tmp_path / "o", "--max-len", "1", words=["--max-len 1"])
     assert not (tmp_path / "o").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, "filters": [[3, "x"]]}))
+    refused("similar", "bank", "--context", RIVER_SENTENCE, "--model", damaged, words=["filters", "[width, count]"])
+    (damaged / "config.json").write_text(json.dumps(config))
+    tensors = safetensors.torch.load_file(damaged / "model.safetensors")
+    del tensors["char_table"]
+    safetensors.torch.save_file(tensors, damaged / "model.safetensors")
+    refused("eval", "--model", damaged, "--data", corpus, words=["char_table"])
+
+
+def test_train_through_the_cli(tmp_path, monkeypatch):
+    corpus = bank_corpus(tmp_path / "bank.txt", n=200)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    run = run_cli("train", "elmo", "--data", corpus, "--out", tmp_path / "m", "--max-steps", "3", "--device", "cpu",
+                  *flags, home=tmp_path, monkeypatch=monkeypatch)
+    assert run.rc == 0, run.err
+    assert "wrote" in run.err and "held-out perplexity forward" in run.err
+    lm = engine.load(tmp_path / "m", device="cpu")
+    assert lm.config["data"] == str(corpus.resolve()) and lm.config["filters"] == [[1, 8], [2, 8], [3, 16]]
+
+
+def test_rows_cut_long_sentences_and_keep_rare_words_characters():
+    vocab = [*SPECIALS, "a", "b"]
+    rows = Rows([["a", "b", "a", "zebra", "a", "b", "a"], ["b"]], vocab, max_len=4, max_characters=8)
+    # <s> + 7 words + </s> in rows of 4 that overlap by one: each pair of neighbours in exactly one row
+    ids, chars, mask = rows.batch([0, 1, 2, 3], "cpu")
+    assert ids.tolist() == [[1, 3, 4, 3], [3, 0, 3, 4], [4, 3, 2, 0], [1, 4, 2, 0]]   # zebra: <unk> as a target ...
+    assert chars[1, 1].tolist() == characters("zebra", 8)           # ... but its own characters as input
+    assert chars[2, 2].tolist() == characters("</s>", 8)
+    assert mask.tolist() == [[True] * 4, [True] * 4, [True] * 3 + [False], [True] * 3 + [False]]

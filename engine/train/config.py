@@ -174,7 +174,7 @@ class ElmoConfig:
                           "(the paper: 1:32,2:32,3:64,4:128,5:256,6:512,7:1024)")
     highway_layers: int = option(2, "highway layers over the convolutions", rule="count0")
     max_characters: int = option(50, "characters per word, the begin and end marks included (longer words are cut)")
-    max_len: int = option(64, "words per training row, <s> and </s> included (longer sentences are cut into rows)",
+    max_len: int = option(64, "words per training row, <s> and </s> included (longer sentences: rows overlapping by a word)",
                           rule="two")
     batch_size: int = option(32, "rows per optimizer step")
     max_steps: int = option(1000, "optimizer steps")

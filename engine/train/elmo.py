@@ -2,9 +2,9 @@
 
 The corpus's training split is cut into sentences and words as word2vec cuts it (`sentences_of`),
 and its vocabulary counted the same way (`vocabulary`). A row is a sentence between <s> and </s>
-(a longer one is cut into rows of --max-len). Rows hold word types, every word of the corpus with
-its own characters, so a rare word is <unk> only as a target; each type's characters and vocabulary
-id are looked up per batch.
+(a longer one is cut into rows of --max-len that overlap by a word). Rows hold word types, every
+word of the corpus with its own characters, so a rare word is <unk> only as a target; each type's
+characters and vocabulary id are looked up per batch.
 """
 import math
 import sys
@@ -54,8 +54,8 @@ class Rows:
         self.rows = []
         for s in sentences:
             ids = [index[w] for w in (BOS, *s, EOS)]
-            self.rows += [ids[i:i + max_len] for i in range(0, len(ids) - 1, max_len)
-                          if len(ids[i:i + max_len]) >= 2]
+            # rows of a long sentence overlap by one word, so each pair of neighbours is in one row
+            self.rows += [ids[i:i + max_len] for i in range(0, len(ids) - 1, max_len - 1)]
 
     def batch(self, rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(vocabulary ids, characters, padding mask) of the given rows, right-padded."""
@@ -69,7 +69,7 @@ class Rows:
 
 
 @torch.no_grad()
-def evaluate(model: BiLM, rows: Rows, batches: int, batch_size: int, device) -> tuple[float, float]:
+def heldout_losses(model: BiLM, rows: Rows, batches: int, batch_size: int, device) -> tuple[float, float]:
     """The forward and backward LM's mean loss over the first `batches` batches of held-out rows."""
     model.eval()
     totals, count = [0.0, 0.0], 0
@@ -123,7 +123,7 @@ def train_elmo(c: ElmoConfig, quiet: bool = False) -> LM:
         if progress is not None:
             progress.show(step, {"loss": loss.item(), "fwd": fwd.item(), "bwd": bwd.item()})
         if held.rows and (step % c.eval_every == 0 or step == c.max_steps):
-            f, b = evaluate(model, held, c.eval_batches, c.batch_size, device)
+            f, b = heldout_losses(model, held, c.eval_batches, c.batch_size, device)
             log(f"step {step}: held-out perplexity forward {math.exp(f):.2f}, backward {math.exp(b):.2f}")
     if progress is not None:
         progress.close()
