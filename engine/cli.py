@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 from engine.errors import ParleyError
 from engine.terminal import printable
@@ -191,7 +192,7 @@ def cmd_train(args) -> None:
     config = config_from_args(configs.CONFIGS[args.mode], args)
     configs.validate(config)   # before the store opens: a refused run leaves no trace
     # under torchrun only the first process records the run
-    if args.no_store or args.mode in ("tokenizer", "ngram", "word2vec") or os.environ.get("RANK", "0") != "0":
+    if args.no_store or args.mode in ("tokenizer", "ngram", "word2vec", "elmo") or os.environ.get("RANK", "0") != "0":
         configs.run(config)
     else:
         from engine.store import Store
@@ -217,9 +218,46 @@ def cmd_merge(args) -> None:
 
 
 def cmd_similar(args) -> None:
+    from engine.checkpoint import read_json
     from engine.models.word2vec import Word2Vec
     check_top(args.top)
-    print_neighbours(Word2Vec.load(args.model).similar(args.word, args.top))
+    config = read_json(Path(args.model).expanduser() / "config.json", required=False) \
+        if Path(args.model).expanduser().is_dir() else None
+    elmo = (config or {}).get("model_type") == "parley_elmo"
+    if args.context is None:
+        if elmo:
+            raise ParleyError(f"{args.model} is an ELMo model, whose vectors depend on their sentence: add "
+                              "--context \"a sentence with the word\"")
+        print_neighbours(Word2Vec.load(args.model).similar(args.word, args.top))
+        return
+    if not elmo:
+        raise ParleyError(f"--context needs an ELMo model (what `parley train elmo` writes); {args.model} is not "
+                          "one (word2vec's vectors are the same in every sentence: leave out --context)")
+    cmd_similar_in_context(args, config)
+
+
+def cmd_similar_in_context(args, config: dict) -> None:
+    """ELMo's nearest words to WORD in --context: every word of --data's sentences in its own sentence."""
+    import engine
+    from engine import data
+    from engine.models.elmo import contextual_neighbours
+    from engine.models.word2vec import words
+    from engine.train.word2vec import sentences_of
+    if args.max_sentences < 1:
+        raise ParleyError(f"--max-sentences {args.max_sentences} is out of range: it must be 1 or more")
+    lm = engine.load(args.model, device=args.device, dtype="float32")
+    source = args.data or config.get("data") or "chitchat"
+    train, heldout = data.load(source)
+    sentences = sentences_of(train + heldout)[:args.max_sentences]
+    target = words(args.word)
+    if len(target) != 1:
+        raise ParleyError(f"{args.word!r} is not one word (words are letters, lower-cased): give one word")
+    layer = None if args.layer == "mix" else lm.config["num_layers"] if args.layer == "top" else int(args.layer) \
+        if args.layer.isdigit() else -1
+    rows = contextual_neighbours(lm.model, words(args.context), target[0], sentences, args.top, layer)
+    for word, cosine, sentence, i in rows:
+        shown = " ".join(f"[{w}]" if k == i else w for k, w in enumerate(sentence))
+        print(f"{printable(word)}\t{cosine:.4f}\t{printable(shown)}")
 
 
 def cmd_analogy(args) -> None:
@@ -306,8 +344,6 @@ def cmd_pull(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from pathlib import Path
-
     import engine
     from engine.registry import resolve_model
     from engine.serve.app import Server, ServeConfig
@@ -358,7 +394,7 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from engine.train.config import CONFIGS
-    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, word vectors (word2vec), a language model (pretrain, sft), a reward "
+    p = sub.add_parser("train", help="train a tokenizer, an n-gram model, word vectors (word2vec, or contextual: elmo), a language model (pretrain, sft), a reward "
                        "model (rm) or fine-tune against preferences (dpo, ppo, rloo, grpo)")
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
     for mode, config_class in CONFIGS.items():
@@ -419,10 +455,20 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("similar", help="a word2vec model's nearest words to WORD, by cosine")
+    p = sub.add_parser("similar", help="a word2vec model's nearest words to WORD, by cosine; or, with --context, "
+                       "an ELMo model's nearest words in their sentences to WORD in that sentence")
     p.add_argument("word")
-    p.add_argument("--model", required=True, help="a word2vec directory (what `parley train word2vec` writes)")
+    p.add_argument("--model", required=True, help="a word2vec directory (what `parley train word2vec` writes), or "
+                   "with --context an ELMo one (`parley train elmo`)")
     p.add_argument("--top", type=int, default=10, help="how many words (default 10)")
+    p.add_argument("--context", help="ELMo: a sentence holding WORD; its vector there is compared with every word's "
+                   "in the sentences of --data")
+    p.add_argument("--data", help="ELMo: the sentences to search (default: the model's training corpus)")
+    p.add_argument("--max-sentences", type=int, default=5000, help="ELMo: search the first this many (default 5000)")
+    p.add_argument("--layer", default="top", help="ELMo: the vectors compared: top (the last LSTM layer, the "
+                   "default: the best at word sense), 0 (the context-free token vectors), 1, 2, or mix (the mean "
+                   "of all, the scalar mix's start)")
+    p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("analogy", help="A is to B as C is to ?: a word2vec model's nearest words to B - A + C "

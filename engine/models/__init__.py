@@ -16,9 +16,9 @@ n-gram models meet the same protocol through engine.models.ngram.NGramNetwork, w
 instead of tensors.
 """
 from engine.errors import ParleyError
-from engine.models import gemma, gpt2, llama, nnlm, phi3, rnn
+from engine.models import elmo, gemma, gpt2, llama, nnlm, phi3, rnn
 
-FAMILIES = {model_type: module for module in (gpt2, llama, phi3, gemma, nnlm, rnn)
+FAMILIES = {model_type: module for module in (gpt2, llama, phi3, gemma, nnlm, rnn, elmo)
             for model_type in module.MODEL_TYPES}
 
 

@@ -8,7 +8,7 @@ batches) is honoured by packing each row's real tokens, so padding never enters 
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from engine.errors import ParleyError
@@ -71,22 +71,23 @@ class RNNLM(nn.Module):
         if pad_mask is None or bool(pad_mask.all()):
             out, state = self.rnn(x, state)
         else:
-            out, state = self.packed(x, pad_mask.bool(), state)
+            out, state = run_packed(self.rnn, x, pad_mask.bool(), state)
         if cache is not None:
             cache.state = state
         return self.lm_head(out[:, -1:] if last_only else out)
 
-    def packed(self, x, pad_mask, state):
-        """Run only the real tokens of each row (wherever the padding is), then put the outputs
-        back in place; padding positions get the output of the nearest real token before them."""
-        order = torch.argsort((~pad_mask).int(), dim=1, stable=True)      # real positions first
-        lengths = pad_mask.sum(1).clamp(min=1).cpu()
-        gathered = x.gather(1, order[..., None].expand_as(x))
-        packed = pack_padded_sequence(gathered, lengths, batch_first=True, enforce_sorted=False)
-        out, state = self.rnn(packed, state)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        result = torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
-        return result, state
+def run_packed(rnn: nn.RNNBase, x: torch.Tensor, pad_mask: torch.Tensor, state=None):
+    """Run `rnn` over only the real tokens of each row of x [batch, seq, dim] (wherever the padding
+    is), then put the outputs back in place (zeros at padding); the state is each row's after its
+    last real token."""
+    order = torch.argsort((~pad_mask).int(), dim=1, stable=True)      # real positions first
+    lengths = pad_mask.sum(1).clamp(min=1).cpu()
+    gathered = x.gather(1, order[..., None].expand_as(x))
+    packed = pack_padded_sequence(gathered, lengths, batch_first=True, enforce_sorted=False)
+    out, state = rnn(packed, state)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    result = torch.zeros_like(out).scatter(1, order[..., None].expand_as(out), out)
+    return result, state
 
 
 class RecurrentState:

@@ -6,7 +6,7 @@ field has a flag and nothing is listed twice.
     tokenizer  TokenizerConfig      pretrain  PretrainConfig     rm    RewardModelConfig
     ngram      NGramConfig          sft       SFTConfig          dpo   DPOConfig
     ppo        PPOConfig            rloo      RLOOConfig         grpo  GRPOConfig
-    mlm        MLMConfig (BERT)       word2vec  Word2VecConfig
+    mlm        MLMConfig (BERT)       word2vec  Word2VecConfig    elmo  ElmoConfig
 
 `TRAINERS` names the function that runs each mode on its config (imported only when run, so
 reading a config imports no torch).
@@ -155,6 +155,38 @@ class Word2VecConfig:
 
 
 @dataclass
+class ElmoConfig:
+    """ELMo: a character-CNN bidirectional LSTM language model, both directions at once (engine/train/elmo.py).
+
+    Over words, as word2vec reads them (engine/models/word2vec.py `words`), each sentence (a line or a
+    message) between <s> and </s>; the softmax covers the words seen at least --min-count times, the
+    others are <unk> as targets but keep their own characters as input. Adam on the mean of the
+    forward and the backward LM's cross-entropy.
+    """
+    mode: ClassVar[str] = "elmo"
+    out: str = option(None, "output directory", required=True)
+    data: str | None = option(None, "chitchat (the built-in corpus, default), a .jsonl of conversations or a .txt")
+    min_count: int = option(2, "words seen fewer times than this are <unk> in the softmax")
+    projection_dim: int = option(128, "width of the token vectors and of each LSTM layer's output (the paper: 512)")
+    hidden_size: int = option(512, "LSTM cells per layer and direction (the paper: 4096)")
+    char_dim: int = option(16, "character embedding size")
+    filters: str = option("1:32,2:32,3:64,4:128,5:256", "the character convolutions, width:count, comma-separated "
+                          "(the paper: 1:32,2:32,3:64,4:128,5:256,6:512,7:1024)")
+    highway_layers: int = option(2, "highway layers over the convolutions", rule="count0")
+    max_characters: int = option(50, "characters per word, the begin and end marks included (longer words are cut)")
+    max_len: int = option(64, "words per training row, <s> and </s> included (longer sentences: rows overlapping by a word)",
+                          rule="two")
+    batch_size: int = option(32, "rows per optimizer step")
+    max_steps: int = option(1000, "optimizer steps")
+    lr: float = option(1e-3, "Adam learning rate")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    eval_every: int = option(100, "steps between held-out evaluations")
+    eval_batches: int = option(4, "held-out batches per evaluation")
+    seed: int = option(0, "random seed: the run is a pure function of it", rule="seed")
+    device: str | None = option(None, "cpu, cuda or mps (default: the best available)")
+
+
+@dataclass
 class PreferenceConfig(StepsConfig):
     """What the reward model and DPO share: the pairs, read as whole prompts in one length."""
     prefs: str = option(None, "preference pairs: store (your rankings) or a TRL-format .jsonl", required=True)
@@ -257,12 +289,13 @@ class GRPOConfig(GroupConfig):
 
 
 CONFIGS = {c.mode: c for c in (TokenizerConfig, NGramConfig, PretrainConfig, SFTConfig, MLMConfig, Word2VecConfig,
-                               RewardModelConfig, DPOConfig, PPOConfig, RLOOConfig, GRPOConfig)}
+                               ElmoConfig, RewardModelConfig, DPOConfig, PPOConfig, RLOOConfig, GRPOConfig)}
 
 # mode: (module, function); each function takes (config, store) and returns what it trained
 TRAINERS = {"tokenizer": ("engine.train.tokenizer", "run"), "ngram": ("engine.train.ngram", "run"),
             "pretrain": ("engine.train.trainer", "train"), "sft": ("engine.train.trainer", "train"),
             "mlm": ("engine.train.mlm", "train_mlm"), "word2vec": ("engine.train.word2vec", "run"),
+            "elmo": ("engine.train.elmo", "run"),
             "rm": ("engine.rlhf.reward_model", "train_reward_model"), "dpo": ("engine.rlhf.dpo", "train_dpo"),
             "ppo": ("engine.rlhf.ppo", "train_ppo"), "rloo": ("engine.rlhf.group", "train_group"),
             "grpo": ("engine.rlhf.group", "train_group")}

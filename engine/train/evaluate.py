@@ -74,6 +74,8 @@ def describe(config: dict) -> str:
         return f"{config['order']}-gram {config['smoothing']}{k}"
     if kind == "parley_nnlm":
         return f"NNLM n={config['context'] + 1}" + (" +direct" if config.get("direct") else "")
+    if kind == "parley_elmo":   # scored by its forward LM, the direction that can generate
+        return f"ELMo biLM x{config['num_layers']} (forward)"
     if kind == "parley_rnn":
         return f"{config['cell'].upper()} x{config['num_layers']}"
     if kind == "parley_gpt":
