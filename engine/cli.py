@@ -344,6 +344,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
         p.add_argument("--model", help="model directory or name to chat with")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--quantize", choices=["int8"], help="int8 weights on the CPU (see parley generate --help)")
+        p.add_argument("--reward-model", help="a reward model (parley train rm) that scores the compare panes and "
+                       "picks best-of-N replies (remembered; the models screen, Ctrl+L, changes it)")
         p.set_defaults(func=app)
 
     p = sub.add_parser("inspect", help="load a model directory and describe it")

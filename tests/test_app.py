@@ -902,3 +902,75 @@ async def test_arena_shows_preset_labels_as_text(app):
         await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
         shot = app.export_screenshot()
         assert "temperature=0.4&#160;@&#160;[b]odd[/b]" in shot and "temperature=0.9&#160;@&#160;[b]odd[/b]" in shot
+
+
+# -- the reward model in the loop -----------------------------------------------------------------
+@pytest.fixture
+def reward_app(checkpoints, tmp_path, monkeypatch):
+    """The app on the tiny model with a tiny reward model (random head) chosen by --reward-model."""
+    from helpers import make_reward_model
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    path, _ = checkpoints("qwen2")
+    rm = make_reward_model(path, tmp_path / "rm")
+    return ParleyApp(model=str(path), store=Store(), device="cpu", reward_model=str(tmp_path / "rm")), rm
+
+
+def rewards_of(rm, store, ids):
+    """The reward model's scores of stored replies, computed here one by one: the reference."""
+    out = []
+    for i in ids:
+        m = store.message(i)
+        out.append(rm.rewards([(store.prompt_messages(m["conversation_id"], m["parent_id"]), m["content"])])[0])
+    return out
+
+
+@sync
+async def test_compare_panes_show_the_reward_models_score_of_each_candidate(reward_app, tmp_path):
+    app, rm = reward_app
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=5)
+        await until(pilot, lambda: app.screen.scores)
+        ids = app.screen.message_ids
+        expected = rewards_of(rm, app.store, ids)
+        assert len(set(expected)) == len(expected)   # the head's spread tells the candidates apart
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == [f"reward {s:+.3f}" for s in expected]
+        recorded = app.store.scores(app.reward_model_name, ids)
+        assert [recorded[i] for i in ids] == pytest.approx(expected, abs=1e-4)
+        # blind mode hides the scores with the settings until the comparison is ranked
+        await pilot.press("alt+b")
+        await until(pilot, lambda: app.screen.scores and set(app.screen.scores) == set(app.screen.message_ids))
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == ["reward: shown once ranked"] * 2
+        rank = app.screen.query_one("#rank", Input)
+        rank.value = "a"
+        rank.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        expected = rewards_of(rm, app.store, app.screen.message_ids)
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == [f"reward {s:+.3f}" for s in expected]
+    # the choice is remembered: the next start scores with it without --reward-model
+    assert app.store.preference("reward_model") == str((tmp_path / "rm").resolve())
+    assert ParleyApp(model=app.model_name, store=app.store).reward_model_name == str((tmp_path / "rm").resolve())
+
+
+@sync
+async def test_the_models_screen_chooses_a_reward_model_and_refuses_a_model_that_is_none(app, checkpoints, tmp_path):
+    from helpers import make_reward_model
+    make_reward_model(checkpoints("qwen2")[0], tmp_path / "rm")
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("ctrl+l")
+        await pilot.pause(0.2)
+        box = app.screen.query_one("#reward-model", Input)
+        box.value = str(checkpoints("qwen2")[0])   # a chat model, not a reward model
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: any("not a reward model" in n.message for n in app._notifications))
+        assert app.reward_model_name is None
+        box.value = str(tmp_path / "rm")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.reward_model_name is not None)
+        assert app.reward_model_name == str((tmp_path / "rm").resolve()) and app.rm is not None
+        assert app.store.preference("reward_model") == app.reward_model_name
+        assert app.reward_model_name in str(app.screen.query_one("#reward-model-now", Label).render())
