@@ -974,3 +974,53 @@ async def test_the_models_screen_chooses_a_reward_model_and_refuses_a_model_that
         assert app.reward_model_name == str((tmp_path / "rm").resolve()) and app.rm is not None
         assert app.store.preference("reward_model") == app.reward_model_name
         assert app.reward_model_name in str(app.screen.query_one("#reward-model-now", Label).render())
+
+
+@sync
+async def test_best_of_n_shows_the_highest_scored_reply_and_keeps_the_others_as_scored_siblings(reward_app):
+    app, rm = reward_app
+    async with app.run_test(size=(160, 50)) as pilot:
+        screen = app.screen
+        set_setting(screen, "max_new_tokens", 6)
+        set_setting(screen, "seed", 5)
+        await pilot.press("alt+n", "alt+n")   # 1 -> 2 -> 4
+        assert app.best_of == 4 and app.store.preference("best_of") == 4
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: len(replies(app.store)) == 4 and screen.best_of_ids is None
+                    and not screen.streaming and screen.views)
+        await pilot.pause(0.2)
+        candidates = replies(app.store)
+        ids = [m["id"] for m in candidates]
+        assert [m["settings"]["seed"] for m in candidates] == [5, 6, 7, 8]   # one batched run, a seed each
+        assert app.store.db.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 1
+        expected = rewards_of(rm, app.store, ids)
+        assert len(set(expected)) == 4
+        best = ids[max(range(4), key=expected.__getitem__)]
+        conversation = app.store.conversations()[0]["id"]
+        assert app.store.conversation(conversation)["current_leaf"] == best
+        assert [m for m, v in screen.views.items() if v.message["role"] == "assistant"] == [best]
+        assert {s["id"] for s in app.store.siblings(best)} == set(ids)
+        recorded = app.store.scores(app.reward_model_name, ids)
+        assert [recorded[i] for i in ids] == pytest.approx(expected, abs=1e-4)
+        role = str(screen.views[best].query_one(".role", Label).render())
+        assert f"reward {max(expected):+.3f}" in role and "/4 ›" in role
+        assert f"best of 4 by the reward model: {max(expected):+.3f}" in str(screen.query_one("#status").render())
+        # Alt+← / Alt+→ reach the others, each with its own score
+        index = [s["id"] for s in app.store.siblings(best)].index(best)
+        await pilot.press("alt+left" if index else "alt+right")
+        await pilot.pause(0.3)
+        other = next(m for m, v in screen.views.items() if v.message["role"] == "assistant")
+        assert other != best and other in ids
+        assert f"reward {expected[ids.index(other)]:+.3f}" in str(screen.views[other].query_one(".role", Label).render())
+
+
+@sync
+async def test_best_of_n_without_a_reward_model_says_so_and_gives_one_reply(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 3)
+        await pilot.press("alt+n")
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.pause(0.2)
+        assert len(replies(app.store)) == 1
+        assert any("needs a reward model" in n.message for n in app._notifications)
