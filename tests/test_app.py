@@ -1024,3 +1024,25 @@ async def test_best_of_n_without_a_reward_model_says_so_and_gives_one_reply(app)
         await pilot.pause(0.2)
         assert len(replies(app.store)) == 1
         assert any("needs a reward model" in n.message for n in app._notifications)
+
+
+@sync
+async def test_arena_shows_the_reward_models_agreement_with_the_rankings(reward_app):
+    from tui_app.screens import ArenaScreen
+    app, rm = reward_app
+    c = app.store.create_conversation("arena")
+    u = app.store.add_message(c, "user", "What should I drink?")
+    texts = [("Tea is nice today.", "Maybe a cup of juice?"), ("I would have some water.", "Hello there!"),
+             ("The quick brown fox.", "Tea."), ("Milk, please.", "Soda is nice today.")]
+    for t, (winner, loser) in enumerate(texts):
+        ids = [app.store.add_message(c, "assistant", x, u, model="tiny", settings=Settings(temperature=0.2 + t).to_dict(),
+                                     make_current=False) for x in (winner, loser)]
+        app.store.vote(app.store.create_comparison(c, u, ids), "best", best=ids[0])
+    prompt = [{"role": "user", "content": "What should I drink?"}]
+    agree = [a > b for a, b in (rm.rewards([(prompt, w), (prompt, lose)]) for w, lose in texts)]
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        note = lambda: str(app.screen.query_one("#arena-agreement").render())   # noqa: E731
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and note().startswith("reward model agrees"))
+        assert note().startswith(f"reward model agrees with your rankings on {100 * sum(agree) / 4:.0f}% of pairs")
+        assert "4 pairs from 4 rankings" in note() and "not known to be held out" in note()
