@@ -254,7 +254,10 @@ class ChatScreen(RepliesMixin, Screen):
             self.app.notify("every reply is too long for the reward model: the first is shown", severity="warning")
             return
         best = max(scored, key=lambda i: message.scores[i])
-        self.store.set_current_leaf(self.conversation_id, best)
+        conversation = self.store.message(best)["conversation_id"]   # the user may have opened another meanwhile
+        self.store.set_current_leaf(conversation, best)
+        if conversation != self.conversation_id:
+            return
         await self.open_conversation(self.conversation_id)
         self.query_one("#status", StatusLine).update(
             f"best of {len(ids)} by the reward model: {message.scores[best]:+.3f} "
