@@ -1046,3 +1046,20 @@ async def test_arena_shows_the_reward_models_agreement_with_the_rankings(reward_
         await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and note().startswith("reward model agrees"))
         assert note().startswith(f"reward model agrees with your rankings on {100 * sum(agree) / 4:.0f}% of pairs")
         assert "4 pairs from 4 rankings" in note() and "not known to be held out" in note()
+
+
+def test_parley_app_takes_a_reward_model(tmp_path):
+    from engine.cli import build_parser
+    args = build_parser(app=lambda a: None).parse_args(["app", "--reward-model", str(tmp_path)])
+    assert args.reward_model == str(tmp_path)
+
+
+@sync
+async def test_a_bad_reward_model_is_said_once_and_not_remembered(app, tmp_path):
+    app.reward_model_name = str(tmp_path / "missing")   # as --reward-model gives it
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=3)
+        await until(pilot, lambda: any("reward model" in n.message and "missing" in n.message
+                                       for n in app._notifications))
+        assert app.screen.scores == {} and app.store.preference("reward_model") is None
+        assert all(str(label.render()) == "" for label in app.screen.query(".pane-score"))

@@ -70,8 +70,6 @@ class ParleyApp(App):
         # the one chosen last (a preference); loaded on first use, in a worker
         self.reward_model_name = reward_model_key(reward_model) if reward_model else \
             self.store.preference("reward_model")
-        if reward_model:
-            self.store.set_preference("reward_model", self.reward_model_name)
         self.rm = None
         self.rm_lock = threading.Lock()
         self.best_of = int(self.store.preference("best_of", 1))   # replies per message in the chat (Alt+N)
@@ -129,9 +127,13 @@ class ParleyApp(App):
         """The chosen reward model, loaded once (call it from a worker thread); None when none is chosen."""
         from engine.chat import open_reward_model
         with self.rm_lock:
-            if self.rm is None and self.reward_model_name:
-                self.rm = open_reward_model(self.reward_model_name, self.device)[0]
-            return self.rm
+            if self.rm is not None or not self.reward_model_name:
+                return self.rm
+            name, self.rm = self.reward_model_name, open_reward_model(self.reward_model_name, self.device)[0]
+            rm = self.rm
+        # remembered once it loads: a bad --reward-model is said once, not carried into every later start
+        self.call_from_thread(self.store.set_preference, "reward_model", name)
+        return rm
 
     def use_reward_model(self, name: str | None, rm=None) -> None:
         """Score with this reward model from now on (None: none), remembered in the store."""
