@@ -127,21 +127,30 @@ def preset_of(message: dict, by: str) -> Preset | None:
     return Preset(settings, model)
 
 
-def battles(store, by: str = "both") -> list[Battle]:
-    """Every battle in the store's rankings and votes, oldest ranking first."""
-    out, comparisons = [], {}
+def judged_pairs(store):
+    """(ranking, x, y, x's score: 1 won, 0 lost, 0.5 tied) for every pair of candidates a ranking or
+    vote judged, oldest ranking first; a "best" vote leaves its runners-up unjudged, not tied."""
+    comparisons = {}
     for ranking in store.rankings():
         cid = ranking["comparison_id"]
         if cid not in comparisons:
             comparisons[cid] = store.comparison(cid)["candidates"]
         candidates, ranks = comparisons[cid], ranking["ranks"]
-        unjudged_ties = ranking["kind"] == "vote" and ranking["vote"] == "best"   # runners-up, not judged equal
+        unjudged_ties = ranking["kind"] == "vote" and ranking["vote"] == "best"
         for x, y in itertools.combinations(candidates, 2):
-            a, b = preset_of(x, by), preset_of(y, by)
             ra, rb = ranks[x["id"]], ranks[y["id"]]
-            if a is None or b is None or a == b or (ra == rb and unjudged_ties):
+            if ra == rb and unjudged_ties:
                 continue
-            out.append(Battle(a, b, 1.0 if ra < rb else 0.0 if ra > rb else 0.5))
+            yield ranking, x, y, 1.0 if ra < rb else 0.0 if ra > rb else 0.5
+
+
+def battles(store, by: str = "both") -> list[Battle]:
+    """Every battle in the store's rankings and votes, oldest ranking first."""
+    out = []
+    for _, x, y, score in judged_pairs(store):
+        a, b = preset_of(x, by), preset_of(y, by)
+        if a is not None and b is not None and a != b:
+            out.append(Battle(a, b, score))
     return out
 
 
@@ -274,3 +283,69 @@ def table(rows: list[Rating]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(line, widths))).rstrip() for line in lines)
+
+
+# -- the reward model against the user ---------------------------------------------------------------
+@dataclass
+class Agreement:
+    """How often a reward model orders a pair of candidates as the user's ranking did."""
+    share: float | None   # agreeing pairs / pairs (the reward model's own ties count half); None: no pairs
+    low: float | None     # the 95% interval: rankings resampled with replacement
+    high: float | None
+    pairs: int            # pairs the user ordered (ties left out) and the reward model scored
+    rankings: int         # rankings those pairs come from
+    trained: int | None   # rankings left out as the reward model's training data; None: it records none
+    unscored: int         # pairs left out because a candidate is too long for the reward model
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
+
+    @property
+    def line(self) -> str:
+        held = ("held out (the reward model's own training rankings left out)" if self.trained is not None else
+                "not known to be held out: this reward model records no training rankings, so all count")
+        if self.share is None:
+            return f"reward model agreement: no ranked pair to check ({held})"
+        extra = f"; {self.unscored} pairs too long to score" if self.unscored else ""
+        return (f"reward model agrees with your rankings on {100 * self.share:.0f}% of pairs (95% CI "
+                f"{100 * self.low:.0f} to {100 * self.high:.0f}%; {self.pairs} pairs from {self.rankings} rankings, "
+                f"{held}{extra})")
+
+
+def agreement_candidates(store, trained: set[str] | None) -> dict[str, dict]:
+    """{message id: candidate} of every ranking a reward model did not train on: what it must score."""
+    return {m["id"]: m for ranking, x, y, score in judged_pairs(store) if score != 0.5
+            and ranking["id"] not in (trained or ()) for m in (x, y)}
+
+
+def agreement(store, scores: dict[str, float | None], trained: set[str] | None,
+              config: ArenaConfig | None = None) -> Agreement:
+    """The share of the user's ordered pairs (ties left out) that `scores` (message id: the reward
+    model's score, None where it could not score it) order the same way, over the rankings not in
+    `trained`; its 95% interval resamples whole rankings, since one ranking's pairs share a prompt
+    and a judgement, with the arena's rounds and seed."""
+    config = (config or ArenaConfig()).check()
+    tallies: dict[str, list[float]] = {}   # ranking id: [agreeing, pairs]
+    left_out, unscored = set(), 0
+    for ranking, x, y, score in judged_pairs(store):
+        if score == 0.5:
+            continue
+        if trained is not None and ranking["id"] in trained:
+            left_out.add(ranking["id"])
+            continue
+        sx, sy = scores.get(x["id"]), scores.get(y["id"])
+        if sx is None or sy is None:
+            unscored += 1
+            continue
+        tally = tallies.setdefault(ranking["id"], [0.0, 0])
+        tally[0] += 0.5 if sx == sy else float((sx > sy) == (score == 1.0))
+        tally[1] += 1
+    trained_count = None if trained is None else len(left_out)
+    if not tallies:
+        return Agreement(None, None, None, 0, 0, trained_count, unscored)
+    agree, pairs = np.array(list(tallies.values())).T
+    rng = np.random.default_rng(config.seed)
+    draws = rng.integers(0, len(agree), size=(config.rounds, len(agree)))
+    low, high = np.percentile(agree[draws].sum(1) / pairs[draws].sum(1), [2.5, 97.5])
+    return Agreement(float(agree.sum() / pairs.sum()), float(low), float(high), int(pairs.sum()), len(tallies),
+                     trained_count, unscored)

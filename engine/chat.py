@@ -45,6 +45,24 @@ def open_model(name_or_path: str | None, device: str | None = None, dtype: str |
     return lm, info
 
 
+def open_reward_model(name_or_path: str, device: str | None = None):
+    """(reward model, the directory it was read from) for a reward model's directory or known name;
+    slow, so the app calls it in a worker."""
+    from engine.registry import resolve_model
+    from engine.rlhf.reward_model import load_reward_model
+    path = resolve_model(name_or_path)
+    return load_reward_model(path, device), str(path)
+
+
+def score_replies(rm, store, reward_model: str, message_ids: list[str]) -> dict[str, float | None]:
+    """Each reply's reward (None: too long for the reward model), recorded in the store under
+    `reward_model` (the directory's path), all rows in one batched run."""
+    from engine.rlhf.reward_model import score_messages
+    scores = score_messages(rm, store, [store.message(m) for m in message_ids])
+    store.save_scores(reward_model, {m: s for m, s in scores.items() if s is not None})
+    return scores
+
+
 def prompt_ids(lm, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
     """Token ids of `messages` in the chat template, and how many of the oldest turns were dropped
     to leave room for the reply in the model's context (the system prompt is always kept)."""

@@ -313,6 +313,10 @@ def cmd_arena(args) -> None:
     config = ArenaConfig(by=args.by, rounds=args.rounds, seed=args.seed, anchor=args.anchor).check()
     with Store() as store:
         rows = ratings(store, config)
+        agreement = None
+        if args.reward_model:
+            from engine.rlhf.reward_model import agreement_of, load_reward_model
+            agreement = agreement_of(load_reward_model(args.reward_model, args.device), store, config)
     if not rows:
         print("no battles yet: rank the candidates of a comparison in the app (Ctrl+O) whose settings or models "
               "differ", file=sys.stderr if args.json else sys.stdout)
@@ -324,6 +328,8 @@ def cmd_arena(args) -> None:
         print(f"{sum(r.battles for r in rows) // 2} battles; Bradley-Terry, ties half a win; 95% CI from "
               f"{config.rounds} bootstrap rounds (seed {config.seed}); "
               + (f"{config.anchor} rated 1000" if config.anchor else "mean rating 1000"))
+    if agreement is not None:
+        print(json.dumps({"agreement": agreement.to_dict()}) if args.json else agreement.line)
 
 
 def cmd_pull(args) -> None:
@@ -374,6 +380,8 @@ def build_parser(app=None) -> argparse.ArgumentParser:
         p.add_argument("--model", help="model directory or name to chat with")
         p.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
         p.add_argument("--quantize", choices=["int8"], help="int8 weights on the CPU (see parley generate --help)")
+        p.add_argument("--reward-model", help="a reward model (parley train rm) that scores the compare panes and "
+                       "picks best-of-N replies (remembered; the models screen, Ctrl+L, changes it)")
         p.set_defaults(func=app)
 
     p = sub.add_parser("inspect", help="load a model directory and describe it")
@@ -446,7 +454,11 @@ def build_parser(app=None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the resampling (default "
                    f"{defaults.seed}): the same rankings give the same table")
     p.add_argument("--anchor", help="a preset, as the table names it, to rate 1000 (default: the mean is 1000)")
-    p.add_argument("--json", action="store_true", help="one JSON object per preset and line, best first")
+    p.add_argument("--reward-model", help="a reward model: print how often it orders your ranked pairs as you did, "
+                   "on the rankings it did not train on, with a 95%% bootstrap interval")
+    p.add_argument("--device", help="where the reward model runs (default: the best available)")
+    p.add_argument("--json", action="store_true", help="one JSON object per preset and line, best first (then "
+                   "{\"agreement\": ...} with --reward-model)")
     p.set_defaults(func=cmd_arena)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write the merged model")

@@ -133,3 +133,17 @@ def make_checkpoint(path: Path, name: str, seed: int = 0, template: str = CHATML
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data))
+
+
+def make_reward_model(base: Path, out: Path, seed: int = 0, std: float = 10.0):
+    """A reward model on the checkpoint at `base`: its backbone and a random head (wide spread, so
+    no two replies score alike), saved as `parley train rm` saves one; returns the RewardLM."""
+    import engine
+    from engine.rlhf.reward_model import RewardLM, RewardModel
+    lm = engine.load(base, device="cpu")
+    torch.manual_seed(seed)
+    model = RewardModel(lm.model)
+    torch.nn.init.normal_(model.score.weight, std=std)
+    rm = RewardLM(model.eval(), lm.tokenizer, {**lm.config, "parley_max_length": 128})
+    rm.save(out)
+    return rm

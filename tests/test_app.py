@@ -902,3 +902,164 @@ async def test_arena_shows_preset_labels_as_text(app):
         await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
         shot = app.export_screenshot()
         assert "temperature=0.4&#160;@&#160;[b]odd[/b]" in shot and "temperature=0.9&#160;@&#160;[b]odd[/b]" in shot
+
+
+# -- the reward model in the loop -----------------------------------------------------------------
+@pytest.fixture
+def reward_app(checkpoints, tmp_path, monkeypatch):
+    """The app on the tiny model with a tiny reward model (random head) chosen by --reward-model."""
+    from helpers import make_reward_model
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    path, _ = checkpoints("qwen2")
+    rm = make_reward_model(path, tmp_path / "rm")
+    return ParleyApp(model=str(path), store=Store(), device="cpu", reward_model=str(tmp_path / "rm")), rm
+
+
+def rewards_of(rm, store, ids):
+    """The reward model's scores of stored replies, computed here one by one: the reference."""
+    out = []
+    for i in ids:
+        m = store.message(i)
+        out.append(rm.rewards([(store.prompt_messages(m["conversation_id"], m["parent_id"]), m["content"])])[0])
+    return out
+
+
+@sync
+async def test_compare_panes_show_the_reward_models_score_of_each_candidate(reward_app, tmp_path):
+    app, rm = reward_app
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=5)
+        await until(pilot, lambda: app.screen.scores)
+        ids = app.screen.message_ids
+        expected = rewards_of(rm, app.store, ids)
+        assert len(set(expected)) == len(expected)   # the head's spread tells the candidates apart
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == [f"reward {s:+.3f}" for s in expected]
+        recorded = app.store.scores(app.reward_model_name, ids)
+        assert [recorded[i] for i in ids] == pytest.approx(expected, abs=1e-4)
+        # blind mode hides the scores with the settings until the comparison is ranked
+        await pilot.press("alt+b")
+        await until(pilot, lambda: app.screen.scores and set(app.screen.scores) == set(app.screen.message_ids))
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == ["reward: shown once ranked"] * 2
+        rank = app.screen.query_one("#rank", Input)
+        rank.value = "a"
+        rank.focus()
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        expected = rewards_of(rm, app.store, app.screen.message_ids)
+        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
+        assert labels == [f"reward {s:+.3f}" for s in expected]
+    # the choice is remembered: the next start scores with it without --reward-model
+    assert app.store.preference("reward_model") == str((tmp_path / "rm").resolve())
+    assert ParleyApp(model=app.model_name, store=app.store).reward_model_name == str((tmp_path / "rm").resolve())
+
+
+@sync
+async def test_the_models_screen_chooses_a_reward_model_and_refuses_a_model_that_is_none(app, checkpoints, tmp_path):
+    from helpers import make_reward_model
+    make_reward_model(checkpoints("qwen2")[0], tmp_path / "rm")
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("ctrl+l")
+        await pilot.pause(0.2)
+        box = app.screen.query_one("#reward-model", Input)
+        box.value = str(checkpoints("qwen2")[0])   # a chat model, not a reward model
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: any("not a reward model" in n.message for n in app._notifications))
+        assert app.reward_model_name is None
+        box.value = str(tmp_path / "rm")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.reward_model_name is not None)
+        assert app.reward_model_name == str((tmp_path / "rm").resolve()) and app.rm is not None
+        assert app.store.preference("reward_model") == app.reward_model_name
+        assert app.reward_model_name in str(app.screen.query_one("#reward-model-now", Label).render())
+
+
+@sync
+async def test_best_of_n_shows_the_highest_scored_reply_and_keeps_the_others_as_scored_siblings(reward_app):
+    app, rm = reward_app
+    async with app.run_test(size=(160, 50)) as pilot:
+        screen = app.screen
+        set_setting(screen, "max_new_tokens", 6)
+        set_setting(screen, "seed", 5)
+        await pilot.press("alt+n", "alt+n")   # 1 -> 2 -> 4
+        assert app.best_of == 4 and app.store.preference("best_of") == 4
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: len(replies(app.store)) == 4 and screen.best_of_ids is None
+                    and not screen.streaming and screen.views)
+        await pilot.pause(0.2)
+        candidates = replies(app.store)
+        ids = [m["id"] for m in candidates]
+        assert [m["settings"]["seed"] for m in candidates] == [5, 6, 7, 8]   # one batched run, a seed each
+        assert app.store.db.execute("SELECT count(*) FROM comparisons").fetchone()[0] == 1
+        expected = rewards_of(rm, app.store, ids)
+        assert len(set(expected)) == 4
+        best = ids[max(range(4), key=expected.__getitem__)]
+        conversation = app.store.conversations()[0]["id"]
+        assert app.store.conversation(conversation)["current_leaf"] == best
+        assert [m for m, v in screen.views.items() if v.message["role"] == "assistant"] == [best]
+        assert {s["id"] for s in app.store.siblings(best)} == set(ids)
+        recorded = app.store.scores(app.reward_model_name, ids)
+        assert [recorded[i] for i in ids] == pytest.approx(expected, abs=1e-4)
+        role = str(screen.views[best].query_one(".role", Label).render())
+        assert f"reward {max(expected):+.3f}" in role and "/4 ›" in role
+        assert f"best of 4 by the reward model: {max(expected):+.3f}" in str(screen.query_one("#status").render())
+        # Alt+← / Alt+→ reach the others, each with its own score
+        index = [s["id"] for s in app.store.siblings(best)].index(best)
+        await pilot.press("alt+left" if index else "alt+right")
+        await pilot.pause(0.3)
+        other = next(m for m, v in screen.views.items() if v.message["role"] == "assistant")
+        assert other != best and other in ids
+        assert f"reward {expected[ids.index(other)]:+.3f}" in str(screen.views[other].query_one(".role", Label).render())
+
+
+@sync
+async def test_best_of_n_without_a_reward_model_says_so_and_gives_one_reply(app):
+    async with app.run_test(size=(160, 50)) as pilot:
+        set_setting(app.screen, "max_new_tokens", 3)
+        await pilot.press("alt+n")
+        await send(pilot, "Hello there!")
+        await until(pilot, lambda: replies(app.store) and replies(app.store)[0]["status"] == "complete")
+        await pilot.pause(0.2)
+        assert len(replies(app.store)) == 1
+        assert any("needs a reward model" in n.message for n in app._notifications)
+
+
+@sync
+async def test_arena_shows_the_reward_models_agreement_with_the_rankings(reward_app):
+    from tui_app.screens import ArenaScreen
+    app, rm = reward_app
+    c = app.store.create_conversation("arena")
+    u = app.store.add_message(c, "user", "What should I drink?")
+    texts = [("Tea is nice today.", "Maybe a cup of juice?"), ("I would have some water.", "Hello there!"),
+             ("The quick brown fox.", "Tea."), ("Milk, please.", "Soda is nice today.")]
+    for t, (winner, loser) in enumerate(texts):
+        ids = [app.store.add_message(c, "assistant", x, u, model="tiny", settings=Settings(temperature=0.2 + t).to_dict(),
+                                     make_current=False) for x in (winner, loser)]
+        app.store.vote(app.store.create_comparison(c, u, ids), "best", best=ids[0])
+    prompt = [{"role": "user", "content": "What should I drink?"}]
+    agree = [a > b for a, b in (rm.rewards([(prompt, w), (prompt, lose)]) for w, lose in texts)]
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("alt+r")
+        note = lambda: str(app.screen.query_one("#arena-agreement").render())   # noqa: E731
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and note().startswith("reward model agrees"))
+        assert note().startswith(f"reward model agrees with your rankings on {100 * sum(agree) / 4:.0f}% of pairs")
+        assert "4 pairs from 4 rankings" in note() and "not known to be held out" in note()
+
+
+def test_parley_app_takes_a_reward_model(tmp_path):
+    from engine.cli import build_parser
+    args = build_parser(app=lambda a: None).parse_args(["app", "--reward-model", str(tmp_path)])
+    assert args.reward_model == str(tmp_path)
+
+
+@sync
+async def test_a_bad_reward_model_is_said_once_and_not_remembered(app, tmp_path):
+    app.reward_model_name = str(tmp_path / "missing")   # as --reward-model gives it
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=3)
+        await until(pilot, lambda: any("reward model" in n.message and "missing" in n.message
+                                       for n in app._notifications))
+        assert app.screen.scores == {} and app.store.preference("reward_model") is None
+        assert all(str(label.render()) == "" for label in app.screen.query(".pane-score"))

@@ -10,6 +10,7 @@ meanwhile waits for it. Key bindings can be remapped in config.toml in the user 
 """
 import threading
 import tomllib
+from pathlib import Path
 
 from textual.app import App
 from textual.binding import Binding
@@ -38,12 +39,19 @@ def load_config() -> dict:
     return config
 
 
+def reward_model_key(name: str) -> str:
+    """How a reward model is named in the store (its scores, the preference): a directory by its
+    absolute path, so the same model is one name whichever directory the app started in."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 class ParleyApp(App):
     TITLE = "Parley"
     BINDINGS = [Binding("f1", "help", "Help", id="help"), Binding("question_mark", "help", "Help", show=False, id="help")]
 
     def __init__(self, model: str | None = None, store: Store | None = None, device: str | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, reward_model: str | None = None):
         super().__init__()
         self.config = load_config()
         self.owns_store = store is None   # a store handed in (tests, embedding) stays its giver's to close
@@ -58,6 +66,13 @@ class ParleyApp(App):
         self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
         self.system_prompt = self.config.get("system_prompt", "")
         self.set_keymap(self.config.get("keys", {}))   # binding id (the action's name) -> key
+        # the reward model that scores compare panes and picks best-of-N replies: --reward-model, or
+        # the one chosen last (a preference); loaded on first use, in a worker
+        self.reward_model_name = reward_model_key(reward_model) if reward_model else \
+            self.store.preference("reward_model")
+        self.rm = None
+        self.rm_lock = threading.Lock()
+        self.best_of = int(self.store.preference("best_of", 1))   # replies per message in the chat (Alt+N)
 
     def on_mount(self) -> None:
         self.push_screen(ChatScreen())
@@ -107,6 +122,24 @@ class ParleyApp(App):
         if name not in self.other_models:
             self.other_models[name] = open_model(name, self.device, quantize=self.quantize)[0]
         return self.other_models[name]
+
+    def reward_model(self):
+        """The chosen reward model, loaded once (call it from a worker thread); None when none is chosen."""
+        from engine.chat import open_reward_model
+        with self.rm_lock:
+            if self.rm is not None or not self.reward_model_name:
+                return self.rm
+            name, self.rm = self.reward_model_name, open_reward_model(self.reward_model_name, self.device)[0]
+            rm = self.rm
+        # remembered once it loads: a bad --reward-model is said once, not carried into every later start
+        self.call_from_thread(self.store.set_preference, "reward_model", name)
+        return rm
+
+    def use_reward_model(self, name: str | None, rm=None) -> None:
+        """Score with this reward model from now on (None: none), remembered in the store."""
+        with self.rm_lock:
+            self.reward_model_name, self.rm = (reward_model_key(name) if name else None), rm
+        self.store.set_preference("reward_model", self.reward_model_name)
 
     def switch_model(self, name: str) -> None:
         """Load another model; messages sent meanwhile wait for it."""

@@ -6,10 +6,11 @@ from engine import cli
 
 def run_app(args) -> None:
     from tui_app.app import ParleyApp
-    ParleyApp(model=args.model, device=getattr(args, "device", None), quantize=getattr(args, "quantize", None)).run()
+    ParleyApp(model=args.model, device=getattr(args, "device", None), quantize=getattr(args, "quantize", None),
+              reward_model=getattr(args, "reward_model", None)).run()
 
 
-APP_OPTIONS = ("--model", "--device", "--quantize")   # `parley --quantize int8` is `parley app --quantize int8`
+APP_OPTIONS = ("--model", "--device", "--quantize", "--reward-model")   # `parley --quantize int8` is `parley app --quantize int8`
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,8 @@ class MessageView(Static):
             parts.append(f"‹ {index}/{total} ›")
         if m.get("model"):
             parts.append(printable(m["model"]))
+        if m.get("reward") is not None:   # the chosen reward model's score, where it scored this reply
+            parts.append(f"reward {m['reward']:+.3f}")
         if m.get("finish_reason") and m["finish_reason"] != "eos":
             parts.append(f"[{m['finish_reason']}]")
         if m.get("status") == "partial":

@@ -16,8 +16,10 @@ def preference_groups(source: str, store=None) -> list[dict]:
         if store is None:
             from engine.store import Store
             store = Store()
-        groups = [{"prompt": g["prompt"], "pairs": [(p["chosen"], p["rejected"]) for p in g["pairs"]]}
-                  for g in store.pairs_by_prompt()]
+        # each group keeps the ids of the rankings its pairs come from: a reward model records the
+        # ones it trained on, so that its agreement with the user is measured on the others
+        groups = [{"prompt": g["prompt"], "pairs": [(p["chosen"], p["rejected"]) for p in g["pairs"]],
+                   "rankings": sorted({p["ranking_id"] for p in g["pairs"]})} for g in store.pairs_by_prompt()]
     else:
         from engine.store.exchange import _check_pref, read_jsonl
         by_prompt: dict[str, dict] = {}
@@ -109,7 +111,7 @@ def encode_pairs(tokenizer, groups: list[dict], max_len: int, split=reply_ids) -
             else:
                 pairs.append((window, c, r))
         if pairs:
-            encoded.append({"prompt": g["prompt"], "pairs": pairs})
+            encoded.append({**g, "pairs": pairs})
     return encoded, skipped
 
 

@@ -241,6 +241,8 @@ def train_reward_model(c: RewardModelConfig, store=None) -> RewardLM:
     rm = RewardLM(model, tokenizer, {**config, "parley_max_length": c.max_len})
     groups = preference_groups(c.prefs, store)
     train, heldout, run.config["skipped_pairs"] = encoded_split(tokenizer, groups, c.max_len, rm.split)
+    if c.prefs == "store":   # what `parley arena --reward-model` leaves out of its held-out agreement
+        rm.config["parley_trained_rankings"] = sorted({r for g in train for r in g["rankings"]})
     optimizer = torch.optim.AdamW(lora.trainable(model), lr=c.lr, weight_decay=0.0)
     start = run.restore(optimizer, {"reward_model": lora.checkpointed(model)}).get("step", 0)
     batches = islice(prompt_batches(train, c.prompts_per_step, c.seed), start, c.max_steps)
@@ -357,3 +359,37 @@ def score_file(reward_model: str, path: str, device=None) -> list[dict]:
         scores = rm.rewards([(prompt, t) for t in texts])
         out.append(dict(zip(fields, scores)))
     return out
+
+
+def score_messages(rm: RewardLM, store, messages: list[dict]) -> dict[str, float | None]:
+    """{message id: reward} of stored replies, each read after the context it answers, in batches;
+    None for a reply too long for the reward model's length (it is never cut)."""
+    rows, ids, out, prompts = [], [], {}, {}
+    for m in messages:
+        key = (m["conversation_id"], m["parent_id"])
+        if key not in prompts:
+            prompts[key] = store.prompt_messages(*key)
+        try:
+            rows.append(rm.encode(prompts[key], m["content"]))
+            ids.append(m["id"])
+        except ParleyError:
+            out[m["id"]] = None
+    if rows:
+        out.update(zip(ids, rm.score_rows(rows).tolist()))
+    return out
+
+
+def trained_rankings(rm: RewardLM) -> set[str] | None:
+    """The ids of the store's rankings the reward model trained on; None where it does not record
+    them (trained from a file, or before Parley recorded them)."""
+    ids = rm.config.get("parley_trained_rankings")
+    return None if ids is None else set(ids)
+
+
+def agreement_of(rm: RewardLM, store, config=None):
+    """engine.arena.agreement for this reward model: its scores of every candidate of the rankings
+    it did not train on."""
+    from engine.arena import agreement, agreement_candidates
+    trained = trained_rankings(rm)
+    candidates = agreement_candidates(store, trained)
+    return agreement(store, score_messages(rm, store, list(candidates.values())), trained, config)

@@ -166,7 +166,19 @@ DROP TABLE runs;
 ALTER TABLE runs_v5 RENAME TO runs;
 """
 
-MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4, V5]
+# Version 6: a reward model's score of a reply (the compare panes', best-of-N's), by the reward
+# model's directory, so a reply scored once shows its score again without loading the model.
+V6 = """
+CREATE TABLE reward_scores (
+    message_id TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    reward_model TEXT NOT NULL,
+    score REAL NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (message_id, reward_model)
+);
+"""
+
+MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4, V5, V6]
 LATEST = len(MIGRATIONS)
 
 

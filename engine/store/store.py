@@ -417,6 +417,20 @@ class Store:
         return [r["flag"] for r in self.db.query("SELECT flag FROM flags WHERE message_id = ? ORDER BY flag",
                                                  [message_id])]
 
+    def save_scores(self, reward_model: str, scores: dict[str, float]) -> None:
+        """Record a reward model's score of each reply (message id: score); a new score replaces the old."""
+        stamp = now()
+        with self.transaction():
+            self.db["reward_scores"].insert_all(({"message_id": m, "reward_model": reward_model, "score": float(s),
+                                                  "created_at": stamp} for m, s in scores.items()), replace=True)
+
+    def scores(self, reward_model: str, message_ids: list[str]) -> dict[str, float]:
+        """The recorded scores of these replies by `reward_model` (replies it has not scored are absent)."""
+        marks = ", ".join("?" * len(message_ids))
+        return {r["message_id"]: r["score"] for r in self.db.query(
+            f"SELECT message_id, score FROM reward_scores WHERE reward_model = ? AND message_id IN ({marks})",
+            [reward_model, *message_ids])} if message_ids else {}
+
     def rankings(self, comparison_id: str | None = None) -> list[dict]:
         where, params = ("WHERE comparison_id = ?", [comparison_id]) if comparison_id else ("", [])
         rows = list(self.db.query(f"SELECT * FROM rankings {where} ORDER BY created_at, rowid", params))

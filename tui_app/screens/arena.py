@@ -1,5 +1,6 @@
 """The arena: the presets the compare view's rankings pit against each other, rated (engine/arena.py),
-as a table and a plot of each rating with its 95% interval; one key uses the best preset."""
+as a table and a plot of each rating with its 95% interval; one key uses the best preset. With a
+reward model chosen, how often it orders the user's held-out ranked pairs as the user did."""
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
@@ -8,7 +9,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual_plotext import PlotextPlot
 
-from engine.arena import BY, ArenaConfig, Rating, ratings
+from engine.arena import BY, Agreement, ArenaConfig, Rating, ratings
 from engine.errors import ParleyError
 from engine.store import Store
 from engine.terminal import printable
@@ -23,6 +24,12 @@ class Rated(Message):
         self.rows, self.by, self.error = rows, by, error
 
 
+class Agreed(Message):
+    def __init__(self, agreement: Agreement | None, error: str | None = None):
+        super().__init__()
+        self.agreement, self.error = agreement, error
+
+
 class ArenaScreen(Screen):
     """The ratings table and plot. The fit and its bootstrap run in a worker (a second or so on a
     large store); the screen dismisses with the best preset when the user asks to use it."""
@@ -32,6 +39,7 @@ class ArenaScreen(Screen):
                 Binding("b", "cycle_by", "Presets by…", id="cycle_by")]
     DEFAULT_CSS = """
     #arena-note { height: auto; color: $text-muted; padding: 0 1; }
+    #arena-agreement { height: auto; padding: 0 1; }
     #arena-table { height: auto; max-height: 50%; }
     #arena-plot { height: 1fr; min-height: 10; }
     """
@@ -44,6 +52,7 @@ class ArenaScreen(Screen):
     def compose(self):
         yield Header()
         yield Static("rating the presets…", id="arena-note", markup=False)
+        yield Static("", id="arena-agreement", markup=False)
         yield DataTable(id="arena-table", cursor_type="row", zebra_stripes=True)
         yield PlotextPlot(id="arena-plot")
         yield Footer()
@@ -52,6 +61,23 @@ class ArenaScreen(Screen):
         self.sub_title = f"presets by {self.by}"
         self.query_one(DataTable).add_columns("rank", "preset", "rating", "95% CI", "battles", "win rate")
         self.rate(self.by)
+        if self.app.reward_model_name:
+            self.query_one("#arena-agreement", Static).update("scoring the ranked candidates with the reward model…")
+            self.agree()
+
+    @work(thread=True, group="agreement")
+    def agree(self) -> None:
+        """The reward model's held-out agreement with the user's rankings (it scores every candidate)."""
+        from engine.rlhf.reward_model import agreement_of   # imports torch
+        try:
+            rm = self.app.reward_model()
+            with Store(self.app.store.path) as store:
+                self.post_message(Agreed(agreement_of(rm, store)))
+        except ParleyError as e:
+            self.post_message(Agreed(None, f"reward model {self.app.reward_model_name}: {e}"))
+
+    def on_agreed(self, message: Agreed) -> None:
+        self.query_one("#arena-agreement", Static).update(message.error or message.agreement.line)
 
     @work(thread=True, exclusive=True, group="arena")
     def rate(self, by: str) -> None:

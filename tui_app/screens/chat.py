@@ -16,10 +16,13 @@ from tui_app.screens.compare import CompareScreen
 from tui_app.screens.conversation import ConversationScreen
 from tui_app.screens.inspector import InspectorScreen
 from tui_app.screens.models import ModelsScreen
-from tui_app.screens.replies import ReplyFinished, RepliesMixin, ReplyToken, stream_replies
+from tui_app.screens.replies import ReplyFinished, RepliesMixin, ReplyToken, Scored, score_in_worker, stream_replies
 from tui_app.screens.training import TrainingScreen
 from tui_app.screens.tree import TreeScreen
 from tui_app.widgets import MessageView, PromptArea, SettingsPanel, StatusLine
+
+
+BEST_OF = (1, 2, 4, 8)   # what Alt+N cycles through
 
 
 class ChatScreen(RepliesMixin, Screen):
@@ -46,6 +49,7 @@ class ChatScreen(RepliesMixin, Screen):
         Binding("alt+t", "tree", "Tree", id="tree"),
         Binding("alt+a", "toggle_archived", "Archived", show=False, id="toggle_archived"),
         Binding("alt+r", "arena", "Arena", show=False, id="arena"),
+        Binding("alt+n", "best_of", "Best of N", show=False, id="best_of"),
     ]
     AUTO_FOCUS = "#prompt"   # from the first frame: keys typed while the app starts go to the prompt
     DEFAULT_CSS = """
@@ -63,6 +67,7 @@ class ChatScreen(RepliesMixin, Screen):
         self.init_replies()
         self.editing: dict | None = None
         self.archived = False   # the sidebar lists the archived conversations (Alt+A) instead
+        self.best_of_ids: list[str] | None = None   # the candidates of a best-of-N reply, until scored
 
     @property
     def store(self) -> Store:
@@ -148,6 +153,9 @@ class ChatScreen(RepliesMixin, Screen):
             await self.views.pop(mid).remove()
 
     async def show_message(self, message: dict) -> MessageView:
+        if message["role"] == "assistant" and self.app.reward_model_name:
+            message = {**message, "reward": self.store.scores(self.app.reward_model_name, [message["id"]]).get(
+                message["id"])}
         siblings = self.store.siblings(message["id"])
         index = [s["id"] for s in siblings].index(message["id"]) + 1
         view = MessageView(message, (index, len(siblings)))
@@ -175,7 +183,24 @@ class ChatScreen(RepliesMixin, Screen):
         else:
             user_id = self.store.add_message(self.conversation_id, "user", text)
         await self.show_message(self.store.message(user_id))
-        self.start_replies(user_id, [self.query_one(SettingsPanel).settings])
+        self.start_replies(user_id, self.reply_settings(self.query_one(SettingsPanel).settings))
+
+    def reply_settings(self, settings: Settings) -> list[Settings]:
+        """One reply's settings, or with best-of-N (Alt+N) and a reward model N of them: each with its
+        own seed (the panel's seed plus its number, or drawn), so the N differ."""
+        n = self.app.best_of
+        if n > 1 and not self.app.reward_model_name:
+            self.app.notify(f"best of {n} needs a reward model (parley app --reward-model DIR, or Ctrl+L): "
+                            "one reply instead", severity="warning")
+            n = 1
+        if n > 1 and settings.num_beams > 1:
+            self.app.notify("beam search gives one best sequence: best-of-N samples instead of it, so it is off "
+                            "for beams", severity="warning")
+            n = 1
+        if n == 1:
+            return [settings]
+        return [dataclasses.replace(settings, seed=None if settings.seed is None else settings.seed + i)
+                for i in range(n)]
 
     def start_replies(self, parent_id: str, settings: list[Settings], continuation: tuple | None = None) -> None:
         self.streaming = True
@@ -189,6 +214,9 @@ class ChatScreen(RepliesMixin, Screen):
         stream_replies(self, conversation_id, parent_id, settings, continuation=continuation)
 
     async def mount_replies(self, replies, messages: list[dict]) -> None:
+        if len(messages) > 1:   # best of N: the first streams here; the highest-scored is shown once scored
+            self.best_of_ids = list(replies.message_ids)
+            messages = messages[:1]
         for m in messages:
             await self.show_message(m)
         if replies.dropped_turns:
@@ -204,6 +232,36 @@ class ChatScreen(RepliesMixin, Screen):
             f"{t['tokens']} tokens  {t['decode_tokens_per_s']:.1f} tok/s  first token {t['prefill_s']:.2f} s  "
             f"({message.finished.finish_reason})")
         self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+        if self.best_of_ids and not self.pending:
+            self.streaming = True   # until the best is shown: a message sent now would answer the wrong reply
+            self.query_one("#status", StatusLine).update(f"best of {len(self.best_of_ids)}: scoring the replies…")
+            self.score_best(self.best_of_ids)
+
+    @work(thread=True, group="scores")
+    def score_best(self, message_ids: list[str]) -> None:
+        score_in_worker(self, message_ids)
+
+    async def on_scored(self, message: Scored) -> None:
+        """Best of N: the highest-scored candidate becomes the reply shown; the others stay its siblings."""
+        ids, self.best_of_ids, self.streaming = self.best_of_ids, None, False
+        if not ids or set(message.scores) != set(ids):
+            if message.error:
+                self.app.notify(message.error, severity="error")
+                self.query_one("#status", StatusLine).update(f"not scored: {message.error}")
+            return
+        scored = [i for i in ids if message.scores[i] is not None]
+        if not scored:
+            self.app.notify("every reply is too long for the reward model: the first is shown", severity="warning")
+            return
+        best = max(scored, key=lambda i: message.scores[i])
+        conversation = self.store.message(best)["conversation_id"]   # the user may have opened another meanwhile
+        self.store.set_current_leaf(conversation, best)
+        if conversation != self.conversation_id:
+            return
+        await self.open_conversation(self.conversation_id)
+        self.query_one("#status", StatusLine).update(
+            f"best of {len(ids)} by the reward model: {message.scores[best]:+.3f} "
+            f"(Alt+←/→: the other {len(ids) - 1})")
 
     def after_failure(self, message) -> None:
         self.query_one("#status", StatusLine).update(f"not generated: {message.error}")
@@ -240,7 +298,19 @@ class ChatScreen(RepliesMixin, Screen):
         self.store.set_current_leaf(self.conversation_id, parent)
         if reply is not None:
             await self.drop_views_from(reply["id"])
-        self.start_replies(parent, [dataclasses.replace(self.query_one(SettingsPanel).settings, seed=None)])
+        self.start_replies(parent, self.reply_settings(dataclasses.replace(self.query_one(SettingsPanel).settings,
+                                                                           seed=None)))
+
+    def action_best_of(self) -> None:
+        """Cycle best-of-N: each message gets N replies in one batched run; the reward model's
+        highest-scored is shown and the others are its siblings (remembered)."""
+        self.app.best_of = BEST_OF[(BEST_OF.index(self.app.best_of) + 1) % len(BEST_OF)] \
+            if self.app.best_of in BEST_OF else 1
+        self.store.set_preference("best_of", self.app.best_of)
+        n = self.app.best_of
+        self.app.notify("one reply per message" if n == 1 else
+                        f"best of {n}: {n} replies per message, the reward model's highest-scored shown (Alt+←/→: "
+                        "the others)" + ("" if self.app.reward_model_name else "; choose a reward model first (Ctrl+L)"))
 
     def action_edit_last(self) -> None:
         user = self.last("user")

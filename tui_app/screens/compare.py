@@ -15,7 +15,7 @@ from textual.widgets import Footer, Header, Input, Label, Select, Static
 from engine.errors import ParleyError
 from engine.terminal import printable
 from engine.settings import COMPARE_TEMPERATURES, FIELDS, Settings, parse_value
-from tui_app.screens.replies import RepliesMixin, stream_replies
+from tui_app.screens.replies import RepliesMixin, Scored, reward_text, score_in_worker, stream_replies
 from tui_app.widgets import MessageView
 
 
@@ -54,6 +54,7 @@ class CompareScreen(RepliesMixin, Screen):
         self.rng = random.Random()   # which pane runs which settings, in blind mode
         self.titles: list[str] = []  # each pane's full title: its letter, model and temperature
         self.ranked: str | None = None   # the best candidate, once a blind comparison is ranked
+        self.scores: dict[str, float | None] = {}   # the reward model's, of each finished candidate
 
     def pane_settings(self) -> list[Settings]:
         """Pane i: the chat's settings with its own temperature, then the pane's own overrides."""
@@ -116,12 +117,14 @@ class CompareScreen(RepliesMixin, Screen):
                              + ([f"model={self.models[slot]}"] if slot in self.models else []))
             self.titles.append(printable(f"{pane_letter(i).upper()}  {model}  temperature {settings[slot].temperature}"))
             pane = Vertical(Label("", markup=False, classes="pane-title"),
+                            Label("", markup=False, classes="pane-score"),
                             Input(typed,
                                   placeholder="e.g. temperature=0.3 top_k=20 model=NAME (Enter runs again)",
                                   id=f"pane-settings-{slot}", classes="pane-settings"),
                             VerticalScroll(id=f"body-{i}"),
                             Select(FLAGS, prompt="flag…", id=f"flag-{i}"), classes="pane")
             await panes.mount(pane)
+        self.scores = {}
         self.show_labels()
         self.streaming = True
         self.views.clear()
@@ -136,6 +139,12 @@ class CompareScreen(RepliesMixin, Screen):
                                              self.query(".pane-settings").results(Input))):
             label.update(f"{pane_letter(i).upper()}  (blind: shown once ranked)" if hidden else self.titles[i])
             box.display = not hidden
+        # blind mode hides the scores too: a ranking made while seeing them would measure nothing
+        # of the reward model's agreement with the user (the arena's number)
+        for i, label in enumerate(self.query(".pane-score").results(Label)):
+            mid = self.message_ids[i] if i < len(self.message_ids) else None
+            known = mid in self.scores
+            label.update("" if not known else "reward: shown once ranked" if hidden else reward_text(self.scores[mid]))
         self.sub_title = "blind: settings and models hidden until ranked (Alt+B)" if hidden else ""
 
     async def action_toggle_blind(self) -> None:
@@ -155,6 +164,21 @@ class CompareScreen(RepliesMixin, Screen):
         for i, m in enumerate(messages):
             self.views[m["id"]] = MessageView(m)
             await self.query_one(f"#body-{i}", VerticalScroll).mount(self.views[m["id"]])
+
+    def after_finish(self, message) -> None:
+        if not self.pending and self.app.reward_model_name:
+            self.score_panes(list(self.message_ids))
+
+    @work(thread=True, group="scores")
+    def score_panes(self, message_ids: list[str]) -> None:
+        score_in_worker(self, message_ids)
+
+    def on_scored(self, message: Scored) -> None:
+        if message.error:
+            self.app.notify(message.error, severity="error")
+        if set(message.scores) == set(self.message_ids):   # not the scores of panes since run again
+            self.scores = message.scores
+            self.show_labels()
 
     def action_stop(self) -> None:
         if self.replies is not None:

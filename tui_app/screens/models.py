@@ -1,4 +1,5 @@
-"""The models screen: pick the model to chat with, or add a directory."""
+"""The models screen: pick the model to chat with, add a directory, or choose the reward model that
+scores compare panes and picks best-of-N replies."""
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -23,6 +24,13 @@ class ModelsScreen(ModalScreen):
             yield Label("Models: Enter picks one (it becomes the default)")
             yield ListView(id="model-list")
             yield Input(placeholder="add: NAME /path/to/model-directory", id="add-model")
+            yield Label(self.reward_line(), id="reward-model-now", markup=False)
+            yield Input(placeholder="reward model: a directory or name (Enter loads and uses it; - for none)",
+                        id="reward-model")
+
+    def reward_line(self) -> str:
+        name = self.app.reward_model_name
+        return printable(f"reward model: {name}" if name else "reward model: none (compare panes are not scored)")
 
     async def on_mount(self) -> None:
         await self.refresh_models()
@@ -74,3 +82,31 @@ class ModelsScreen(ModalScreen):
         self.query_one("#add-model", Input).value = ""
         self.app.notify(f"added {name}")
         await self.refresh_models()
+
+    @on(Input.Submitted, "#reward-model")
+    def choose_reward_model(self, event: Input.Submitted) -> None:
+        name = event.value.strip()
+        if name in ("", "-"):
+            self.app.use_reward_model(None)
+            self.query_one("#reward-model-now", Label).update(self.reward_line())
+            self.app.notify("no reward model: compare panes are not scored, best-of-N is off")
+            return
+        self.app.notify(f"loading the reward model {name}…")
+        self.load_reward_model(name)
+
+    @work(thread=True, group="models")
+    def load_reward_model(self, name: str) -> None:
+        from engine.chat import open_reward_model
+        try:
+            rm, _ = open_reward_model(name, self.app.device)   # the engine's checks: a reward model's files and head
+        except ParleyError as e:
+            self.app.call_from_thread(self.app.notify, str(e), title="reward model not used", severity="error",
+                                      timeout=20)
+            return
+        self.app.call_from_thread(self.reward_model_loaded, name, rm)
+
+    def reward_model_loaded(self, name: str, rm) -> None:
+        self.app.use_reward_model(name, rm)
+        self.query_one("#reward-model", Input).value = ""
+        self.query_one("#reward-model-now", Label).update(self.reward_line())
+        self.app.notify(f"reward model: {self.app.reward_model_name}")

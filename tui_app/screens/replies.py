@@ -42,6 +42,33 @@ class ReplyFailed(Message):
         self.error = error
 
 
+class Scored(Message):
+    def __init__(self, scores: dict[str, float | None], error: str | None = None):
+        super().__init__()
+        self.scores, self.error = scores, error   # message id: the reward model's score (None: too long)
+
+
+def score_in_worker(screen: Screen, message_ids: list[str]) -> None:
+    """In a worker thread: the app's reward model scores these replies (recorded in the store) and
+    `Scored` takes the scores to `screen`."""
+    from engine.chat import score_replies   # imports torch
+    app = screen.app
+    try:
+        rm = app.reward_model()
+        if rm is None:
+            return
+        with Store(app.store.path) as store:   # SQLite connections are per thread
+            scores = score_replies(rm, store, app.reward_model_name, message_ids)
+    except ParleyError as e:
+        screen.post_message(Scored({}, f"reward model {app.reward_model_name}: {e}"))
+        return
+    screen.post_message(Scored(scores))
+
+
+def reward_text(score: float | None) -> str:
+    return "reward: too long to score" if score is None else f"reward {score:+.3f}"
+
+
 def stream_replies(screen: Screen, conversation_id: str, parent_id: str, settings: list, models=None,
                    continuation: tuple | None = None) -> None:
     """In a worker thread: wait for the model, generate, and post every event to `screen`.
