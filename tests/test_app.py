@@ -415,7 +415,7 @@ async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_p
         await until(pilot, lambda: app.store.runs() and app.store.runs()[0]["status"] == "finished", 90)
         await pilot.pause(1.5)
         assert "step 8/8" in str(app.screen.query_one("#runs ListItem Label").render())
-        assert len(app.screen.query("Sparkline")) >= 2          # loss and eval_loss curves
+        assert {"loss", "eval_loss"} <= set(plotted(app.screen))   # both curves on the loss plot
         assert app.store.model("trained") is not None            # ready in the model picker
 
         box.value = command.replace("--max-steps 8", "--max-steps 100000").replace("trained", "long")
@@ -902,3 +902,47 @@ async def test_arena_shows_preset_labels_as_text(app):
         await until(pilot, lambda: isinstance(app.screen, ArenaScreen) and app.screen.rows)
         shot = app.export_screenshot()
         assert "temperature=0.4&#160;@&#160;[b]odd[/b]" in shot and "temperature=0.9&#160;@&#160;[b]odd[/b]" in shot
+
+
+def plotted(screen):
+    """What the dashboard gave plotext: {legend entry: (steps, values)}."""
+    from tui_app.curves import RunPlot
+    monitor = screen.query_one(RunPlot).plt.monitor
+    return {label: (list(x), list(y)) for label, x, y in zip(monitor.label, monitor.x, monitor.y)}
+
+
+@sync
+async def test_the_dashboard_plots_each_metric_family_and_overlays_a_second_run(app):
+    from tui_app.screens import TrainingScreen
+    store = app.store
+    first = store.start_run("dpo", {"out": "/x/first", "max_steps": 3})
+    second = store.start_run("rm", {"out": "/x/second", "max_steps": 2})
+    for step in (1, 2, 3):
+        store.log_metrics(first, step, {"loss": 1.0 / step, "reward_accuracy": 0.5 + step / 10, "margin": step})
+    store.log_metrics(first, 3, {"eval_loss": 0.9})
+    for step in (1, 2):
+        store.log_metrics(second, step, {"loss": 2.0 + step, "accuracy": 0.25 * step})
+    async with app.run_test(size=(160, 60)) as pilot:
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected)
+        screen = app.screen
+        assert screen.selected == second   # the newest run first
+        await pilot.press("down")
+        await until(pilot, lambda: screen.selected == first and "eval_loss" in plotted(screen))
+        assert plotted(screen) == {"loss": ([1, 2, 3], [1.0, 0.5, 1 / 3]), "eval_loss": ([3], [0.9])}
+        await pilot.press("f6")   # reward: the margin
+        await until(pilot, lambda: "margin" in plotted(screen))
+        assert plotted(screen) == {"margin": ([1, 2, 3], [1.0, 2.0, 3.0])}
+        await pilot.press("f6", "f6", "f6", "f6")   # kl, accuracy, other, back to loss
+        await until(pilot, lambda: "loss" in plotted(screen))
+        await pilot.press("f7")   # overlay the first run, then pick the second
+        await pilot.press("up")
+        await until(pilot, lambda: screen.selected == second and len(plotted(screen)) == 3)
+        assert plotted(screen) == {"loss · rm second": ([1, 2], [3.0, 4.0]),
+                                   "loss · dpo first": ([1, 2, 3], [1.0, 0.5, 1 / 3]),
+                                   "eval_loss · dpo first": ([3], [0.9])}
+        await pilot.press("f6", "f6", "f6")   # accuracy: both runs' accuracies on one plot
+        await until(pilot, lambda: "accuracy · rm second" in plotted(screen))
+        assert set(plotted(screen)) == {"accuracy · rm second", "reward_accuracy · dpo first"}
+        await pilot.press("down", "f7", "up")   # F7 on the overlay run removes it
+        await until(pilot, lambda: screen.selected == second and set(plotted(screen)) == {"accuracy"})

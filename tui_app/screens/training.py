@@ -1,14 +1,15 @@
-"""The training dashboard: preference data, runs with live curves, runs to start or cancel."""
+"""The training dashboard: preference data, runs with live plots (a second run overlaid), runs to
+start or cancel, and "train on my rankings"."""
 import re
 from pathlib import Path
 
 from textual import on
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
 from engine.terminal import printable
+from tui_app.curves import FAMILIES, RunPlot, run_label, series
 
 
 class TrainingScreen(Screen):
@@ -16,12 +17,14 @@ class TrainingScreen(Screen):
     A run is a separate `parley train ...` process: the app only reads what it writes to the store."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("f8", "cancel_run", "Cancel run", id="cancel_run")]
+                Binding("f8", "cancel_run", "Cancel run", id="cancel_run"),
+                Binding("f6", "next_family", "Metric", id="next_family"),
+                Binding("f7", "overlay", "Overlay run", id="overlay")]
     DEFAULT_CSS = """
     #counts { height: auto; color: $text-muted; }
-    #runs { height: 1fr; }
-    #curves { height: auto; }
-    .curve { height: 3; }
+    #runs { height: 1fr; max-height: 12; }
+    #curve-note { height: auto; color: $text-muted; }
+    #curve-plot { height: 2fr; min-height: 12; }
     #run-error { display: none; height: auto; color: $error; }
     """
 
@@ -30,12 +33,15 @@ class TrainingScreen(Screen):
         self.selected: str | None = None
         self.processes: dict[int, tuple] = {}   # pid: (process, its log, its arguments), until it ends
         self.cancelled: set[int] = set()
+        self.family = FAMILIES[0]            # the metric family plotted (F6 cycles)
+        self.overlay: str | None = None      # a second run whose curves share the axes (F7)
 
     def compose(self):
         yield Header()
         yield Static("", id="counts", markup=False)
         yield ListView(id="runs")
-        yield Vertical(id="curves")
+        yield Static("", id="curve-note", markup=False)
+        yield RunPlot(id="curve-plot")
         yield Static("", id="run-error", markup=False)
         yield Input(placeholder="start: train sft --model default --max-steps 100 --out DIR (any `parley train` "
                                 "arguments)", id="start-run")
@@ -78,16 +84,43 @@ class TrainingScreen(Screen):
                 f"{run['base_model'] or ''} → {run['output_model'] or run['config'].get('out', '')}")
 
     async def show_curves(self, run_id: str) -> None:
-        from textual.widgets import Sparkline
-        series: dict[str, list[float]] = {}
-        for m in self.app.store.metrics(run_id):
-            if m["name"] in ("loss", "eval_loss", "reward", "kl", "accuracy"):
-                series.setdefault(m["name"], []).append(m["value"])
-        box = self.query_one("#curves", Vertical)
-        await box.remove_children()
-        for name, values in series.items():
-            await box.mount(Label(f"{name}: {values[-1]:.4g} (from {values[0]:.4g})", markup=False),
-                            Sparkline(values, classes="curve"))
+        """The selected run's curves of the chosen family, with the overlaid run's on the same axes;
+        the note says each metric's latest value and which families the run has."""
+        store = self.app.store
+        ids = [run_id] + ([self.overlay] if self.overlay and self.overlay != run_id else [])
+        shown = [(rid, store.metrics(rid)) for rid in ids]
+        runs = [(run_label(store.run(rid)), metrics) for rid, metrics in shown]
+        self.query_one(RunPlot).draw(self.family, runs)
+        families = series(shown[0][1])
+        latest = "  ".join(f"{name} {values[-1]:.4g} (from {values[0]:.4g})"
+                           for name, (_, values) in families.get(self.family, {}).items())
+        others = ", ".join(f for f in FAMILIES if f in families and f != self.family)
+        overlay = f" · overlaid: {runs[1][0]} (F7 on it again removes it)" if len(runs) > 1 else \
+            " · F7 overlays the selected run on the next one picked"
+        self.query_one("#curve-note", Static).update(
+            f"{self.family}: {latest or 'nothing logged yet'}{' · also ' + others + ' (F6)' if others else ''}"
+            f"{overlay}")
+
+    async def action_next_family(self) -> None:
+        self.family = FAMILIES[(FAMILIES.index(self.family) + 1) % len(FAMILIES)]
+        if self.selected:
+            await self.show_curves(self.selected)
+
+    async def action_overlay(self) -> None:
+        """The selected run becomes the overlay, drawn with every run picked after it; F7 on the
+        overlay run itself removes it."""
+        if not self.selected:
+            return
+        self.overlay = None if self.overlay == self.selected else self.selected
+        self.app.notify("overlay removed" if self.overlay is None else
+                        "overlaid: pick another run to see both on the same axes")
+        await self.show_curves(self.selected)
+
+    @on(ListView.Highlighted, "#runs")
+    async def run_highlighted(self, event: ListView.Highlighted) -> None:
+        if event.item is not None and event.item.name != self.selected:
+            self.selected = event.item.name
+            await self.show_curves(self.selected)
 
     @on(Input.Submitted, "#start-run")
     def start_run(self, event: Input.Submitted) -> None:
