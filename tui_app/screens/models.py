@@ -36,7 +36,8 @@ class ModelsScreen(ModalScreen):
         for name, path in names:
             mark = "● " if name == self.app.model_name else "  "
             where = "shipped with Parley" if BUILTIN.get(name) == path else str(path)
-            await view.append(ListItem(Label(printable(f"{mark}{name}  {where}"), markup=False), name=name))
+            line = f"{mark}{name}  {where}{lineage_note(self.app.store, name)}"
+            await view.append(ListItem(Label(printable(line), markup=False), name=name))
         # the list opens on the model in use, so Down + Enter picks the next one, not this one again
         current = self.app.model_name
         view.index = next((i for i, (name, path) in enumerate(names) if current in (name, str(path))), 0)
@@ -74,3 +75,12 @@ class ModelsScreen(ModalScreen):
         self.query_one("#add-model", Input).value = ""
         self.app.notify(f"added {name}")
         await self.refresh_models()
+
+
+def lineage_note(store, name: str) -> str:
+    """Where a model trained here comes from: its parent and the run that trained it."""
+    row = store.model(name)
+    if row is None or not row["parent"]:
+        return ""
+    run = store.run(row["run_id"]) if row["run_id"] else None
+    return f"  ← from {row['parent']}" + (f" by {run['kind']} run {run['id']} ({run['status']})" if run else "")
