@@ -946,3 +946,54 @@ async def test_the_dashboard_plots_each_metric_family_and_overlays_a_second_run(
         assert set(plotted(screen)) == {"accuracy · rm second", "reward_accuracy · dpo first"}
         await pilot.press("down", "f7", "up")   # F7 on the overlay run removes it
         await until(pilot, lambda: screen.selected == second and set(plotted(screen)) == {"accuracy"})
+
+
+def rank_pairs(store, conversation, user, count, model="old"):
+    """`count` two-reply comparisons of the user message, each voted: one pair each."""
+    for i in range(count):
+        ids = [store.add_message(conversation, "assistant", text, user, model=model, make_current=False)
+               for text in (f"tea, please {i}", f"no thanks {i}")]
+        store.vote(store.create_comparison(conversation, user, ids), "best", best=ids[0])
+
+
+@sync
+async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_it_on_a_held_out_prompt(app):
+    from tui_app.rounds import DEFAULTS
+    from tui_app.screens import TrainingScreen
+    from tui_app.screens.models import lineage_note
+    store = app.store
+    held = store.create_conversation("not ranked")
+    held_prompt = store.add_message(held, "user", "What do you drink?")
+    ranked = store.create_conversation("ranked")
+    user = store.add_message(ranked, "user", "Hi")   # newer than the held-out prompt: it must be passed over
+    rank_pairs(store, ranked, user, 2)
+    async with app.run_test(size=(160, 60)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        old = app.model_name
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        await pilot.press("f9")
+        await pilot.pause(0.2)
+        said = [n.message for n in app._notifications]
+        assert not app.rounds and any(f"at least {DEFAULTS.min_pairs} preference pairs and the store has 2" in m
+                                      for m in said)
+        rank_pairs(store, ranked, user, 2)
+        await pilot.press("f9")
+        await until(pilot, lambda: app.rounds)
+        assert app.rounds[0].out.name.endswith("-dpo-1")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen), 180)
+        screen = app.screen
+        (run,) = store.runs()
+        assert run["kind"] == "dpo" and run["status"] == "finished" and run["base_model"] == old
+        assert run["config"]["prefs"] == "store" and run["config"]["lora_r"] is None   # a tiny model trains fully
+        metrics = {m["name"] for m in store.metrics(run["id"])}
+        assert {"loss", "reward_accuracy", "eval_reward_accuracy"} <= metrics
+        new = store.model_by_name_or_path(run["output_model"])
+        assert (new["parent"], new["run_id"]) == (old, run["id"])
+        assert f"from {old} by dpo run {run['id']}" in lineage_note(store, new["name"])
+        # the old and the new model side by side, on the prompt no trained pair came from
+        assert (screen.conversation_id, screen.parent_id) == (held, held_prompt)
+        assert screen.models == {0: old, 1: new["name"]}
+        await until(pilot, lambda: screen.comparison_id and screen.replies is None, 60)
+        candidates = store.comparison(screen.comparison_id)["candidates"]
+        assert [(m["model"], m["run_id"]) for m in candidates] == [(old, None), (new["name"], run["id"])]

@@ -505,6 +505,13 @@ class Store:
             messages += [{"role": m["role"], "content": m["content"]} for m in self.thread(conversation_id, parent_id)]
         return messages
 
+    def latest_user_message(self, outside: set[str] | frozenset = frozenset()) -> dict | None:
+        """The newest user message of a conversation not in `outside` (ids), or None."""
+        row = next(iter(self.db.query(
+            "SELECT * FROM messages WHERE role = 'user' AND conversation_id NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1", [json.dumps(sorted(outside))])), None)
+        return _decode(row) if row else None
+
     def counts(self) -> dict:
         tables = ("conversations", "messages", "comparisons", "rankings", "preference_pairs", "runs")
         return {t: self.db[t].count for t in tables}

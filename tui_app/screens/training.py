@@ -1,8 +1,5 @@
 """The training dashboard: preference data, runs with live plots (a second run overlaid), runs to
 start or cancel, and "train on my rankings"."""
-import re
-from pathlib import Path
-
 from textual import on
 from textual.binding import Binding
 from textual.screen import Screen
@@ -10,6 +7,7 @@ from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, St
 
 from engine.terminal import printable
 from tui_app.curves import FAMILIES, RunPlot, run_label, series
+from tui_app.runs import launch, why_it_failed
 
 
 class TrainingScreen(Screen):
@@ -19,7 +17,9 @@ class TrainingScreen(Screen):
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
                 Binding("f8", "cancel_run", "Cancel run", id="cancel_run"),
                 Binding("f6", "next_family", "Metric", id="next_family"),
-                Binding("f7", "overlay", "Overlay run", id="overlay")]
+                Binding("f7", "overlay", "Overlay run", id="overlay"),
+                Binding("f9", "train_dpo", "Train on my rankings", id="train_dpo"),
+                Binding("f10", "train_rm", "Reward model on my rankings", id="train_rm")]
     DEFAULT_CSS = """
     #counts { height: auto; color: $text-muted; }
     #runs { height: 1fr; max-height: 12; }
@@ -116,6 +116,15 @@ class TrainingScreen(Screen):
                         "overlaid: pick another run to see both on the same axes")
         await self.show_curves(self.selected)
 
+    def action_train_dpo(self) -> None:
+        """DPO of the chat model on the store's preference pairs; compare opens when it is done."""
+        from tui_app.rounds import train_on_my_rankings
+        train_on_my_rankings(self.app, "dpo")
+
+    def action_train_rm(self) -> None:
+        from tui_app.rounds import train_on_my_rankings
+        train_on_my_rankings(self.app, "rm")
+
     @on(ListView.Highlighted, "#runs")
     async def run_highlighted(self, event: ListView.Highlighted) -> None:
         if event.item is not None and event.item.name != self.selected:
@@ -125,20 +134,12 @@ class TrainingScreen(Screen):
     @on(Input.Submitted, "#start-run")
     def start_run(self, event: Input.Submitted) -> None:
         import shlex
-        import subprocess
-        import sys
         args = shlex.split(event.value)
         if not args or args[0] != "train":
             self.app.notify("a run starts with `train`, e.g. train sft --model default --out my-model",
                             severity="error")
             return
-        import tempfile
-        folder = self.app.store.path.parent
-        with tempfile.NamedTemporaryFile("w", dir=folder, prefix="run-", suffix=".log", delete=False) as log:
-            process = subprocess.Popen([sys.executable, "-m", "tui_app", *args], stdout=log, stderr=log,
-                                       stdin=subprocess.DEVNULL)
-        # named after the process only once it has one; the process writes on through the renamed file
-        log_path = Path(log.name).replace(folder / f"run-{process.pid}.log")
+        process, log_path = launch(self.app.store.path.parent, args)
         self.processes[process.pid] = (process, log_path, args)
         event.input.value = ""
         self.query_one("#run-error", Static).display = False
@@ -175,21 +176,3 @@ class TrainingScreen(Screen):
             self.app.notify(f"cancelling run {run['id']}")
         except ProcessLookupError:
             self.app.store.end_run(run["id"], "failed", error="the process was gone")
-
-
-def why_it_failed(log: Path, code: int) -> str:
-    """The line of a failed run's log that says why: the CLI's one-line `error: ...` (its own or
-    argparse's), else the last line (a traceback's ends with the exception)."""
-    if code < 0:
-        import signal
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
-    except OSError:
-        lines = []
-    lines = [line for line in lines if line]
-    errors = [said.group(1) for line in lines if (said := re.match(r"parley[\w -]*: error: (.*)", line))]
-    return (errors or lines or [f"exited with status {code}"])[-1]
