@@ -997,3 +997,18 @@ async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_
         await until(pilot, lambda: screen.comparison_id and screen.replies is None, 60)
         candidates = store.comparison(screen.comparison_id)["candidates"]
         assert [(m["model"], m["run_id"]) for m in candidates] == [(old, None), (new["name"], run["id"])]
+
+
+@sync
+async def test_train_on_my_rankings_from_the_arena_refuses_in_one_line_without_enough_pairs(app):
+    from tui_app.screens import ArenaScreen
+    c = app.store.create_conversation()
+    rank_pairs(app.store, c, app.store.add_message(c, "user", "Hi"), 1)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen))
+        await pilot.press("t")
+        await until(pilot, lambda: any("needs at least 4 preference pairs and the store has 1: rank 3 more" in n.message
+                                       for n in app._notifications))
+        assert isinstance(app.screen, ArenaScreen) and not app.rounds and not app.store.runs()
