@@ -122,8 +122,9 @@ def start(app, kind: str = "dpo", config: RoundConfig = DEFAULTS) -> Round:
     out = output_folder(store, model, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     args = arguments(kind, model, app.lm.num_parameters(), prompts, out, app.device, config)
+    trained = trained_conversations(store)   # before the trainer reads the pairs
     process, log = launch(store.path.parent, args)
-    round_ = Round(kind, model, out, process, log, trained_conversations(store))
+    round_ = Round(kind, model, out, process, log, trained)
     app.rounds.append(round_)
     if len(app.rounds) == 1:
         app.set_interval(1.0, lambda: check(app))

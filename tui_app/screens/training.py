@@ -95,8 +95,12 @@ class TrainingScreen(Screen):
         latest = "  ".join(f"{name} {values[-1]:.4g} (from {values[0]:.4g})"
                            for name, (_, values) in families.get(self.family, {}).items())
         others = ", ".join(f for f in FAMILIES if f in families and f != self.family)
-        overlay = f" · overlaid: {runs[1][0]} (F7 on it again removes it)" if len(runs) > 1 else \
-            " · F7 overlays the selected run on the next one picked"
+        if len(runs) > 1:
+            overlay = f" · overlaid: {runs[1][0]} (F7 on it again removes it)"
+        elif self.overlay == run_id:
+            overlay = " · overlay set: pick another run to see both (F7 again removes it)"
+        else:
+            overlay = " · F7 overlays the selected run on the next one picked"
         self.query_one("#curve-note", Static).update(
             f"{self.family}: {latest or 'nothing logged yet'}{' · also ' + others + ' (F6)' if others else ''}"
             f"{overlay}")
