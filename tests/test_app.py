@@ -998,6 +998,26 @@ async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_
         candidates = store.comparison(screen.comparison_id)["candidates"]
         assert [(m["model"], m["run_id"]) for m in candidates] == [(old, None), (new["name"], run["id"])]
 
+        # the next round: rank the new model's reply best, chat with it, train from it
+        rank = screen.query_one("#rank", Input)
+        rank.value = "b"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        assert store.conversation(held)["current_leaf"] == candidates[1]["id"]   # the best continues
+        app.switch_model(new["name"])
+        await until(pilot, lambda: app.lm is not None and app.model_name == new["name"])
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen), 180)
+        newest = store.model_by_name_or_path(store.runs()[0]["output_model"])
+        assert newest["name"].endswith("-dpo-2") and app.screen.models == {0: new["name"], 1: newest["name"]}
+        assert [m["name"] for m in store.lineage(newest["name"])] == [newest["name"], new["name"], old]
+        assert store.run(newest["run_id"])["base_model"] == new["name"]
+        second = app.screen
+        await until(pilot, lambda: second.comparison_id and second.replies is None, 60)
+        assert [m["run_id"] for m in store.comparison(second.comparison_id)["candidates"]] == [run["id"],
+                                                                                               newest["run_id"]]
+
 
 @sync
 async def test_train_on_my_rankings_from_the_arena_refuses_in_one_line_without_enough_pairs(app):

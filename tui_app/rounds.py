@@ -189,4 +189,5 @@ def compare(app, round_: Round, new_model: str) -> None:
                 await shown.open_conversation(conversation)
     app.push_screen(screen, compared)
     app.notify(f"{new_model} (trained from {round_.model}) against {round_.model} on {note}: rank them, and the "
-               "next round learns from it", timeout=20)
+               f"next round learns from it (Ctrl+L in the chat switches to {new_model}, for a round trained from it)",
+               timeout=20)
