@@ -990,7 +990,7 @@ async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_
         assert {"loss", "reward_accuracy", "eval_reward_accuracy"} <= metrics
         new = store.model_by_name_or_path(run["output_model"])
         assert (new["parent"], new["run_id"]) == (old, run["id"])
-        assert f"from {old} by dpo run {run['id']}" in lineage_note(store, new["name"])
+        assert lineage_note(store, new["name"]) == f"  ← from {old} · by dpo run {run['id']} (finished)"
         # the old and the new model side by side, on the prompt no trained pair came from
         assert (screen.conversation_id, screen.parent_id) == (held, held_prompt)
         assert screen.models == {0: old, 1: new["name"]}
@@ -1013,6 +1013,7 @@ async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_
         assert newest["name"].endswith("-dpo-2") and app.screen.models == {0: new["name"], 1: newest["name"]}
         assert [m["name"] for m in store.lineage(newest["name"])] == [newest["name"], new["name"], old]
         assert store.run(newest["run_id"])["base_model"] == new["name"]
+        assert lineage_note(store, newest["name"]).startswith(f"  ← from {new['name']} ← {old} · by dpo run ")
         second = app.screen
         await until(pilot, lambda: second.comparison_id and second.replies is None, 60)
         assert [m["run_id"] for m in store.comparison(second.comparison_id)["candidates"]] == [run["id"],

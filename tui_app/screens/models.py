@@ -78,9 +78,11 @@ class ModelsScreen(ModalScreen):
 
 
 def lineage_note(store, name: str) -> str:
-    """Where a model trained here comes from: its parent and the run that trained it."""
-    row = store.model(name)
-    if row is None or not row["parent"]:
+    """Where a model trained here comes from: the models it was trained from, newest first, and
+    the run that trained it."""
+    chain = store.lineage(name)
+    if len(chain) < 2:
         return ""
-    run = store.run(row["run_id"]) if row["run_id"] else None
-    return f"  ← from {row['parent']}" + (f" by {run['kind']} run {run['id']} ({run['status']})" if run else "")
+    run = chain[0]["run"]
+    return "  ← from " + " ← ".join(m["name"] for m in chain[1:]) + (
+        f" · by {run['kind']} run {run['id']} ({run['status']})" if run else "")
