@@ -22,6 +22,17 @@ def held_out(key: str) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 20 == 0
 
 
+def split_by_prompt(items: list, prompt_of=lambda g: g["prompt"]) -> tuple[list, list]:
+    """(train, held-out) by the fixed split of data.held_out on each item's prompt (a group's, by
+    default); neither is empty. The app reads it too (which conversations a run trained on), so it
+    lives here, away from torch."""
+    def key(item):
+        return json.dumps(prompt_of(item), sort_keys=True)
+    train = [x for x in items if not held_out(key(x))]
+    heldout = [x for x in items if held_out(key(x))]
+    return train or items, heldout or train or items
+
+
 def chitchat() -> list[tuple[str, list[dict]]]:
     """(id, messages) for every chitchat conversation, in the package's order."""
     try:

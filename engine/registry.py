@@ -50,16 +50,19 @@ def resolve_model(name: str | None) -> Path:
                       f"org/name of a Hugging Face model, or one of the known names ({names})")
 
 
-def register(store, out: str | Path) -> None:
-    """Make the trained model selectable in the app, under its directory's name."""
+def register(store, out: str | Path, parent: str | None = None, run_id: str | None = None) -> str:
+    """Make the trained model selectable in the app, under its directory's name, with the model it
+    was trained from and its run (its lineage); returns the name."""
     out = Path(out)
     name, n = out.name, 1
     while store.model(name) is not None:
         if Path(store.model(name)["path"]) == out.resolve():
-            return
+            store.set_lineage(name, parent, run_id)   # written again, by this run
+            return name
         n += 1
         name = f"{out.name}-{n}"
-    store.add_model(name, out.resolve(), kind="trained")
+    store.add_model(name, out.resolve(), kind="trained", parent=parent, run_id=run_id)
+    return name
 
 
 def register_pulled(store, name: str, snapshot: Path) -> bool:

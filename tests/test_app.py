@@ -415,7 +415,7 @@ async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_p
         await until(pilot, lambda: app.store.runs() and app.store.runs()[0]["status"] == "finished", 90)
         await pilot.pause(1.5)
         assert "step 8/8" in str(app.screen.query_one("#runs ListItem Label").render())
-        assert len(app.screen.query("Sparkline")) >= 2          # loss and eval_loss curves
+        assert {"loss", "eval_loss"} <= set(plotted(app.screen))   # both curves on the loss plot
         assert app.store.model("trained") is not None            # ready in the model picker
 
         box.value = command.replace("--max-steps 8", "--max-steps 100000").replace("trained", "long")
@@ -1063,3 +1063,134 @@ async def test_a_bad_reward_model_is_said_once_and_not_remembered(app, tmp_path)
                                        for n in app._notifications))
         assert app.screen.scores == {} and app.store.preference("reward_model") is None
         assert all(str(label.render()) == "" for label in app.screen.query(".pane-score"))
+
+
+def plotted(screen):
+    """What the dashboard gave plotext: {legend entry: (steps, values)}."""
+    from tui_app.curves import RunPlot
+    monitor = screen.query_one(RunPlot).plt.monitor
+    return {label: (list(x), list(y)) for label, x, y in zip(monitor.label, monitor.x, monitor.y)}
+
+
+@sync
+async def test_the_dashboard_plots_each_metric_family_and_overlays_a_second_run(app):
+    from tui_app.screens import TrainingScreen
+    store = app.store
+    first = store.start_run("dpo", {"out": "/x/first", "max_steps": 3})
+    second = store.start_run("rm", {"out": "/x/second", "max_steps": 2})
+    for step in (1, 2, 3):
+        store.log_metrics(first, step, {"loss": 1.0 / step, "reward_accuracy": 0.5 + step / 10, "margin": step})
+    store.log_metrics(first, 3, {"eval_loss": 0.9})
+    for step in (1, 2):
+        store.log_metrics(second, step, {"loss": 2.0 + step, "accuracy": 0.25 * step})
+    async with app.run_test(size=(160, 60)) as pilot:
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen) and app.screen.selected)
+        screen = app.screen
+        assert screen.selected == second   # the newest run first
+        await pilot.press("down")
+        await until(pilot, lambda: screen.selected == first and "eval_loss" in plotted(screen))
+        assert plotted(screen) == {"loss": ([1, 2, 3], [1.0, 0.5, 1 / 3]), "eval_loss": ([3], [0.9])}
+        await pilot.press("f6")   # reward: the margin
+        await until(pilot, lambda: "margin" in plotted(screen))
+        assert plotted(screen) == {"margin": ([1, 2, 3], [1.0, 2.0, 3.0])}
+        await pilot.press("f6", "f6", "f6", "f6")   # kl, accuracy, other, back to loss
+        await until(pilot, lambda: "loss" in plotted(screen))
+        await pilot.press("f7")   # overlay the first run, then pick the second
+        await pilot.press("up")
+        await until(pilot, lambda: screen.selected == second and len(plotted(screen)) == 3)
+        assert plotted(screen) == {"loss · rm second": ([1, 2], [3.0, 4.0]),
+                                   "loss · dpo first": ([1, 2, 3], [1.0, 0.5, 1 / 3]),
+                                   "eval_loss · dpo first": ([3], [0.9])}
+        await pilot.press("f6", "f6", "f6")   # accuracy: both runs' accuracies on one plot
+        await until(pilot, lambda: "accuracy · rm second" in plotted(screen))
+        assert set(plotted(screen)) == {"accuracy · rm second", "reward_accuracy · dpo first"}
+        await pilot.press("down", "f7", "up")   # F7 on the overlay run removes it
+        await until(pilot, lambda: screen.selected == second and set(plotted(screen)) == {"accuracy"})
+
+
+def rank_pairs(store, conversation, user, count, model="old"):
+    """`count` two-reply comparisons of the user message, each voted: one pair each."""
+    for i in range(count):
+        ids = [store.add_message(conversation, "assistant", text, user, model=model, make_current=False)
+               for text in (f"tea, please {i}", f"no thanks {i}")]
+        store.vote(store.create_comparison(conversation, user, ids), "best", best=ids[0])
+
+
+@sync
+async def test_train_on_my_rankings_trains_dpo_registers_the_model_and_compares_it_on_a_held_out_prompt(app):
+    from tui_app.rounds import DEFAULTS
+    from tui_app.screens import TrainingScreen
+    from tui_app.screens.models import lineage_note
+    store = app.store
+    held = store.create_conversation("not ranked")
+    held_prompt = store.add_message(held, "user", "What do you drink?")
+    ranked = store.create_conversation("ranked")
+    user = store.add_message(ranked, "user", "Hi")   # newer than the held-out prompt: it must be passed over
+    rank_pairs(store, ranked, user, 2)
+    async with app.run_test(size=(160, 60)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        old = app.model_name
+        await pilot.press("ctrl+b")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        await pilot.press("f9")
+        await pilot.pause(0.2)
+        said = [n.message for n in app._notifications]
+        assert not app.rounds and any(f"at least {DEFAULTS.min_pairs} preference pairs and the store has 2" in m
+                                      for m in said)
+        rank_pairs(store, ranked, user, 2)
+        await pilot.press("f9")
+        await until(pilot, lambda: app.rounds)
+        assert app.rounds[0].out.name.endswith("-dpo-1")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen), 180)
+        screen = app.screen
+        (run,) = store.runs()
+        assert run["kind"] == "dpo" and run["status"] == "finished" and run["base_model"] == old
+        assert run["config"]["prefs"] == "store" and run["config"]["lora_r"] is None   # a tiny model trains fully
+        metrics = {m["name"] for m in store.metrics(run["id"])}
+        assert {"loss", "reward_accuracy", "eval_reward_accuracy"} <= metrics
+        new = store.model_by_name_or_path(run["output_model"])
+        assert (new["parent"], new["run_id"]) == (old, run["id"])
+        assert lineage_note(store, new["name"]) == f"  ← from {old} · by dpo run {run['id']} (finished)"
+        # the old and the new model side by side, on the prompt no trained pair came from
+        assert (screen.conversation_id, screen.parent_id) == (held, held_prompt)
+        assert screen.models == {0: old, 1: new["name"]}
+        await until(pilot, lambda: screen.comparison_id and screen.replies is None, 60)
+        candidates = store.comparison(screen.comparison_id)["candidates"]
+        assert [(m["model"], m["run_id"]) for m in candidates] == [(old, None), (new["name"], run["id"])]
+
+        # the next round: rank the new model's reply best, chat with it, train from it
+        rank = screen.query_one("#rank", Input)
+        rank.value = "b"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TrainingScreen))
+        assert store.conversation(held)["current_leaf"] == candidates[1]["id"]   # the best continues
+        app.switch_model(new["name"])
+        await until(pilot, lambda: app.lm is not None and app.model_name == new["name"])
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen), 180)
+        newest = store.model_by_name_or_path(store.runs()[0]["output_model"])
+        assert newest["name"].endswith("-dpo-2") and app.screen.models == {0: new["name"], 1: newest["name"]}
+        assert [m["name"] for m in store.lineage(newest["name"])] == [newest["name"], new["name"], old]
+        assert store.run(newest["run_id"])["base_model"] == new["name"]
+        assert lineage_note(store, newest["name"]).startswith(f"  ← from {new['name']} ← {old} · by dpo run ")
+        second = app.screen
+        await until(pilot, lambda: second.comparison_id and second.replies is None, 60)
+        assert [m["run_id"] for m in store.comparison(second.comparison_id)["candidates"]] == [run["id"],
+                                                                                               newest["run_id"]]
+
+
+@sync
+async def test_train_on_my_rankings_from_the_arena_refuses_in_one_line_without_enough_pairs(app):
+    from tui_app.screens import ArenaScreen
+    c = app.store.create_conversation()
+    rank_pairs(app.store, c, app.store.add_message(c, "user", "Hi"), 1)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(pilot, lambda: app.lm is not None)
+        await pilot.press("alt+r")
+        await until(pilot, lambda: isinstance(app.screen, ArenaScreen))
+        await pilot.press("t")
+        await until(pilot, lambda: any("needs at least 4 preference pairs and the store has 1: rank 3 more" in n.message
+                                       for n in app._notifications))
+        assert isinstance(app.screen, ArenaScreen) and not app.rounds and not app.store.runs()

@@ -539,3 +539,44 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
             assert proc.wait() == 0, proc.stderr.read()
         with Store(path) as store:
             assert schema.version(store.conn) == schema.LATEST
+
+
+def test_migration_from_a_version_5_database_adds_lineage(tmp_path):
+    """Models and replies written before lineage open with none (NULL), and take it from then on."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    schema.migrate(conn, upto=5)
+    conn.execute("INSERT INTO models (name, path, kind, added_at) VALUES ('old', '/m/old', 'trained', 't')")
+    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
+    conn.execute("INSERT INTO messages (id, conversation_id, role, content, model, created_at) "
+                 "VALUES ('a', 'c1', 'assistant', 'an old reply', 'old', 't')")
+    conn.close()
+    with Store(path) as s:
+        assert schema.version(s.conn) == schema.LATEST
+        assert (s.model("old")["parent"], s.model("old")["run_id"], s.message("a")["run_id"]) == (None, None, None)
+        run = s.start_run("dpo", {"out": "/m/old"}, base_model="default")
+        s.set_lineage("old", "default", run)
+        assert [m["name"] for m in s.lineage("old")] == ["old", "default"]
+        assert s.lineage("old")[0]["run"]["id"] == run
+
+
+def test_a_trained_model_keeps_its_parent_and_run_and_its_replies_keep_the_run(tmp_path):
+    from engine.registry import register
+    with Store(tmp_path / "p.db") as s:
+        first = s.start_run("dpo", {}, base_model="default")
+        name = register(s, tmp_path / "round1", parent="default", run_id=first)
+        second = s.start_run("dpo", {}, base_model=name)
+        register(s, tmp_path / "round2", parent=name, run_id=second)
+        assert (s.model("round2")["parent"], s.model("round2")["run_id"]) == ("round1", second)
+        chain = s.lineage("round2")
+        assert [(m["name"], m["run"]["id"] if m["run"] else None) for m in chain] == [
+            ("round2", second), ("round1", first), ("default", None)]
+        c = s.create_conversation()
+        u = s.add_message(c, "user", "hi")
+        by_name = s.start_reply(c, u, "round1", None)
+        by_path = s.start_reply(c, u, str(tmp_path / "round2"), None)   # opened by its directory
+        untrained = s.start_reply(c, u, "default", None)
+        assert [s.message(m)["run_id"] for m in (by_name, by_path, untrained)] == [first, second, None]
+        third = s.start_run("dpo", {}, base_model="default")
+        assert register(s, tmp_path / "round1", parent="default", run_id=third) == "round1"   # written again
+        assert s.model("round1")["run_id"] == third and len(s.models()) == 2

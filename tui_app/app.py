@@ -65,6 +65,7 @@ class ParleyApp(App):
         self.settings = Settings()
         self.presets = {**PRESETS, **self.store.preference("presets", {})}   # built in, then the user's
         self.system_prompt = self.config.get("system_prompt", "")
+        self.rounds = []   # "train on my rankings" runs of this session (tui_app/rounds.py)
         self.set_keymap(self.config.get("keys", {}))   # binding id (the action's name) -> key
         # the reward model that scores compare panes and picks best-of-N replies: --reward-model, or
         # the one chosen last (a preference); loaded on first use, in a worker

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from engine import data
+from engine.data import split_by_prompt
 from engine.errors import ParleyError
 
 
@@ -45,16 +45,6 @@ def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = True
     return ids.to(device), mask.to(device)
-
-
-def split_by_prompt(items: list, prompt_of=lambda g: g["prompt"]) -> tuple[list, list]:
-    """(train, held-out) by the fixed split of data.held_out on each item's prompt (a group's, by
-    default); neither is empty."""
-    def key(item):
-        return json.dumps(prompt_of(item), sort_keys=True)
-    train = [x for x in items if not data.held_out(key(x))]
-    heldout = [x for x in items if data.held_out(key(x))]
-    return train or items, heldout or train or items
 
 
 def prompt_batches(groups: list[dict], per_step: int, seed: int):

@@ -178,7 +178,16 @@ CREATE TABLE reward_scores (
 );
 """
 
-MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4, V5, V6]
+# Version 7: lineage, so that rounds of rank -> train -> rank the new model can be told apart (InstructGPT's
+# iterations). A model trained here keeps the model it was trained from and its run; a reply keeps the
+# run that trained the model which wrote it (NULL: a model not trained here, or a reply from before).
+V7 = """
+ALTER TABLE models ADD COLUMN parent TEXT;   -- the model it was trained from, as the run named it
+ALTER TABLE models ADD COLUMN run_id TEXT REFERENCES runs(id) ON DELETE SET NULL;
+ALTER TABLE messages ADD COLUMN run_id TEXT REFERENCES runs(id) ON DELETE SET NULL;
+"""
+
+MIGRATIONS = [V1, V2, v3_search_index_by_sqlite_utils, V4, V5, V6, V7]
 LATEST = len(MIGRATIONS)
 
 

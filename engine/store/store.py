@@ -116,13 +116,15 @@ class Store:
         return rows[0]
 
     # -- models and preferences ---------------------------------------------------------------------
-    def add_model(self, name: str, path: str | Path, kind: str = "hf", notes: str = "") -> None:
+    def add_model(self, name: str, path: str | Path, kind: str = "hf", notes: str = "", *,
+                  parent: str | None = None, run_id: str | None = None) -> None:
+        """`parent` and `run_id`: for a model trained here, the model it started from and its run."""
         if not name or not name.strip():
             raise ParleyError("a model needs a name: give a non-empty name")
         try:
             with self.transaction():
                 self.db["models"].insert({"name": name, "path": str(path), "kind": kind, "added_at": now(),
-                                          "notes": notes})
+                                          "notes": notes, "parent": parent, "run_id": run_id})
         except sqlite3.IntegrityError:
             raise ParleyError(f"a model named {name!r} exists already: pick another name") from None
 
@@ -131,6 +133,33 @@ class Store:
 
     def model(self, name: str) -> dict | None:
         return next(iter(self.db.query("SELECT * FROM models WHERE name = ?", [name])), None)
+
+    def set_lineage(self, name: str, parent: str | None, run_id: str | None) -> None:
+        """A registered model written again by another run: it now comes from that run."""
+        with self.transaction():
+            self.conn.execute("UPDATE models SET parent = ?, run_id = ? WHERE name = ?", (parent, run_id, name))
+
+    def model_by_name_or_path(self, model: str) -> dict | None:
+        """The registered model a reply's `model` names: by its name, else by its directory (the app
+        names a model by the path it was opened with as often as by its name)."""
+        path = str(Path(model).expanduser().resolve()) if model else None
+        return next(iter(self.db.query("SELECT * FROM models WHERE name = ? OR path = ? ORDER BY name = ? DESC "
+                                       "LIMIT 1", [model, path, model])), None)
+
+    def lineage(self, model: str) -> list[dict]:
+        """The model and the ones it was trained from, newest first: each registered model with its
+        parent and run (the run's kind and status), up to the first model not trained here."""
+        chain, seen = [], set()
+        while model and model not in seen:
+            seen.add(model)
+            row = self.model_by_name_or_path(model)
+            if row is None:
+                chain.append({"name": model, "parent": None, "run_id": None, "run": None})
+                break
+            row["run"] = self.run(row["run_id"]) if row["run_id"] else None
+            chain.append(row)
+            model = row["parent"]
+        return chain
 
     def set_preference(self, key: str, value) -> None:
         with self.transaction():
@@ -180,7 +209,7 @@ class Store:
                     model: str | None = None, settings: dict | None = None, prompt_tokens: int | None = None,
                     completion_tokens: int | None = None, timings: dict | None = None,
                     finish_reason: str | None = None, status: str = "complete", created_at: str | None = None,
-                    message_id: str | None = None, make_current: bool = True) -> str:
+                    message_id: str | None = None, make_current: bool = True, run_id: str | None = None) -> str:
         """Append a message under `parent_id` (default: the current leaf) and make it the leaf."""
         if role not in ROLES:
             raise ParleyError(f"role {role!r} is not one of {', '.join(ROLES)}")
@@ -198,7 +227,7 @@ class Store:
                 "id": mid, "conversation_id": conversation_id, "parent_id": parent_id, "role": role,
                 "content": content, "model": model, "settings": _json(settings), "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens, "timings": _json(timings), "finish_reason": finish_reason,
-                "status": status, "created_at": stamp})
+                "status": status, "created_at": stamp, "run_id": run_id})
             if make_current:
                 self.conn.execute("UPDATE conversations SET current_leaf = ?, updated_at = ? WHERE id = ?",
                                   (mid, now(), conversation_id))
@@ -207,9 +236,12 @@ class Store:
     def start_reply(self, conversation_id: str, parent_id, model: str | None, settings: dict | None,
                     make_current: bool = True, content: str = "") -> str:
         """An assistant message that is still being generated: kept, marked partial, if the app dies.
-        `content`: the text it starts with (a continuation's tokens taken from another reply)."""
+        `content`: the text it starts with (a continuation's tokens taken from another reply). It
+        keeps the run that trained `model`, when the model was trained here (its lineage)."""
+        registered = self.model_by_name_or_path(model) if model else None
         return self.add_message(conversation_id, "assistant", content, parent_id, model=model, settings=settings,
-                                status="partial", make_current=make_current)
+                                status="partial", make_current=make_current,
+                                run_id=registered["run_id"] if registered else None)
 
     def save_partial(self, message_id: str, content: str) -> None:
         with self.transaction():
@@ -486,6 +518,13 @@ class Store:
         if parent_id is not None:
             messages += [{"role": m["role"], "content": m["content"]} for m in self.thread(conversation_id, parent_id)]
         return messages
+
+    def latest_user_message(self, outside: set[str] | frozenset = frozenset()) -> dict | None:
+        """The newest user message of a conversation not in `outside` (ids), or None."""
+        row = next(iter(self.db.query(
+            "SELECT * FROM messages WHERE role = 'user' AND conversation_id NOT IN (SELECT value FROM json_each(?)) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1", [json.dumps(sorted(outside))])), None)
+        return _decode(row) if row else None
 
     def counts(self) -> dict:
         tables = ("conversations", "messages", "comparisons", "rankings", "preference_pairs", "runs")

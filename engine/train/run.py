@@ -176,11 +176,11 @@ class Run:
 
     def save(self, write, model: bool = True) -> None:
         """Write the result into OUT (rank 0) with `write(directory)`, keeping OUT's checkpoints;
-        a trained model is registered in the app."""
+        a trained model is registered in the app, with the model it started from and this run."""
         if self.rank != 0:
             return
         with output_dir(self.out) as tmp:
             write(tmp)
         self.output = str(self.out)
         if model and self.store is not None:
-            register(self.store, self.out)
+            register(self.store, self.out, parent=self.base_model, run_id=self.id)

@@ -36,7 +36,9 @@ class ArenaScreen(Screen):
 
     BINDINGS = [Binding("escape", "close", "Back", id="close"),
                 Binding("u", "use_best", "Use best preset", id="use_best"),
-                Binding("b", "cycle_by", "Presets by…", id="cycle_by")]
+                Binding("b", "cycle_by", "Presets by…", id="cycle_by"),
+                Binding("t", "train_dpo", "Train on my rankings", id="train_dpo"),
+                Binding("r", "train_rm", "Reward model on my rankings", id="train_rm")]
     DEFAULT_CSS = """
     #arena-note { height: auto; color: $text-muted; padding: 0 1; }
     #arena-agreement { height: auto; padding: 0 1; }
@@ -141,3 +143,16 @@ class ArenaScreen(Screen):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+    def action_train_dpo(self) -> None:
+        self.train_on_rankings("dpo")
+
+    def action_train_rm(self) -> None:
+        self.train_on_rankings("rm")
+
+    def train_on_rankings(self, kind: str) -> None:
+        """Start a round (tui_app/rounds.py) and show its progress on the dashboard."""
+        from tui_app.rounds import train_on_my_rankings
+        from tui_app.screens.training import TrainingScreen
+        if train_on_my_rankings(self.app, kind) is not None:
+            self.app.push_screen(TrainingScreen())

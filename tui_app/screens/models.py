@@ -44,7 +44,8 @@ class ModelsScreen(ModalScreen):
         for name, path in names:
             mark = "● " if name == self.app.model_name else "  "
             where = "shipped with Parley" if BUILTIN.get(name) == path else str(path)
-            await view.append(ListItem(Label(printable(f"{mark}{name}  {where}"), markup=False), name=name))
+            line = f"{mark}{name}  {where}{lineage_note(self.app.store, name)}"
+            await view.append(ListItem(Label(printable(line), markup=False), name=name))
         # the list opens on the model in use, so Down + Enter picks the next one, not this one again
         current = self.app.model_name
         view.index = next((i for i, (name, path) in enumerate(names) if current in (name, str(path))), 0)
@@ -110,3 +111,13 @@ class ModelsScreen(ModalScreen):
         self.query_one("#reward-model", Input).value = ""
         self.query_one("#reward-model-now", Label).update(self.reward_line())
         self.app.notify(f"reward model: {self.app.reward_model_name}")
+
+def lineage_note(store, name: str) -> str:
+    """Where a model trained here comes from: the models it was trained from, newest first, and
+    the run that trained it."""
+    chain = store.lineage(name)
+    if len(chain) < 2:
+        return ""
+    run = chain[0]["run"]
+    return "  ← from " + " ← ".join(m["name"] for m in chain[1:]) + (
+        f" · by {run['kind']} run {run['id']} ({run['status']})" if run else "")

@@ -1,14 +1,13 @@
-"""The training dashboard: preference data, runs with live curves, runs to start or cancel."""
-import re
-from pathlib import Path
-
+"""The training dashboard: preference data, runs with live plots (a second run overlaid), runs to
+start or cancel, and "train on my rankings"."""
 from textual import on
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListItem, ListView, Static
 
 from engine.terminal import printable
+from tui_app.curves import FAMILIES, RunPlot, run_label, series
+from tui_app.runs import launch, why_it_failed
 
 
 class TrainingScreen(Screen):
@@ -16,12 +15,16 @@ class TrainingScreen(Screen):
     A run is a separate `parley train ...` process: the app only reads what it writes to the store."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="back"),
-                Binding("f8", "cancel_run", "Cancel run", id="cancel_run")]
+                Binding("f8", "cancel_run", "Cancel run", id="cancel_run"),
+                Binding("f6", "next_family", "Metric", id="next_family"),
+                Binding("f7", "overlay", "Overlay run", id="overlay"),
+                Binding("f9", "train_dpo", "Train on my rankings", id="train_dpo"),
+                Binding("f10", "train_rm", "Reward model on my rankings", id="train_rm")]
     DEFAULT_CSS = """
     #counts { height: auto; color: $text-muted; }
-    #runs { height: 1fr; }
-    #curves { height: auto; }
-    .curve { height: 3; }
+    #runs { height: 1fr; max-height: 12; }
+    #curve-note { height: auto; color: $text-muted; }
+    #curve-plot { height: 2fr; min-height: 12; }
     #run-error { display: none; height: auto; color: $error; }
     """
 
@@ -30,12 +33,15 @@ class TrainingScreen(Screen):
         self.selected: str | None = None
         self.processes: dict[int, tuple] = {}   # pid: (process, its log, its arguments), until it ends
         self.cancelled: set[int] = set()
+        self.family = FAMILIES[0]            # the metric family plotted (F6 cycles)
+        self.overlay: str | None = None      # a second run whose curves share the axes (F7)
 
     def compose(self):
         yield Header()
         yield Static("", id="counts", markup=False)
         yield ListView(id="runs")
-        yield Vertical(id="curves")
+        yield Static("", id="curve-note", markup=False)
+        yield RunPlot(id="curve-plot")
         yield Static("", id="run-error", markup=False)
         yield Input(placeholder="start: train sft --model default --max-steps 100 --out DIR (any `parley train` "
                                 "arguments)", id="start-run")
@@ -78,34 +84,66 @@ class TrainingScreen(Screen):
                 f"{run['base_model'] or ''} → {run['output_model'] or run['config'].get('out', '')}")
 
     async def show_curves(self, run_id: str) -> None:
-        from textual.widgets import Sparkline
-        series: dict[str, list[float]] = {}
-        for m in self.app.store.metrics(run_id):
-            if m["name"] in ("loss", "eval_loss", "reward", "kl", "accuracy"):
-                series.setdefault(m["name"], []).append(m["value"])
-        box = self.query_one("#curves", Vertical)
-        await box.remove_children()
-        for name, values in series.items():
-            await box.mount(Label(f"{name}: {values[-1]:.4g} (from {values[0]:.4g})", markup=False),
-                            Sparkline(values, classes="curve"))
+        """The selected run's curves of the chosen family, with the overlaid run's on the same axes;
+        the note says each metric's latest value and which families the run has."""
+        store = self.app.store
+        ids = [run_id] + ([self.overlay] if self.overlay and self.overlay != run_id else [])
+        shown = [(rid, store.metrics(rid)) for rid in ids]
+        runs = [(run_label(store.run(rid)), metrics) for rid, metrics in shown]
+        self.query_one(RunPlot).draw(self.family, runs)
+        families = series(shown[0][1])
+        latest = "  ".join(f"{name} {values[-1]:.4g} (from {values[0]:.4g})"
+                           for name, (_, values) in families.get(self.family, {}).items())
+        others = ", ".join(f for f in FAMILIES if f in families and f != self.family)
+        if len(runs) > 1:
+            overlay = f" · overlaid: {runs[1][0]} (F7 on it again removes it)"
+        elif self.overlay == run_id:
+            overlay = " · overlay set: pick another run to see both (F7 again removes it)"
+        else:
+            overlay = " · F7 overlays the selected run on the next one picked"
+        self.query_one("#curve-note", Static).update(
+            f"{self.family}: {latest or 'nothing logged yet'}{' · also ' + others + ' (F6)' if others else ''}"
+            f"{overlay}")
+
+    async def action_next_family(self) -> None:
+        self.family = FAMILIES[(FAMILIES.index(self.family) + 1) % len(FAMILIES)]
+        if self.selected:
+            await self.show_curves(self.selected)
+
+    async def action_overlay(self) -> None:
+        """The selected run becomes the overlay, drawn with every run picked after it; F7 on the
+        overlay run itself removes it."""
+        if not self.selected:
+            return
+        self.overlay = None if self.overlay == self.selected else self.selected
+        self.app.notify("overlay removed" if self.overlay is None else
+                        "overlaid: pick another run to see both on the same axes")
+        await self.show_curves(self.selected)
+
+    def action_train_dpo(self) -> None:
+        """DPO of the chat model on the store's preference pairs; compare opens when it is done."""
+        from tui_app.rounds import train_on_my_rankings
+        train_on_my_rankings(self.app, "dpo")
+
+    def action_train_rm(self) -> None:
+        from tui_app.rounds import train_on_my_rankings
+        train_on_my_rankings(self.app, "rm")
+
+    @on(ListView.Highlighted, "#runs")
+    async def run_highlighted(self, event: ListView.Highlighted) -> None:
+        if event.item is not None and event.item.name != self.selected:
+            self.selected = event.item.name
+            await self.show_curves(self.selected)
 
     @on(Input.Submitted, "#start-run")
     def start_run(self, event: Input.Submitted) -> None:
         import shlex
-        import subprocess
-        import sys
         args = shlex.split(event.value)
         if not args or args[0] != "train":
             self.app.notify("a run starts with `train`, e.g. train sft --model default --out my-model",
                             severity="error")
             return
-        import tempfile
-        folder = self.app.store.path.parent
-        with tempfile.NamedTemporaryFile("w", dir=folder, prefix="run-", suffix=".log", delete=False) as log:
-            process = subprocess.Popen([sys.executable, "-m", "tui_app", *args], stdout=log, stderr=log,
-                                       stdin=subprocess.DEVNULL)
-        # named after the process only once it has one; the process writes on through the renamed file
-        log_path = Path(log.name).replace(folder / f"run-{process.pid}.log")
+        process, log_path = launch(self.app.store.path.parent, args)
         self.processes[process.pid] = (process, log_path, args)
         event.input.value = ""
         self.query_one("#run-error", Static).display = False
@@ -142,21 +180,3 @@ class TrainingScreen(Screen):
             self.app.notify(f"cancelling run {run['id']}")
         except ProcessLookupError:
             self.app.store.end_run(run["id"], "failed", error="the process was gone")
-
-
-def why_it_failed(log: Path, code: int) -> str:
-    """The line of a failed run's log that says why: the CLI's one-line `error: ...` (its own or
-    argparse's), else the last line (a traceback's ends with the exception)."""
-    if code < 0:
-        import signal
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()]
-    except OSError:
-        lines = []
-    lines = [line for line in lines if line]
-    errors = [said.group(1) for line in lines if (said := re.match(r"parley[\w -]*: error: (.*)", line))]
-    return (errors or lines or [f"exited with status {code}"])[-1]
