@@ -160,14 +160,14 @@ class MaskFilling:
             scores = logits
             chosen = logits.argmax(-1)
         else:
-            rows = sampling.RowSettings([replace(s, **{n: FIELDS[n][1].neutral for n in UNUSED[:-1]})] * len(masked),
-                                        f.device, f.tokenizer)
             n = len(masked)
-            scores = sampling.process(logits, rows, torch.zeros_like(logits, dtype=torch.bool),
-                                      torch.zeros_like(logits), ids[None].expand(n, -1),
-                                      torch.zeros(n, 1, dtype=torch.long, device=f.device), [])
-            # each position's own noise, new every round: (seed, round, position) picks it
+            rows = sampling.RowSettings([replace(s, **{k: FIELDS[k][1].neutral for k in UNUSED[:-1]})] * n,
+                                        f.device, f.tokenizer)
+            # each position's own noise, new every round: (seed, round, position) picks it (XTC's coin too);
+            # no end-of-text to block and, with the penalties off, no counts or seen tokens to read
             step = round_ * f.max_context + masked
+            scores = sampling.process(logits, rows, torch.zeros_like(logits, dtype=torch.bool),
+                                      torch.zeros_like(logits), ids[None].expand(n, -1), step[:, None], [])
             chosen = sampling.sample(scores, rows.seeds, step)
         confidence = scores.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
         take = confidence.topk(min(self.per_round, len(masked))).indices
