@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
+from engine import bert_fill
 from engine.errors import ParleyError
 from engine.generate import Finished, Generation, Token
 from engine.settings import Settings, segments, settings_at
@@ -38,7 +39,12 @@ def open_model(name_or_path: str | None, device: str | None = None, dtype: str |
     import engine
     from engine.registry import resolve_model
     path = resolve_model(name_or_path)
-    lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
+    if bert_fill.is_bert_dir(path):   # no left-to-right model: it fills masks (engine/bert_fill.py)
+        if quantize:
+            raise ParleyError(f"{path} is a BERT, which int8 weights do not cover: run it without --quantize")
+        lm = bert_fill.load(path, device)
+    else:
+        lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
     dtype = str(lm.dtype).removeprefix("torch.") + (f", {quantize} weights" if quantize else "")
     info = ModelInfo(name_or_path or "default", str(path), lm.config.get("model_type", "?"), lm.num_parameters(),
                      str(lm.device), dtype, lm.max_context)
@@ -97,7 +103,9 @@ class Replies:
     """Generate candidates for the reply after `parent_id`; see the module docstring.
 
     `models` gives a candidate a model of its own, as (lm, name), where None keeps `lm`: the
-    candidates of each model run as one batch, and the batches stream together.
+    candidates of each model run as one batch, and the batches stream together. A BERT's
+    candidates are filled in rather than generated (engine/bert_fill.py): `notes` holds the line
+    saying so for each of them.
 
     `forced` (token ids): every candidate starts with these tokens, taken, not generated (a
     continuation: see `continue_from`); the model generates on from the prompt and them. The
@@ -116,6 +124,7 @@ class Replies:
     comparison_id: str | None = None
     forced: list[int] | None = None
     forced_tokens: list[dict] | None = None
+    notes: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
         messages = self.store.prompt_messages(self.conversation_id, self.parent_id)
@@ -130,9 +139,17 @@ class Replies:
         for lm in {id(lm): lm for lm, _ in chosen}.values():
             members = [i for i, (m, _) in enumerate(chosen) if m is lm]
             settings = [self.settings[i] for i in members]
-            ids, dropped = prompt_ids(lm, messages, len(self.forced) + max(s.max_new_tokens for s in settings))
-            self.dropped_turns = max(self.dropped_turns, dropped)
-            generation = Generation(lm, ids + self.forced, settings)
+            if getattr(lm, "fills_masks", False):
+                if self.forced:
+                    raise ParleyError("a BERT fills its reply's positions in any order: it cannot continue "
+                                      "from a chosen token; compare it from the user's message instead")
+                generation = bert_fill.MaskFilling(lm, lm.prompt_ids(messages), settings)
+                ids = generation.prompt
+                self.notes.update({i: bert_fill.note(s) for i, s in zip(members, generation.settings)})
+            else:
+                ids, dropped = prompt_ids(lm, messages, len(self.forced) + max(s.max_new_tokens for s in settings))
+                self.dropped_turns = max(self.dropped_turns, dropped)
+                generation = Generation(lm, ids + self.forced, settings)
             for i, s in zip(members, generation.settings):   # with the seeds drawn for unseeded candidates
                 self.settings[i] = s
                 self.prompt_tokens[i] = len(ids)
@@ -186,7 +203,10 @@ class Replies:
             if isinstance(event, Token):
                 if self.forced:
                     event = replace(event, step=event.step + len(self.forced))
-                parts[c].append(event.text)
+                if event.snapshot is not None:   # filled out of order: the whole reply so far
+                    parts[c] = [self.forced_text, event.snapshot]
+                else:
+                    parts[c].append(event.text)
                 tokens[c].append(event)
                 if time.monotonic() - saved[c] > SAVE_EVERY_S:
                     self.store.save_partial(mid, "".join(parts[c]))
@@ -203,7 +223,7 @@ class Replies:
         held = [{"from": step + forced, "settings": s.to_dict()} for step, s in event.segments]
         # beams stream no tokens: their best sequence is kept, without probabilities
         generated = (_forced_records(self.lm.tokenizer, event.token_ids, None)[0] if event.beams
-                     else [token_record(t) for t in tokens])
+                     else [token_record(t) for t in sorted(tokens, key=lambda t: t.step)])   # mask filling: by place
         with self.store.transaction():
             self.store.finish_reply(self.message_ids[c], self.forced_text + event.text, event.finish_reason,
                                     prompt_tokens=self.prompt_tokens[c],

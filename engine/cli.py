@@ -86,8 +86,11 @@ def cmd_generate(args) -> None:
                           "past 2**63 - 1: use a smaller --seed")
     for flag in ("prompt", "system"):
         check_utf8(f"--{flag}", getattr(args, flag))
-    lm = engine.load(resolve_model(args.model), device=args.device, dtype=args.dtype, decode_only=True,
-                     quantize=args.quantize)
+    path = resolve_model(args.model)
+    from engine import bert_fill
+    if bert_fill.is_bert_dir(path):
+        return fill_masks(args, base, path)
+    lm = engine.load(path, device=args.device, dtype=args.dtype, decode_only=True, quantize=args.quantize)
     if args.raw:
         prompt_ids = lm.tokenizer.encode(args.prompt)
     else:
@@ -117,6 +120,35 @@ def cmd_generate(args) -> None:
             print(json.dumps(line, ensure_ascii=False))
         elif stream:
             print()
+        else:
+            if args.n > 1:
+                print(f"--- candidate {r.candidate} (seed {r.settings.seed}, {r.finish_reason}) ---")
+            print(printable(r.text))
+
+
+def fill_masks(args, base, path) -> None:
+    """`parley generate` with a BERT: each reply filled in by iterative mask filling (engine/bert_fill.py)."""
+    import dataclasses
+    import random
+
+    from engine import bert_fill
+    if args.quantize:
+        raise ParleyError(f"{path} is a BERT, which int8 weights do not cover: run it without --quantize")
+    filler = bert_fill.load(path, args.device)
+    if args.raw:
+        prompt_ids = filler.tokenizer.encode(args.prompt, add_special_tokens=False)
+    else:
+        prompt_ids = filler.prompt_ids(([{"role": "system", "content": args.system}] if args.system else [])
+                                       + [{"role": "user", "content": args.prompt}])
+    seed = base.seed if base.seed is not None else random.randrange(2**62)
+    fill = bert_fill.MaskFilling(filler, prompt_ids, [dataclasses.replace(base, seed=seed + i) for i in range(args.n)])
+    print(f"{path}: {bert_fill.note(base)}, {fill.settings[0].max_new_tokens} positions filled most confident "
+          "first, not written left to right", file=sys.stderr)
+    for r in fill.run():
+        if args.json:
+            print(json.dumps({"candidate": r.candidate, "text": r.text, "token_ids": r.token_ids,
+                              "finish_reason": r.finish_reason, "settings": r.settings.to_dict(),
+                              "timings": r.timings, "mask_filling": True}, ensure_ascii=False))
         else:
             if args.n > 1:
                 print(f"--- candidate {r.candidate} (seed {r.settings.seed}, {r.finish_reason}) ---")

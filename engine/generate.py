@@ -50,6 +50,7 @@ class Token:
     top_before: list[Alternative] = field(default_factory=list)  # the model's top tokens
     top_after: list[Alternative] = field(default_factory=list)   # the same after temperature, top-k, ... (p > 0)
     piece: str = ""            # the token's own text, special tokens shown (only with top_alternatives)
+    snapshot: str | None = None  # the whole reply so far, where tokens come out of order (engine/bert_fill.py)
 
 
 @dataclass

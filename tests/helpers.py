@@ -147,3 +147,17 @@ def make_reward_model(base: Path, out: Path, seed: int = 0, std: float = 10.0):
     rm = RewardLM(model.eval(), lm.tokenizer, {**lm.config, "parley_max_length": 128})
     rm.save(out)
     return rm
+
+
+def make_bert(path: Path, tokenizer_dir: Path, seed: int = 0, positions: int = 64):
+    """A tiny random BERT directory (as `parley train mlm` writes one) on the tokenizer at `tokenizer_dir`."""
+    from engine.models import bert
+    from engine.train.mlm import bert_tokenizer
+    tok = bert_tokenizer(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    model = bert.Bert(bert.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64,
+                                      max_position_embeddings=positions)).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    bert.write(model, tok, path)
+    return path

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_bert
 from textual.widgets import Input, Label, Markdown, Static
 
 from engine.settings import Settings
 from engine.store import Store
+from engine.tokenizer import Tokenizer
 from tui_app.app import ParleyApp
 from tui_app.screens import ChatScreen, CompareScreen
 from tui_app.widgets import PromptArea
@@ -227,6 +229,36 @@ async def test_a_compare_pane_can_run_another_model(app, checkpoints):
         assert str(other) in labels[1] and app.model_name in labels[0]
 
 
+@sync
+async def test_a_bert_pane_fills_masks_and_says_so(app, tmp_path):
+    path = make_bert(tmp_path / "bert", Path(app.model_name))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await open_compare(pilot, max_new_tokens=4)
+        first = app.screen.comparison_id
+        box = app.screen.query_one("#pane-settings-1", Input)
+        box.value = f"model={path} repetition_penalty=1.3"
+        box.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen.comparison_id not in (None, first) and app.screen.replies is None)
+        candidates = app.store.comparison(app.screen.comparison_id)["candidates"]
+        await until(pilot, lambda: all(app.store.message(m["id"])["status"] == "complete" for m in candidates))
+        causal, filled = (app.store.message(m["id"]) for m in candidates)
+        assert filled["model"] == str(path) and filled["finish_reason"] == "length"
+        tokens = app.store.reply_tokens(filled["id"])["tokens"]
+        assert len(tokens) == 4   # the pane's max_new_tokens, all filled, kept in the reply's order (not the fill's)
+        assert Tokenizer.from_dir(path).decode([t["token_id"] for t in tokens]) == filled["content"]
+        assert "_" not in filled["content"] and filled["content"] == app.screen.views[filled["id"]].message["content"]
+        labels = [str(label.render()) for label in app.screen.query(".pane-title")]
+        assert "mask filling (BERT); not used: repetition_penalty" in labels[1]
+        assert "mask filling" not in labels[0] and app.model_name in labels[0]
+        rank = app.screen.query_one("#rank", Input)
+        rank.value = "b a"
+        rank.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        assert {(p["chosen_id"], p["rejected_id"]) for p in app.store.preference_pairs()} == {(filled["id"], causal["id"])}
+
+
 def status(app):
     return str(app.screen.query_one("#status").render())
 
@@ -258,6 +290,7 @@ async def test_message_sent_before_the_model_loads_waits(app):
 @sync
 async def test_reply_events_after_quitting_are_dropped_and_others_raise(app):
     from textual.css.query import NoMatches
+
     from tui_app.screens.replies import while_shown
 
     @while_shown
@@ -395,9 +428,10 @@ def test_a_bad_key_remap_stops_the_start_with_one_line_naming_the_config_line(tm
 
 @sync
 async def test_training_run_started_from_the_dashboard_shows_progress(app, tmp_path):
+    import json
+
     from engine.train.tokenizer import train_tokenizer
     from tui_app.screens import TrainingScreen
-    import json
     conversations = [{"messages": [{"role": "user", "content": f"hello {i}"},
                                    {"role": "assistant", "content": "hi there, friend!"}]} for i in range(80)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))

@@ -71,6 +71,10 @@ class MessageView(Static):
             self.markdown_stream = Markdown.get_stream(self.query_one(Markdown))
         await self.markdown_stream.write(printable(text))
 
+    async def show(self, text: str) -> None:
+        """Show the reply so far in place of what was shown: a reply filled out of order (a BERT's)."""
+        await self.query_one(Markdown).update(printable(text))
+
     async def finish(self, text: str, finish_reason: str) -> None:
         """The reply is complete: show it whole, as the store now holds it."""
         if self.markdown_stream is not None:

@@ -53,6 +53,7 @@ class CompareScreen(RepliesMixin, Screen):
         self.blind = False           # read from the store on mount
         self.rng = random.Random()   # which pane runs which settings, in blind mode
         self.titles: list[str] = []  # each pane's full title: its letter, model and temperature
+        self.pane_models: list[str] = []   # the model each pane runs
         self.ranked: str | None = None   # the best candidate, once a blind comparison is ranked
         self.scores: dict[str, float | None] = {}   # the reward model's, of each finished candidate
 
@@ -110,12 +111,13 @@ class CompareScreen(RepliesMixin, Screen):
         # pane i runs slot order[i]: the settings (and model) typed for that slot; blind mode shuffles
         # them, so a pane's place says nothing of what it runs
         order = self.rng.sample(range(self.n), self.n) if self.blind else list(range(self.n))
-        self.titles = []
+        self.titles, self.pane_models = [], []
         for i, slot in enumerate(order):
             model = self.models.get(slot, self.app.model_name)
             typed = " ".join([f"{k}={v}" for k, v in self.overrides.get(slot, {}).items()]
                              + ([f"model={self.models[slot]}"] if slot in self.models else []))
-            self.titles.append(printable(f"{pane_letter(i).upper()}  {model}  temperature {settings[slot].temperature}"))
+            self.pane_models.append(model)
+            self.titles.append(pane_title(i, model, settings[slot]))
             pane = Vertical(Label("", markup=False, classes="pane-title"),
                             Label("", markup=False, classes="pane-score"),
                             Input(typed,
@@ -161,6 +163,10 @@ class CompareScreen(RepliesMixin, Screen):
 
     async def mount_replies(self, replies, messages: list[dict]) -> None:
         self.message_ids, self.comparison_id = replies.message_ids, replies.comparison_id
+        # a BERT pane fills masks rather than writing left to right: its title says so, and what it ignores
+        for i, line in replies.notes.items():
+            self.titles[i] = pane_title(i, self.pane_models[i], replies.settings[i], line)
+        self.show_labels()
         for i, m in enumerate(messages):
             self.views[m["id"]] = MessageView(m)
             await self.query_one(f"#body-{i}", VerticalScroll).mount(self.views[m["id"]])
@@ -252,6 +258,12 @@ class CompareScreen(RepliesMixin, Screen):
 
 def pane_letter(i: int) -> str:
     return chr(ord("a") + i)
+
+
+def pane_title(i: int, model: str, settings: Settings, note: str | None = None) -> str:
+    """A pane's letter, model and temperature; `note` for a model that does not write left to right."""
+    how = f"{note}, temperature" if note else "temperature"
+    return printable(f"{pane_letter(i).upper()}  {model}  {how} {settings.temperature}")
 
 
 # what a pane override can set: the numbers, and sampler_order (no spaces, so one word)

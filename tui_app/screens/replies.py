@@ -135,7 +135,9 @@ class RepliesMixin:
     @while_shown
     async def on_reply_token(self, message: ReplyToken) -> None:
         view = self.views.get(message.message_id)
-        if view is not None and message.token.text:
+        if view is not None and message.token.snapshot is not None:
+            await view.show(message.token.snapshot)
+        elif view is not None and message.token.text:
             await view.append(message.token.text)
         self.after_token(message)
 
