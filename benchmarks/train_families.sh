@@ -2,7 +2,9 @@
 # Trains every model family on chitchat with the shipped model's tokenizer and the same split,
 # for the same number of steps, then prints `parley eval`'s table for all of them (README, "Model
 # families"). Usage: benchmarks/train_families.sh [OUT_DIR] [STEPS]   (default: families 400)
-# A model already in OUT_DIR is kept, so an interrupted run goes on where it stopped.
+# A model already in OUT_DIR is kept, so an interrupted run goes on where it stopped. The other rows of
+# the README's table come from benchmarks/aux_lm.sh (SFT with and without GPT-1's auxiliary LM loss)
+# and benchmarks/word_vectors.py (word2vec and ELMo on their planted corpora).
 set -euo pipefail
 out=${1:-families}
 steps=${2:-400}
@@ -25,6 +27,13 @@ for smoothing in add_k katz kneser_ney; do
   "$parley" train ngram --order 3 --smoothing "$smoothing" --tokenizer "$tok" --out "$out/3gram-$smoothing"
   echo "3gram-$smoothing: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
 done
+# BERT: masked-LM pretraining on the same data and tokenizer; `parley eval` gives its pseudo-perplexity
+if [ ! -f "$out/bert/config.json" ]; then
+  start=$(date +%s)
+  "$parley" train mlm --tokenizer "$tok" --out "$out/bert" --max-steps "$steps" --batch-size 16 --seq-len 256 \
+    --warmup-steps 40 --eval-every "$steps" --save-every "$steps" --no-store 2>&1 | tail -1
+  echo "bert: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
+fi
 models=()
 for m in "$out"/*/; do models+=(--model "$m"); done
 "$parley" eval "${models[@]}"
