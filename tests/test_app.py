@@ -963,7 +963,8 @@ async def test_compare_panes_show_the_reward_models_score_of_each_candidate(rewa
     app, rm = reward_app
     async with app.run_test(size=(200, 50)) as pilot:
         await open_compare(pilot, max_new_tokens=5)
-        await until(pilot, lambda: app.screen.scores)
+        # every pane's score, not just the first to arrive (each comes in a Message of its own)
+        await until(pilot, lambda: app.screen.scores and set(app.screen.scores) == set(app.screen.message_ids))
         ids = app.screen.message_ids
         expected = rewards_of(rm, app.store, ids)
         assert len(set(expected)) == len(expected)   # the head's spread tells the candidates apart
@@ -980,10 +981,9 @@ async def test_compare_panes_show_the_reward_models_score_of_each_candidate(rewa
         rank.value = "a"
         rank.focus()
         await pilot.press("enter")
-        await pilot.pause(0.2)
         expected = rewards_of(rm, app.store, app.screen.message_ids)
-        labels = [str(label.render()) for label in app.screen.query(".pane-score")]
-        assert labels == [f"reward {s:+.3f}" for s in expected]
+        await until(pilot, lambda: [str(label.render()) for label in app.screen.query(".pane-score")]
+                    == [f"reward {s:+.3f}" for s in expected])
     # the choice is remembered: the next start scores with it without --reward-model
     assert app.store.preference("reward_model") == str((tmp_path / "rm").resolve())
     assert ParleyApp(model=app.model_name, store=app.store).reward_model_name == str((tmp_path / "rm").resolve())

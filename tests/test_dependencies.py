@@ -223,6 +223,13 @@ def uses_openai():
     assert openai.NotFoundError and openai.AuthenticationError and openai.BadRequestError
 
 
+def uses_gensim():
+    from gensim.models import KeyedVectors, Word2Vec
+    model = Word2Vec([["a", "b"], ["b", "c"]], vector_size=2, min_count=1, hs=1, negative=0, workers=1, epochs=1)
+    assert model.wv.index_to_key[0] == "b" and len(model.wv.get_vecattr("b", "code")) >= 1
+    assert hasattr(KeyedVectors, "load_word2vec_format") and hasattr(KeyedVectors, "most_similar")
+
+
 # name: (first release with every API below, what Parley calls, the check)
 FIRST_WITH = {
     "torch": ("2.5", "F.scaled_dot_product_attention(enable_gqa=) (2.5), F.rms_norm (2.4)", uses_torch),
@@ -257,6 +264,9 @@ FIRST_WITH = {
                "is the release tested", uses_openai),
     "textual-plotext": ("1.0.1", ("PlotextPlot and its plt (clear_figure, plot, scatter, xticks, xlim, title); the "
                                   "floor is the release tested"), uses_textual_plotext),
+    "gensim": ("4.3", "KeyedVectors.load_word2vec_format, most_similar(positive, negative, topn); Word2Vec(vector_size=, "
+               "sg=, hs=, negative=, workers=), wv.index_to_key and get_vecattr(code, point): the reference tests/test_word2vec.py checks "
+               "against; the floor is the release tested", uses_gensim),
     "peft": ("0.21", "PeftModel.from_pretrained of a LoRA adapter onto a transformers 5 model (the release checked "
              "with transformers 5.24)", uses_peft),
 }
