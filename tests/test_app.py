@@ -211,19 +211,27 @@ async def test_compare_and_rank_writes_pairs(app):
         assert app.store.conversation(conversation)["current_leaf"] == ids[1]   # the best continues
 
 
+
+async def rerun_second_pane(pilot, overrides: str) -> list[dict]:
+    """Open compare, give pane B `overrides` and run again; the new comparison's candidates, once
+    every one is complete."""
+    app = pilot.app
+    await open_compare(pilot, max_new_tokens=4)
+    first = app.screen.comparison_id
+    box = app.screen.query_one("#pane-settings-1", Input)
+    box.value = overrides
+    box.focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: app.screen.comparison_id not in (None, first) and app.screen.replies is None)
+    candidates = app.store.comparison(app.screen.comparison_id)["candidates"]
+    await until(pilot, lambda: all(app.store.message(m["id"])["status"] == "complete" for m in candidates))
+    return candidates
+
 @sync
 async def test_a_compare_pane_can_run_another_model(app, checkpoints):
     other, _ = checkpoints("llama_gqa_untied")
     async with app.run_test(size=(200, 50)) as pilot:
-        await open_compare(pilot, max_new_tokens=4)
-        first = app.screen.comparison_id
-        box = app.screen.query_one("#pane-settings-1", Input)
-        box.value = f"model={other} temperature=0"
-        box.focus()
-        await pilot.press("enter")
-        await until(pilot, lambda: app.screen.comparison_id not in (None, first) and app.screen.replies is None)
-        candidates = app.store.comparison(app.screen.comparison_id)["candidates"]
-        await until(pilot, lambda: all(app.store.message(m["id"])["status"] == "complete" for m in candidates))
+        candidates = await rerun_second_pane(pilot, f"model={other} temperature=0")
         assert [m["model"] for m in candidates] == [app.model_name, str(other)]
         labels = [str(label.render()) for label in app.screen.query(".pane-title")]
         assert str(other) in labels[1] and app.model_name in labels[0]
@@ -233,15 +241,7 @@ async def test_a_compare_pane_can_run_another_model(app, checkpoints):
 async def test_a_bert_pane_fills_masks_and_says_so(app, tmp_path):
     path = make_bert(tmp_path / "bert", Path(app.model_name))
     async with app.run_test(size=(200, 50)) as pilot:
-        await open_compare(pilot, max_new_tokens=4)
-        first = app.screen.comparison_id
-        box = app.screen.query_one("#pane-settings-1", Input)
-        box.value = f"model={path} repetition_penalty=1.3"
-        box.focus()
-        await pilot.press("enter")
-        await until(pilot, lambda: app.screen.comparison_id not in (None, first) and app.screen.replies is None)
-        candidates = app.store.comparison(app.screen.comparison_id)["candidates"]
-        await until(pilot, lambda: all(app.store.message(m["id"])["status"] == "complete" for m in candidates))
+        candidates = await rerun_second_pane(pilot, f"model={path} repetition_penalty=1.3")
         causal, filled = (app.store.message(m["id"]) for m in candidates)
         assert filled["model"] == str(path) and filled["finish_reason"] == "length"
         tokens = app.store.reply_tokens(filled["id"])["tokens"]

@@ -312,6 +312,27 @@ def test_no_log_writes_nothing(lm, tmp_path, monkeypatch):
 
 
 # -- continuous batching ------------------------------------------------------------------------
+
+def run_joining(lm, prompts, settings, join_at: dict) -> tuple[int, dict]:
+    """Request 0 through a Batcher, request join_at[k] submitted when a request reaches step k (it
+    joins at the next step, mid-decode); returns the most rows decoded at once and each one's ids."""
+    batcher = Batcher(lm)
+    results, widest = {}, [0]
+
+    def job(i):
+        def emit(event):
+            widest[0] = max(widest[0], len(batcher.rows))
+            if i == 0 and isinstance(event, Token) and event.step in join_at:
+                batcher.submit(job(join_at[event.step]))
+            if isinstance(event, Finished):
+                results[i] = event.token_ids
+        return Job(prompts[i], [settings[i]], emit)
+
+    batcher.submit(job(0))
+    while batcher.busy:
+        batcher.step()
+    return widest[0], results
+
 def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
     """B joins while A decodes (B's prompt longer than A's so far: A's rows are left-padded), C joins
     later with a short prompt (C is padded); each gets exactly its tokens alone."""
@@ -323,22 +344,8 @@ def test_requests_that_join_a_running_batch_get_what_they_get_alone(lm):
                 Settings(**{**PLAIN, "temperature": 0}, no_repeat_ngram_size=1, max_new_tokens=20)]
     expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
     assert len(prompts[1]) > len(prompts[0]) + 4
-    batcher = Batcher(lm)
-    results, widest = {}, [0]
-
-    def job(i, join_at=None):
-        def emit(event):
-            widest[0] = max(widest[0], len(batcher.rows))
-            if isinstance(event, Token) and join_at and event.step in join_at:
-                batcher.submit(job(join_at[event.step]))   # joins at the next step, mid-decode
-            if isinstance(event, Finished):
-                results[i] = event.token_ids
-        return Job(prompts[i], [settings[i]], emit)
-
-    batcher.submit(job(0, {3: 1, 7: 2}))
-    while batcher.busy:
-        batcher.step()
-    assert widest[0] == 3   # all three decoded together
+    widest, results = run_joining(lm, prompts, settings, {3: 1, 7: 2})
+    assert widest == 3   # all three decoded together
     assert [results[i] for i in range(3)] == expected
 
 
@@ -391,22 +398,8 @@ def test_mirostat_rows_get_what_they_get_alone_while_others_join_and_leave(lm):
     expected = [generate(lm, p, s)[0].token_ids for p, s in zip(prompts, settings)]
     # mu does cut: without Mirostat the same seed draws other tokens
     assert expected[0] != generate(lm, prompts[0], replace(settings[0], mirostat_tau=0.0))[0].token_ids
-    batcher = Batcher(lm)
-    results, widest = {}, [0]
-
-    def job(i, join_at=None):
-        def emit(event):
-            widest[0] = max(widest[0], len(batcher.rows))
-            if isinstance(event, Token) and join_at and event.step in join_at:
-                batcher.submit(job(join_at[event.step]))
-            if isinstance(event, Finished):
-                results[i] = event.token_ids
-        return Job(prompts[i], [settings[i]], emit)
-
-    batcher.submit(job(0, {1: 2, 4: 1}))
-    while batcher.busy:
-        batcher.step()
-    assert widest[0] == 3
+    widest, results = run_joining(lm, prompts, settings, {1: 2, 4: 1})
+    assert widest == 3
     assert [results[i] for i in range(3)] == expected
 
 
