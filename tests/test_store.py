@@ -151,14 +151,23 @@ def test_runs_and_metrics(store):
     assert store.run(run)["status"] == "finished" and store.run(run)["config"] == {"lr": 1e-5}
 
 
-def test_migration_from_a_version_1_database(tmp_path):
-    path = tmp_path / "old.db"
+OLD_CONVERSATION = "INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')"
+
+
+def database_at(path, version: int, *statements: str):
+    """A database as the Parley of schema `version` left it, holding what `statements` write."""
     conn = sqlite3.connect(path, isolation_level=None)
-    schema.migrate(conn, upto=1)
-    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
-    conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) "
-                 "VALUES ('m1', 'c1', 'user', 'written by version one', 't')")
+    schema.migrate(conn, upto=version)
+    for statement in statements:
+        conn.execute(statement)
     conn.close()
+    return path
+
+
+def test_migration_from_a_version_1_database(tmp_path):
+    path = database_at(tmp_path / "old.db", 1, OLD_CONVERSATION,
+                       "INSERT INTO messages (id, conversation_id, role, content, created_at) "
+                       "VALUES ('m1', 'c1', 'user', 'written by version one', 't')")
     with Store(path) as s:
         assert schema.version(s.conn) == schema.LATEST
         assert [h["id"] for h in s.search("version")] == ["m1"]
@@ -168,14 +177,11 @@ def test_migration_from_a_version_1_database(tmp_path):
 def test_migration_from_a_version_3_database(tmp_path):
     """A database of the Parley before reply tokens: its replies open without tokens or segments,
     their settings as they were, and take tokens from then on."""
-    path = tmp_path / "v3.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    schema.migrate(conn, upto=3)
-    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
-    conn.execute("INSERT INTO messages (id, conversation_id, role, content, created_at) VALUES ('u', 'c1', 'user', 'hi', 't')")
-    conn.execute("INSERT INTO messages (id, conversation_id, parent_id, role, content, settings, created_at) "
-                 "VALUES ('a', 'c1', 'u', 'assistant', 'an old reply', '{\"seed\": 7}', 't')")
-    conn.close()
+    path = database_at(tmp_path / "v3.db", 3, OLD_CONVERSATION,
+                       "INSERT INTO messages (id, conversation_id, role, content, created_at) "
+                       "VALUES ('u', 'c1', 'user', 'hi', 't')",
+                       "INSERT INTO messages (id, conversation_id, parent_id, role, content, settings, created_at) "
+                       "VALUES ('a', 'c1', 'u', 'assistant', 'an old reply', '{\"seed\": 7}', 't')")
     with Store(path) as s:
         assert schema.version(s.conn) == schema.LATEST
         old = s.message("a")
@@ -543,14 +549,11 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
 
 def test_migration_from_a_version_5_database_adds_lineage(tmp_path):
     """Models and replies written before lineage open with none (NULL), and take it from then on."""
-    path = tmp_path / "v5.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    schema.migrate(conn, upto=5)
-    conn.execute("INSERT INTO models (name, path, kind, added_at) VALUES ('old', '/m/old', 'trained', 't')")
-    conn.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES ('c1', 'old', 't', 't')")
-    conn.execute("INSERT INTO messages (id, conversation_id, role, content, model, created_at) "
-                 "VALUES ('a', 'c1', 'assistant', 'an old reply', 'old', 't')")
-    conn.close()
+    path = database_at(tmp_path / "v5.db", 5,
+                       "INSERT INTO models (name, path, kind, added_at) VALUES ('old', '/m/old', 'trained', 't')",
+                       OLD_CONVERSATION,
+                       "INSERT INTO messages (id, conversation_id, role, content, model, created_at) "
+                       "VALUES ('a', 'c1', 'assistant', 'an old reply', 'old', 't')")
     with Store(path) as s:
         assert schema.version(s.conn) == schema.LATEST
         assert (s.model("old")["parent"], s.model("old")["run_id"], s.message("a")["run_id"]) == (None, None, None)
