@@ -1,9 +1,9 @@
 """Decoding speed: Parley against transformers.generate on the same random weights, in one run.
 
     python benchmarks/bench_generate.py [--device cpu|cuda] [--new-tokens 64] [--repeats 5]
-                                        [--sections speed memory context]
+                                        [--sections speed memory context gpu]
 
-For GPT-2-124M and SmolLM2-135M shapes it prints three tables.
+For GPT-2-124M and SmolLM2-135M shapes (and, on a GPU, a Llama-3.2-1B shape) it prints these tables.
 
 speed, for float32, bfloat16 and (on the CPU) float32 with int8 weights (`--quantize int8`,
 against transformers in float32):
@@ -21,6 +21,12 @@ context: decode tokens/s with the context already at 128, 512 and 2,048 tokens (
   maximum), and the time to the first token of a 400-token prompt, Parley against transformers
   (float32); here each run's decoding steps are timed apart from its prefill (Parley's own
   timings, a transformers streamer's timestamps), as a long prompt's prefill would drown them.
+gpu (with --device cuda, in bfloat16): decode tokens/s at batch 1 of Parley's captured step (CUDA
+  graphs, engine/graphs.py) and its eager loop, against transformers eager and transformers with
+  its static cache, which generate compiles (torch.compile, mode "reduce-overhead": the strongest
+  setup its docs give), the ratio to the better of the two and the fraction of the GPU's bandwidth;
+  then throughput (tokens/s over all rows) at batch 1, 4, 16 and 64, Parley's captured step
+  against both transformers setups.
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
 shared machine slows Parley and transformers alike.
@@ -53,7 +59,11 @@ SHAPES = {
     "smollm2-135M": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=2048),
+    "llama-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                     tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=4096),
 }
+GPU_ONLY = {"llama-1B"}   # 1.2B float32 parameters: minutes a step's worth on a 2-core CPU
 
 
 def build(shape: dict, path: Path):
@@ -128,19 +138,22 @@ def bytes_per_token(lm) -> int:
 
 
 def runners(lm, ref, device):
-    """parley(prompt, k, candidates) and transformers(prompt, k): k new tokens, exactly."""
+    """parley(prompt, k, candidates, static) and transformers(prompt, k, rows, cache): k new tokens,
+    exactly, for each of `candidates` (`rows`) copies of the prompt. `static`: Parley's fixed-shape
+    step (None: its default, captured on CUDA); `cache="static"`: transformers' static cache, which its
+    generate compiles on a GPU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def parley(prompt, k, candidates=1):
+    def parley(prompt, k, candidates=1, static=None):
         # min_new_tokens keeps EOS out, so every run makes exactly k tokens
         s = Settings(temperature=0, max_new_tokens=k, min_new_tokens=k)
-        generate(lm, prompt, [s] * candidates, top_alternatives=0)
+        generate(lm, prompt, [s] * candidates, top_alternatives=0, static=static)
         sync()
 
-    def transformers(prompt, k):
+    def transformers(prompt, k, rows=1, cache=None):
         with torch.no_grad():
-            ref.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=k,
-                         min_new_tokens=k, pad_token_id=0)
+            ref.generate(torch.tensor([prompt] * rows, device=device), do_sample=False, max_new_tokens=k,
+                         min_new_tokens=k, pad_token_id=0, cache_implementation=cache)
         sync()
     return parley, transformers
 
@@ -173,6 +186,29 @@ def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, ban
                 side_by_side=t["four"] / t["ours"], bandwidth_fraction=reading / step,
                 step_ms=1e3 * step, read_ms=1e3 * reading,
                 ops=(ops_per_step(lambda k: parley(prompt, k), n), ops_per_step(lambda k: transformers(prompt, k), n)))
+
+
+def bench_gpu(name: str, path: Path, device, n: int, repeats: int, bandwidth: float) -> dict:
+    """Batch-1 decode rates in bfloat16 on a GPU: Parley captured and eager, transformers eager and
+    static-cache-compiled; then throughput at each batch size."""
+    lm, ref = load_pair(path, "bfloat16", device)
+    parley, transformers = runners(lm, ref, device)
+    prompt = random_prompt(lm, 32)
+    runs = {"captured": lambda k: parley(prompt, k), "eager": lambda k: parley(prompt, k, static=False),
+            "hf": lambda k: transformers(prompt, k), "hf_static": lambda k: transformers(prompt, k, cache="static")}
+    t = interleaved_best({f"{label}{suffix}": (lambda run=run, k=k: run(k)) for label, run in runs.items()
+                          for suffix, k in (("", n), ("_1", 1))}, repeats)
+    rate = {label: (n - 1) / (t[label] - t[f"{label}_1"]) for label in runs}
+    batches = {}
+    for rows in (1, 4, 16, 64):
+        bt = interleaved_best({
+            "parley": lambda: parley(prompt, n, rows), "parley_1": lambda: parley(prompt, 1, rows),
+            "hf": lambda: transformers(prompt, n, rows), "hf_1": lambda: transformers(prompt, 1, rows),
+            "hf_static": lambda: transformers(prompt, n, rows, "static"),
+            "hf_static_1": lambda: transformers(prompt, 1, rows, "static")}, repeats)
+        batches[rows] = {label: rows * (n - 1) / (bt[label] - bt[f"{label}_1"]) for label in ("parley", "hf", "hf_static")}
+    return dict(model=name, rate=rate, best_hf=max(rate["hf"], rate["hf_static"]),
+                bandwidth_fraction=bytes_per_token(lm) * rate["captured"] / bandwidth, batches=batches)
 
 
 class Stamps:
@@ -274,17 +310,20 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", nargs="*", default=list(SHAPES))
+    parser.add_argument("--models", nargs="*", choices=list(SHAPES),
+                        help="default: all shapes on a GPU, all but the ~1B one on the CPU")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="float32, bfloat16 and int8 (int8 weights, float32 activations; CPU only)")
-    parser.add_argument("--sections", nargs="*", default=["speed", "memory", "context"],
-                        choices=["speed", "memory", "context"])
+    parser.add_argument("--sections", nargs="*", choices=["speed", "memory", "context", "gpu"],
+                        help="default: speed, memory and context, and gpu on a GPU")
     parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         impl, path, variant, device, n = args.child_memory
         return child_memory(impl, path, variant, device, int(n))
     device = torch.device(args.device)
+    args.models = args.models or [m for m in SHAPES if device.type == "cuda" or m not in GPU_ONLY]
+    args.sections = args.sections or ["speed", "memory", "context"] + (["gpu"] if device.type == "cuda" else [])
     variants = [v for v in args.variants if VARIANTS[v][1] is None or device.type == "cpu"]
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
@@ -315,6 +354,23 @@ def main():
                     theirs = peak_memory("transformers", paths[name], variant, args.device, args.new_tokens)
                     print(f"{name:<14}{variant:<10}{ours[0]:>12.0f}{theirs[0]:>7.0f}{ours[1]:>15.0f}{theirs[1]:>7.0f}"
                           f"{ours[1] / theirs[1]:>7.2f}x", flush=True)
+        if "gpu" in args.sections:
+            print("\nbfloat16, batch 1: decode tokens/s of Parley (captured step, eager loop) and transformers "
+                  "(eager, static cache compiled); speedup against the better transformers; share of bandwidth")
+            print(f"{'model':<14}{'captured':>9}{'eager':>8}{'hf':>8}{'hf static':>10}{'speedup':>9}{'of BW':>7}")
+            results = []
+            for name in args.models:
+                r = bench_gpu(name, paths[name], device, args.new_tokens, args.repeats, bandwidth)
+                results.append(r)
+                rate = r["rate"]
+                print(f"{name:<14}{rate['captured']:>9.1f}{rate['eager']:>8.1f}{rate['hf']:>8.1f}{rate['hf_static']:>10.1f}"
+                      f"{rate['captured'] / r['best_hf']:>8.2f}x{r['bandwidth_fraction']:>6.0%}", flush=True)
+            print("\nbfloat16 throughput, tokens/s over all rows: Parley captured / transformers eager / "
+                  "transformers static compiled")
+            for r in results:
+                cells = "  ".join(f"{rows}: {b['parley']:.0f} / {b['hf']:.0f} / {b['hf_static']:.0f}"
+                                  for rows, b in r["batches"].items())
+                print(f"{r['model']:<14}{cells}", flush=True)
         if "context" in args.sections:
             n, repeats = 32, max(3, args.repeats // 2)
             print(f"\ndecode tokens/s with the context at each length ({n} new tokens, best of {repeats}), and "

@@ -13,7 +13,8 @@ The loop is laid out as gpt-fast's generate.py is: `prefill`, then per step `cho
 rows' processors and sampling), the beam searches' bookkeeping, the events, the pruning of
 finished rows and `decode_step`, one forward pass: a pure function of tensors, ready for
 torch.compile and CUDA graphs, while Python keeps everything that reads values back (events,
-stop strings, beams).
+stop strings, beams). On a GPU the step is captured as a CUDA graph and replayed, its rows in
+buckets of fixed shape (engine/graphs.py).
 """
 import itertools
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine import sampling
+from engine import graphs, sampling
 from engine.beam import BeamSearch
 from engine.errors import ParleyError
 from engine.models.cache import KVCache
@@ -70,9 +71,11 @@ class Generation:
     """An iterator of `Token` and `Finished` events. See the module docstring."""
 
     def __init__(self, lm, prompt_ids: list[int] | list[list[int]], settings: list[Settings],
-                 top_alternatives: int = 5, prompt_of: list[int] | None = None):
+                 top_alternatives: int = 5, prompt_of: list[int] | None = None, static: bool | None = None):
         """`prompt_ids`: one prompt for every candidate, or several; then candidate c continues
-        prompt `prompt_of[c]` (by default prompt c, one candidate each)."""
+        prompt `prompt_of[c]` (by default prompt c, one candidate each). `static`: decode with a
+        fixed-shape step over rows in buckets (engine/graphs.py), captured as a CUDA graph on a GPU;
+        by default on CUDA, for the models with a KV cache."""
         several = bool(prompt_ids) and isinstance(prompt_ids[0], (list, tuple))
         prompts = [list(p) for p in prompt_ids] if several else [list(prompt_ids)]
         if not settings:
@@ -98,12 +101,16 @@ class Generation:
                                   f"{lm.max_context}: shorten the conversation")
         self.lm, self.top_n = lm, top_alternatives
         self.prompts, self.prompt_of = prompts, prompt_of
+        if static is None:   # PARLEY_CUDA_GRAPHS=0 turns the captured step off, to compare or to rule it out
+            static = lm.device.type == "cuda" and os.environ.get("PARLEY_CUDA_GRAPHS", "1") != "0"
+        self.static = static
         # A candidate without a seed gets a random one, recorded in its settings so it can be replayed.
         # Each candidate's room is its own prompt's, not the padded width's.
         self.settings = [replace(s.validate(), seed=s.seed if s.seed is not None else _random_seed(),
                                  max_new_tokens=min(s.max_new_tokens, lm.max_context - len(prompts[p])))
                          for s, p in zip(settings, prompt_of)]
-        check_memory(lm, sum(s.num_beams for s in self.settings),
+        rows = sum(s.num_beams for s in self.settings)
+        check_memory(lm, graphs.bucket(rows) if static and rows <= MAX_ROWS else rows,   # a static step's bucket
                      max(len(p) for p in prompts) + max(s.max_new_tokens for s in self.settings))
         self.eos_ids = lm.eos_token_ids
         self._cancel: set[int] = set()
@@ -175,6 +182,10 @@ class Generation:
         self._started = time.perf_counter()
         self.cache, logits = prefill(self.lm.model, padded.clamp(min=0), pad_mask, self.width)
         self.prefill_s = time.perf_counter() - self._started
+        self.rows_in_cache = len(self.prompts)
+        self.step = None   # decode_step, or (a KV cache's models, `static`) a fixed-shape step
+        if self.static and isinstance(self.cache, KVCache):
+            self.step = graphs.StaticStep(self.lm.model, decode_step, capture=self.lm.device.type == "cuda")
         return logits, padded
 
     def _start_rows(self, prompts: torch.Tensor, logits: torch.Tensor) -> "_Batch":
@@ -184,7 +195,7 @@ class Generation:
         cand = torch.tensor([c for c, s in enumerate(self.settings) for _ in range(s.num_beams)], device=device)
         source = torch.tensor(self.prompt_of, device=device)[cand]
         with torch.inference_mode():
-            self.cache.select_rows(source)
+            self._select_rows(source)
         tok = self.lm.tokenizer
         self.beams = {c: BeamSearch(s, self.eos_ids, tok) for c, s in enumerate(self.settings) if s.num_beams > 1}
         self.streams = {c: _Stream(tok.stream_decoder(), StopMatcher(s.stop)) for c, s in enumerate(self.settings)
@@ -201,7 +212,8 @@ class Generation:
             keep = torch.tensor([c >= 0 and c not in cancelled for c in batch.cand.tolist()], device=self.lm.device)
             rows = keep.nonzero()[:, 0]
             batch = batch.take(rows)
-            self.cache.select_rows(rows)
+            with torch.inference_mode():
+                self._select_rows(rows)
             if not len(batch.cand):
                 return batch, events
         scheduled = self._scheduled.pop(step, {})
@@ -279,8 +291,12 @@ class Generation:
         live = torch.tensor(live, device=self.lm.device)
         # Dropping rows copies the whole KV cache. Without beams, finished rows run on, ignored
         # (candidate -1), until a quarter of the batch has finished: cheaper than a copy per
-        # step when many rows end one by one (RLHF rollouts). Rows never see each other.
-        if self.beams or 4 * int((~live).sum()) >= len(live) or not bool(live.any()):
+        # step when many rows end one by one (RLHF rollouts). Rows never see each other. A static
+        # step's rows run on until the live ones fit a smaller bucket (engine/graphs.py).
+        n_live = int(live.sum())
+        drop = (graphs.bucket(n_live) < self.cache.batch if self.step is not None
+                else 4 * (len(live) - n_live) >= len(live))
+        if self.beams or drop or not n_live:
             return batch.take(live.nonzero()[:, 0]), order[live], chosen[live]
         batch.cand = torch.where(live, batch.cand, -1)
         return batch, order, chosen
@@ -294,12 +310,28 @@ class Generation:
             # transformers' Phi-3 does at that token. (`batch.sequences` already follows `order`.)
             ids = batch.sequences[:, :self.cache.length + 1]
             self.cache, logits = prefill(self.lm.model, ids.clamp(min=0), ids >= 0, self.width)
+            self.rows_in_cache = len(ids)
+            if self.step is not None:   # its rows padded to their bucket again
+                with torch.inference_mode():
+                    self._select_rows(torch.arange(len(ids), device=ids.device))
             return logits
         with torch.inference_mode():
-            if self.beams or len(order) != self.cache.batch:
-                self.cache.select_rows(order)
+            if self.beams or len(order) != self.rows_in_cache:
+                self._select_rows(order)
+            if self.step is not None:
+                return self.step(self.cache, chosen)
             cache = self.cache.decode_slot() if isinstance(self.cache, KVCache) else self.cache
             return decode_step(self.lm.model, chosen[:, None], cache)
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        """The cache keeps (repeats, reorders) `rows` [n]; a static step's cache pads them to their
+        bucket, in place when the bucket is the same, so that its tensors stay where a graph reads them."""
+        self.rows_in_cache = len(rows)
+        if self.step is None:
+            self.cache.select_rows(rows)
+            return
+        rows = graphs.padded(rows)
+        self.cache.select_rows(rows, in_place=len(rows) == self.cache.batch)
 
     def _finish_cancelled(self, c: int) -> "Finished":
         if c in self.beams:

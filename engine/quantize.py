@@ -6,7 +6,8 @@ weight twice. `prepare(lm, quantize)` (what `engine.load(..., decode_only=True)`
 layer's decoding form once and drops its plain weight. The output head keeps its plain weight
 beside its packed one (it is the embedding in tied models, and the model's device, dtype and KV
 cache are read from it): measured here, a float head read by F.linear takes 2-3x as long per step
-as its packed copy (MKL's one-row product), so the copy earns its memory.
+as its packed copy (MKL's one-row product), so the copy earns its place. The plain weight stays
+on disk, mapped, where the checkpoint holds it as it is used (`_map_lazily`).
 
 `quantize="int8"` makes that form int8 weights with one scale per output channel (symmetric,
 scale = max |w| / 127 of each row, weight-only: activations stay floating point), multiplied by
@@ -19,6 +20,7 @@ saving, LoRA and merging are refused with one line (the weights they need are go
 """
 import copy
 import ctypes
+import mmap
 
 import torch
 
@@ -67,7 +69,11 @@ def prepare(lm, quantize: str | None = None):
         layer.packed.form = "int8" if int8 else "packed" if packs else None
         layer.packed.drop_plain = layer.packed.form is not None and layer is not lm.model.lm_head
     _decode_once(lm)
+    head = lm.model.lm_head.weight
+    mapped = _file_mapping(head)
     _own_copies(lm.model)
+    if mapped is not None:
+        _map_lazily(head, *mapped)
     _return_freed_memory()
     lm.quantize = quantize
     return lm
@@ -81,6 +87,47 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):   # not glibc (macOS, Windows, musl): its allocator decides
         pass
+
+
+def _file_mapping(t: torch.Tensor) -> tuple[str, int] | None:
+    """(file, byte offset) where `t` is a view of a file's memory map (safetensors maps a checkpoint),
+    found in Linux's /proc/self/maps (no library reads it); None elsewhere or for other memory."""
+    if not t.is_contiguous() or t.is_meta or t.device.type != "cpu":
+        return None
+    start_of = t.data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or not fields[5].startswith("/") or fields[5].rstrip().endswith("(deleted)"):
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= start_of and start_of + t.nbytes <= end:
+                    return fields[5].rstrip("\n"), int(fields[2], 16) + start_of - start
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _map_lazily(weight: torch.nn.Parameter, path: str, offset: int) -> None:
+    """The output head's plain weight (the embedding, in tied models) becomes a fresh private map of
+    its bytes in the checkpoint, none of them in memory until read: decoding looks up a few rows of
+    the embedding and multiplies by the packed copy, so the rest stay on disk (as transformers'
+    mapped weights do) instead of a second copy in memory. Checked equal to what was loaded first."""
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:   # copy-on-write: nothing ever writes to the file
+            m = mmap.mmap(f.fileno(), offset - aligned + weight.nbytes, access=mmap.ACCESS_COPY, offset=aligned)
+    except (OSError, ValueError):
+        return
+    view = torch.frombuffer(m, dtype=weight.dtype, count=weight.numel(), offset=offset - aligned).view(weight.shape)
+    with torch.no_grad():
+        same = torch.equal(view.view(torch.uint8), weight.detach().view(torch.uint8))
+    if not same:   # the loader changed it (a transpose, a cast): keep the copy
+        return
+    if hasattr(m, "madvise"):
+        m.madvise(mmap.MADV_DONTNEED)   # the comparison read every page: give them back
+    weight.data = view
 
 
 def _own_copies(model) -> None:

@@ -1,4 +1,6 @@
 """int8 weights and decode-only models (engine/quantize.py, engine/models/linear.py)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,3 +129,37 @@ def test_rollout_quantize_is_refused_off_the_cpu():
     c = GRPOConfig(policy=DEFAULT, reward_model="nowhere", rollout_quantize="int8")
     with pytest.raises(ParleyError, match="--rollout-quantize int8 runs on the CPU only"):
         start_online(c, Run(), None)
+
+
+def _resident_in(t: torch.Tensor) -> int:
+    """Bytes of the memory map holding `t` that this process has in RAM (Rss in /proc/self/smaps)."""
+    addr, inside = t.data_ptr(), False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and ":" not in line.split()[0]:
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = low <= addr < high
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no map holds the tensor")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_decode_only_head_stays_a_map_of_the_checkpoint_and_only_read_rows_come_in(tmp_path):
+    """The tied embedding (the output head) of a decode-only model is a fresh map of the checkpoint's
+    bytes: the same values, none in memory until read; a decoding step brings in the rows it looks up,
+    the head's products read the packed copy. Loaded in another dtype than the file's, it is a copy."""
+    from engine import quantize
+    plain = engine.load(DEFAULT, device="cpu")
+    lm = engine.load(DEFAULT, device="cpu", decode_only=True)
+    head = lm.model.lm_head.weight
+    mapped = quantize._file_mapping(head)
+    assert mapped is not None and Path(mapped[0]).resolve() == (Path(DEFAULT) / "model.safetensors").resolve()
+    total, before = head.nbytes, _resident_in(head)
+    ids = plain.tokenizer.encode_chat([{"role": "user", "content": "hi! how are you today?"}])
+    assert _greedy(lm, ids, 8) == _greedy(plain, ids, 8)
+    after = _resident_in(head)
+    # the pages were given back after the check; decoding read only a few dozen rows' pages
+    assert before < total // 20 and after < total // 4, (before, after, total)
+    assert torch.equal(head, plain.model.lm_head.weight)
+    cast = engine.load(DEFAULT, device="cpu", dtype="bfloat16", decode_only=True)
+    assert quantize._file_mapping(cast.model.lm_head.weight) is None

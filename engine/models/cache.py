@@ -127,8 +127,13 @@ class KVCache:
         """Each layer's (keys, values), as views made once rather than indexed at every step."""
         return [(self.k[layer], self.v[layer]) for layer in range(self.k.shape[0])]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep (and repeat or reorder) rows: shares one prefilled prompt among candidates, or follows beams."""
+    def select_rows(self, rows: torch.Tensor, in_place: bool = False) -> None:
+        """Keep (and repeat or reorder) rows: shares one prefilled prompt among candidates, or follows beams.
+        `in_place` (as many rows as now): the tensors stay where they are, for a captured step (engine/graphs.py)."""
+        if in_place:
+            for t, dim in ((self.k, 1), (self.v, 1), (self.valid, 0), (self.seen, 0)):
+                t.copy_(t.index_select(dim, rows))
+            return
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
         self.layers = self._layer_views()
