@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Trains every model family on chitchat with the shipped model's tokenizer and the same split,
-# for the same number of steps, then prints `parley eval`'s table for all of them (README, "Model
-# families"). Usage: benchmarks/train_families.sh [OUT_DIR] [STEPS]   (default: families 400)
-# A model already in OUT_DIR is kept, so an interrupted run goes on where it stopped. The other rows of
-# the README's table come from benchmarks/aux_lm.sh (SFT with and without GPT-1's auxiliary LM loss)
-# and benchmarks/word_vectors.py (word2vec and ELMo on their planted corpora).
+# Every row of the README's family table ("Model families"), in one run: trains each language-model
+# family on chitchat with the shipped model's tokenizer and the same split, for the same number of
+# steps, and prints `parley eval`'s table for all of them (training times in OUT_DIR/times.txt); then
+# SFT with and without GPT-1's auxiliary LM loss (benchmarks/aux_lm.sh, 100 steps) and word2vec and
+# ELMo on their tests' planted corpora (benchmarks/word_vectors.py).
+# Usage: benchmarks/train_families.sh [OUT_DIR] [STEPS]   (default: families 400)
+# A model already in OUT_DIR is kept, so an interrupted run goes on where it stopped.
 set -euo pipefail
 out=${1:-families}
 steps=${2:-400}
@@ -35,5 +36,7 @@ if [ ! -f "$out/bert/config.json" ]; then
   echo "bert: $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"
 fi
 models=()
-for m in "$out"/*/; do models+=(--model "$m"); done
+for m in "$out"/*/; do [ -f "$m/config.json" ] && models+=(--model "$m"); done
 "$parley" eval "${models[@]}"
+benchmarks/aux_lm.sh "$out/aux-lm" 100
+"${PYTHON:-.venv/bin/python}" benchmarks/word_vectors.py

@@ -4,7 +4,8 @@
 
 word2vec (each architecture and loss): on the neighbours corpus, how many planted words have their
 planted partner nearest; on the analogy corpus, how many of the 30 planted analogies
-word{m}{k} : word{f}{k} :: word{m}{j} : ? 3CosAdd solves. ELMo: on the two-senses corpus, how much
+word{m}{k} : word{f}{k} :: word{m}{j} : ? 3CosAdd solves; skip-gram also over a byte-level BPE's
+tokens (`--tokenizer`), one trained on each corpus. ELMo: on the two-senses corpus, how much
 nearer each sense's "bank" is to its own sense than to the other (cosine of the top layer to each
 sense's mean vector), next to word2vec's single "bank". Parameters and training time for each.
 The corpora and the training settings are the tests' own (tests/test_word2vec.py, tests/test_elmo.py).
@@ -18,8 +19,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
-from test_elmo import MONEY, MONEY_SENTENCE, RIVER, RIVER_SENTENCE, TINY, bank_corpus, sense_vectors  # noqa: E402
-from test_word2vec import COMBOS, LETTERS, analogy_corpus, neighbours_corpus, train  # noqa: E402
+from test_elmo import (  # noqa: E402
+    MONEY,
+    MONEY_SENTENCE,
+    RIVER,
+    RIVER_SENTENCE,
+    TINY,
+    bank_corpus,
+    sense_vectors,
+)
+from test_word2vec import (  # noqa: E402
+    COMBOS,
+    LETTERS,
+    analogy_corpus,
+    bpe_for,
+    neighbours_corpus,
+    train,
+)
 
 from engine.models.elmo import contextual_vectors  # noqa: E402
 from engine.models.word2vec import words  # noqa: E402
@@ -55,6 +71,17 @@ def main():
                          for a in LETTERS[:6] for b in LETTERS[:6] if a != b)
             print(f"{f'word2vec {architecture} {loss}':<34}{parameters(model):>8}{seconds + seconds2:>9.1f}  "
                   f"neighbours {hits}/12 nearest, analogies {solved}/30 solved")
+        # over a byte-level BPE's tokens (--tokenizer), as the language models read text
+        tok = str(bpe_for(near, tmp / "near/bpe"))
+        model, seconds = timed(lambda: train(near, "skipgram", "negative", tokenizer=tok))
+        hits = sum(model.shown(model.similar(a, 1)[0][0]) == b for t in LETTERS[:6]
+                   for a, b in ((f"alpha{t}", f"beta{t}"), (f"beta{t}", f"alpha{t}")))
+        tok2 = str(bpe_for(analogies, tmp / "analogy/bpe"))
+        model2, seconds2 = timed(lambda: train(analogies, "skipgram", "negative", tokenizer=tok2))
+        solved = sum(model2.shown(model2.analogy(f"wordm{a}", f"wordf{a}", f"wordm{b}", 1)[0][0]) == f"wordf{b}"
+                     for a in LETTERS[:6] for b in LETTERS[:6] if a != b)
+        print(f"{'word2vec skipgram negative, BPE':<34}{parameters(model):>8}{seconds + seconds2:>9.1f}  "
+              f"neighbours {hits}/12 nearest, analogies {solved}/30 solved")
         bank = bank_corpus(tmp / "bank/bank.txt")
         lm, seconds = timed(lambda: train_elmo(ElmoConfig(out=str(tmp / "elmo"), data=str(bank), max_steps=300,
                                                           device="cpu", **TINY), quiet=True))

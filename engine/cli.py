@@ -260,7 +260,8 @@ def cmd_similar(args) -> None:
         if elmo:
             raise ParleyError(f"{args.model} is an ELMo model, whose vectors depend on their sentence: add "
                               "--context \"a sentence with the word\"")
-        print_neighbours(Word2Vec.load(args.model).similar(args.word, args.top))
+        model = Word2Vec.load(args.model)
+        print_neighbours(model.similar(args.word, args.top), model.shown)
         return
     if not elmo:
         raise ParleyError(f"--context needs an ELMo model (what `parley train elmo` writes); {args.model} is not "
@@ -295,7 +296,8 @@ def cmd_similar_in_context(args, config: dict) -> None:
 def cmd_analogy(args) -> None:
     from engine.models.word2vec import Word2Vec
     check_top(args.top)
-    print_neighbours(Word2Vec.load(args.model).analogy(args.a, args.b, args.c, args.top))
+    model = Word2Vec.load(args.model)
+    print_neighbours(model.analogy(args.a, args.b, args.c, args.top), model.shown)
 
 
 def check_top(top: int) -> None:
@@ -303,9 +305,9 @@ def check_top(top: int) -> None:
         raise ParleyError(f"--top {top} is out of range: it must be 1 or more")
 
 
-def print_neighbours(rows: list[tuple[str, float]]) -> None:
+def print_neighbours(rows: list[tuple[str, float]], shown=str) -> None:
     for word, cosine in rows:
-        print(f"{printable(word)}\t{cosine:.4f}")
+        print(f"{printable(shown(word))}\t{cosine:.4f}")
 
 
 def cmd_score(args) -> None:

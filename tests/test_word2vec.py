@@ -254,6 +254,38 @@ def test_planted_analogy_is_solved(tmp_path, architecture, loss):
         assert not {f"wordm{a}", f"wordf{a}", f"wordm{b}"} & {w for w, _ in answer}
 
 
+def bpe_for(corpus: Path, out: Path) -> Path:
+    """A byte-level BPE trained on `corpus` (engine/train/tokenizer.py), large enough that every planted
+    word is one token of it, its leading space included (Ġalphaa); saved in `out`."""
+    from engine.train.tokenizer import train_tokenizer
+    train_tokenizer(corpus.read_text().splitlines(), 600).save(out)
+    return out
+
+
+def test_over_a_tokenizer_s_tokens_the_planted_neighbours_come_out_nearest(tmp_path):
+    """--tokenizer: the units are a BPE's tokens by their names ("Ġbetaa"); a word the tokenizer keeps
+    whole is looked up as its token, results show as text, and the model saves and loads with it."""
+    from engine.tokenizer import Tokenizer
+    corpus = neighbours_corpus(tmp_path / "corpus.txt")
+    tok = bpe_for(corpus, tmp_path / "bpe")
+    bpe = Tokenizer.from_dir(tok)
+    assert sentences_of(["ctxaa alphaa ctxab"], bpe) == [["ctxaa", "Ġalphaa", "Ġctxab"]]
+    model = train(corpus, tokenizer=str(tok))
+    assert "Ġalphaa" in model.words and "alphaa" not in model.index   # no planted word starts a line
+    for t in LETTERS[:6]:
+        best = model.similar("alpha" + t, 1)[0][0]
+        assert best == "Ġbeta" + t and model.shown(best) == "beta" + t, model.similar("alpha" + t, 3)
+    assert model.lookup("Ġbetab") == model.lookup("betab")
+    with pytest.raises(ParleyError, match="several tokens"):
+        model.lookup("alphaabeta")
+    model.save(tmp_path / "model")
+    loaded = Word2Vec.load(tmp_path / "model")
+    assert loaded.words == model.words and loaded.similar("alphac", 1) == model.similar("alphac", 1)
+    from gensim.models import KeyedVectors   # token names hold no whitespace: the text format keeps them
+    kv = KeyedVectors.load_word2vec_format(str(tmp_path / "model" / "vectors.txt"), binary=False)
+    assert list(kv.index_to_key) == model.words
+
+
 def test_sub_sampling_still_finds_the_neighbours(tmp_path):
     # every word of this small vocabulary is frequent: a threshold of 0.01 drops about half of them
     model = train(neighbours_corpus(tmp_path / "corpus.txt", n=3000), sample=0.01, epochs=8)

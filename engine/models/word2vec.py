@@ -10,7 +10,10 @@ And two objectives over a second table of output vectors:
 
 A model directory holds config.json (model_type parley_word2vec), model.safetensors (`input.weight`,
 `output.weight`), vocab.json (the words, most frequent first, and their counts) and vectors.txt, the
-word2vec text format that gensim's `KeyedVectors.load_word2vec_format` reads.
+word2vec text format that gensim's `KeyedVectors.load_word2vec_format` reads. Trained over a
+tokenizer's tokens instead of words (`parley train word2vec --tokenizer`: the units the language
+models read), the "words" are its tokens by their names in its vocabulary, and the directory holds
+its tokenizer.json too.
 """
 import re
 from pathlib import Path
@@ -43,6 +46,12 @@ WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 
 def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
+
+
+def tokens(tokenizer, text: str) -> list[str]:
+    """`text` as a tokenizer's tokens, each by its name in the tokenizer's vocabulary (byte-level BPE's
+    "Ġgood", SentencePiece's "▁good"), which holds no whitespace."""
+    return [tokenizer.id_to_token(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 
 
 def keep_probability(counts: np.ndarray, sample: float) -> np.ndarray:
@@ -116,8 +125,10 @@ class Word2Vec(nn.Module):
     """The two tables and the loss of a batch. `vocab` and `counts` are the words, most frequent first."""
 
     def __init__(self, vocab: list[str], counts, dim: int, architecture: str = "skipgram", loss: str = "negative",
-                 window: int = 5, negative: int = 5, seed: int = 0):
+                 window: int = 5, negative: int = 5, seed: int = 0, tokenizer=None):
+        """`tokenizer` (engine.tokenizer.Tokenizer): the words are its tokens (see the module docstring)."""
         super().__init__()
+        self.tokenizer = tokenizer
         if architecture not in ARCHITECTURES or loss not in LOSSES:
             raise ParleyError(f"word2vec: architecture {architecture!r} and loss {loss!r}: use one of "
                               f"{', '.join(ARCHITECTURES)} and one of {', '.join(LOSSES)}")
@@ -167,11 +178,35 @@ class Word2Vec(nn.Module):
         return self.input.weight.detach()
 
     def lookup(self, word: str) -> int:
+        if self.tokenizer is not None:
+            return self._lookup_token(word)
         i = self.index.get(word.lower())
         if i is None:
             raise ParleyError(f"{word!r} is not in the vocabulary ({len(self.words)} words, each seen at least "
                               "--min-count times in training): try another word, or retrain with a lower --min-count")
         return i
+
+    def _lookup_token(self, word: str) -> int:
+        """A token by its name, or a word the tokenizer keeps whole: inside a sentence (after a space),
+        as most words are met, else at the start of a text."""
+        if word in self.index:
+            return self.index[word]
+        found = [tokens(self.tokenizer, form) for form in (" " + word, word)]
+        for units in found:
+            if len(units) == 1 and units[0] in self.index:
+                return self.index[units[0]]
+        if all(len(units) == 1 for units in found):
+            raise ParleyError(f"{word!r} is a token seen fewer than --min-count times in training: try another, "
+                              "or retrain with a lower --min-count")
+        raise ParleyError(f"{word!r} is several tokens of this model's tokenizer ({' '.join(found[0])}), and word2vec "
+                          "over tokens has a vector per token: give one of them, or a word it keeps whole")
+
+    def shown(self, word: str) -> str:
+        """A word as a person reads it: a token's own text without its leading space (its name in the
+        vocabulary where that text is blank), else the word."""
+        if self.tokenizer is None:
+            return word
+        return self.tokenizer.decode([self.tokenizer.token_id(word)], skip_special_tokens=False).strip() or word
 
     def nearest(self, query: torch.Tensor, exclude: list[int], top: int) -> list[tuple[str, float]]:
         """The `top` words whose vectors have the largest cosine with `query`, leaving out `exclude`."""
@@ -206,7 +241,10 @@ class Word2Vec(nn.Module):
             write_tensors(tmp, self.state_dict())
             write_json(tmp / "vocab.json", {"words": self.words, "counts": self.counts.tolist()})
             write_text_format(tmp / "vectors.txt", self.words, self.vectors())
-            write_json(tmp / "config.json", {**self.config(), **extra})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp)
+            write_json(tmp / "config.json", {**self.config(), "units": "tokens" if self.tokenizer else "words",
+                                             **extra})
 
     @classmethod
     def load(cls, path: str | Path) -> "Word2Vec":
@@ -222,9 +260,13 @@ class Word2Vec(nn.Module):
         if not vocab or not isinstance(vocab.get("words"), list) or len(vocab["words"]) != config.get("vocab_size") \
                 or len(vocab.get("counts", [])) != len(vocab["words"]):
             raise ParleyError(f"{path}/vocab.json is missing or does not match config.json's vocab_size: {hint}")
+        tokenizer = None
+        if config.get("units") == "tokens":
+            from engine.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_dir(path)
         try:
             model = cls(vocab["words"], vocab["counts"], int(config["dim"]), config["architecture"], config["loss"],
-                        int(config["window"]), int(config["negative"]))
+                        int(config["window"]), int(config["negative"]), tokenizer=tokenizer)
         except (KeyError, TypeError, ValueError) as e:
             raise ParleyError(f"{path}/config.json lacks a word2vec setting ({e}): {hint}") from None
         found = read_tensors(path, torch.device("cpu"), torch.float32)

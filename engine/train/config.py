@@ -128,7 +128,8 @@ class MLMConfig(StepsConfig):
 class Word2VecConfig:
     """word2vec word vectors: skip-gram or CBOW, negative sampling or hierarchical softmax (engine/train/word2vec.py).
 
-    Over words, not a tokenizer's ids (engine/models/word2vec.py says how text becomes words). Each
+    Over words (engine/models/word2vec.py says how text becomes words), or with `tokenizer` over a
+    tokenizer's tokens, the units the language models of the family table read. Each
     epoch sub-samples frequent words afresh, draws each centre word's window size in 1 … window (so
     near words count more, as in word2vec.c) and takes shuffled batches of pairs; plain SGD on the
     summed loss (capped for a word a batch holds very often) with the rate decaying linearly to 0,
@@ -147,6 +148,8 @@ class Word2VecConfig:
     sample: float = option(1e-3, "sub-sampling threshold: words more frequent than this are dropped at random "
                            "(0: keep all)", rule="fraction")
     min_count: int = option(5, "words seen fewer times than this are left out")
+    tokenizer: str | None = option(None, "a tokenizer directory whose tokens are the units instead of words (the "
+                                   "language models' one, to train on the same units)")
     epochs: int = option(5, "passes over the corpus")
     lr: float | None = option(None, "starting learning rate (default 0.025 for skipgram, 0.05 for cbow, as word2vec)")
     batch_size: int = option(1024, "pairs (skipgram) or centre words (cbow) per SGD step")

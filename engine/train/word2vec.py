@@ -16,7 +16,8 @@ import torch
 from engine import data
 from engine.device import pick_device
 from engine.errors import ParleyError
-from engine.models.word2vec import Word2Vec, keep_probability, words
+from engine.models.word2vec import Word2Vec, keep_probability, tokens, words
+from engine.tokenizer import Tokenizer
 from engine.train.config import Word2VecConfig
 from engine.train.progress import StepProgress
 
@@ -25,10 +26,11 @@ MIN_LR_RATIO = 1e-4   # word2vec.c's floor: the rate never quite reaches 0
 MAX_RATE = 1.0       # the most one batch may move a vector, in units of its gradients' mean (sgd_step)
 
 
-def sentences_of(examples) -> list[list[str]]:
-    """The words of each line (text) or message (conversation) that has any."""
+def sentences_of(examples, tokenizer=None) -> list[list[str]]:
+    """The words (or `tokenizer`'s tokens) of each line (text) or message (conversation) that has any."""
     texts = (t for e in examples for t in ([e] if isinstance(e, str) else (m["content"] for m in e)))
-    return [s for s in map(words, texts) if s]
+    units = words if tokenizer is None else lambda text: tokens(tokenizer, text)
+    return [s for s in map(units, texts) if s]
 
 
 def vocabulary(sentences: list[list[str]], min_count: int) -> tuple[list[str], list[int]]:
@@ -105,17 +107,23 @@ def train_word2vec(c: Word2VecConfig, quiet: bool = False) -> Word2Vec:
     def log(line: str) -> None:
         if not quiet:
             print(line, file=sys.stderr)
+    tokenizer = Tokenizer.from_dir(c.tokenizer) if c.tokenizer else None
     train, _ = data.load(c.data)
-    sentences = sentences_of(train)
+    sentences = sentences_of(train, tokenizer)
     vocab, counts = vocabulary(sentences, c.min_count)
+    spaced = next((w for w in vocab if any(ch.isspace() for ch in w)), None)
+    if spaced is not None:
+        raise ParleyError(f"the tokenizer's token {spaced!r} holds whitespace, which the word2vec text format cannot: "
+                          "use a byte-level BPE or SentencePiece tokenizer (or none, for words)")
     device = pick_device(c.device)
-    model = Word2Vec(vocab, counts, c.dim, c.architecture, c.loss, c.window, c.negative, c.seed).to(device)
+    model = Word2Vec(vocab, counts, c.dim, c.architecture, c.loss, c.window, c.negative, c.seed,
+                     tokenizer=tokenizer).to(device)
     ids, sentence = encode(sentences, model.index)
     keep = torch.from_numpy(keep_probability(np.asarray(counts, dtype=np.float64), c.sample)).float()
     lr = c.lr if c.lr is not None else DEFAULT_LR[c.architecture]
     g = torch.Generator().manual_seed(c.seed)
     noise = torch.Generator(device).manual_seed(c.seed + 1)
-    log(f"word2vec: {len(vocab)} words (min count {c.min_count}), {len(ids)} tokens in {len(sentences)} sentences, "
+    log(f"word2vec: {len(vocab)} {'tokens' if tokenizer else 'words'} (min count {c.min_count}), {len(ids)} tokens in {len(sentences)} sentences, "
         f"{c.architecture} with {'negative sampling' if c.loss == 'negative' else 'hierarchical softmax'}")
     for epoch in range(c.epochs):
         context, target, mask = epoch_examples(ids, sentence, keep, c.window, c.architecture == "cbow", g)
@@ -148,5 +156,7 @@ def run(c: Word2VecConfig, store=None) -> Word2Vec:
     """`parley train word2vec`; nothing goes to the store."""
     model = train_word2vec(c)
     model.save(c.out, sample=c.sample, min_count=c.min_count, epochs=c.epochs, seed=c.seed)
-    print(f"wrote {c.out}: {len(model.words)} words x {c.dim} (vectors.txt is the word2vec text format)", file=sys.stderr)
+    units = "tokens" if model.tokenizer is not None else "words"
+    print(f"wrote {c.out}: {len(model.words)} {units} x {c.dim} (vectors.txt is the word2vec text format)",
+          file=sys.stderr)
     return model
