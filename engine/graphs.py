@@ -77,7 +77,8 @@ class StaticStep:
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the app's other workers may use the GPU meanwhile (a reward model scoring)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.step(self.model, self.ids, slot)
             self.graph = graph
         except RuntimeError as e:   # an operation that cannot be captured: decode eagerly from here on
