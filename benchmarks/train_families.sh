@@ -39,7 +39,7 @@ models=()
 for m in "$out"/*/; do [ -f "$m/config.json" ] && [ "$m" != "$out/bert/" ] && models+=(--model "$m"); done
 "$parley" eval "${models[@]}"
 # pseudo-perplexity is a forward pass per token: BERT (and the shipped model beside it, for scale) on the
-# first 10 held-out conversations (all 207 would be ~140,000 passes)
+# first 10 held-out conversations (all 207 would be ~180,000 passes)
 "$parley" eval --model "$out/bert" --model default --max-examples 10
 benchmarks/aux_lm.sh "$out/aux-lm" 100
 "${PYTHON:-.venv/bin/python}" benchmarks/word_vectors.py
