@@ -26,7 +26,8 @@ gpu (with --device cuda, in bfloat16): decode tokens/s at batch 1 of Parley's ca
   its static cache, which generate compiles (torch.compile, mode "reduce-overhead": the strongest
   setup its docs give), the ratio to the better of the two and the fraction of the GPU's bandwidth;
   then throughput (tokens/s over all rows) at batch 1, 4, 16 and 64, Parley's captured step
-  against both transformers setups.
+  against transformers eager (its static cache would compile again for each batch size). Timed on
+  the decoding steps alone, as the context table is.
 Decode rate = (N - 1) / (time for N new tokens - time for 1), so prefill cancels out for both.
 Every timed run takes turns with the others (best of --repeats each), so that a slow spell of a
 shared machine slows Parley and transformers alike.
@@ -138,22 +139,19 @@ def bytes_per_token(lm) -> int:
 
 
 def runners(lm, ref, device):
-    """parley(prompt, k, candidates, static) and transformers(prompt, k, rows, cache): k new tokens,
-    exactly, for each of `candidates` (`rows`) copies of the prompt. `static`: Parley's fixed-shape
-    step (None: its default, captured on CUDA); `cache="static"`: transformers' static cache, which its
-    generate compiles on a GPU."""
+    """parley(prompt, k, candidates) and transformers(prompt, k): k new tokens, exactly."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def parley(prompt, k, candidates=1, static=None):
+    def parley(prompt, k, candidates=1):
         # min_new_tokens keeps EOS out, so every run makes exactly k tokens
         s = Settings(temperature=0, max_new_tokens=k, min_new_tokens=k)
-        generate(lm, prompt, [s] * candidates, top_alternatives=0, static=static)
+        generate(lm, prompt, [s] * candidates, top_alternatives=0)
         sync()
 
-    def transformers(prompt, k, rows=1, cache=None):
+    def transformers(prompt, k):
         with torch.no_grad():
-            ref.generate(torch.tensor([prompt] * rows, device=device), do_sample=False, max_new_tokens=k,
-                         min_new_tokens=k, pad_token_id=0, cache_implementation=cache)
+            ref.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=k,
+                         min_new_tokens=k, pad_token_id=0)
         sync()
     return parley, transformers
 
@@ -190,25 +188,22 @@ def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, ban
 
 def bench_gpu(name: str, path: Path, device, n: int, repeats: int, bandwidth: float) -> dict:
     """Batch-1 decode rates in bfloat16 on a GPU: Parley captured and eager, transformers eager and
-    static-cache-compiled; then throughput at each batch size."""
+    with its static cache (compiled by its generate); then throughput at each batch size. Timed on the
+    decoding steps alone (timed_runs), so every run has one length and transformers compiles once per
+    shape. Its static cache would compile again for each batch size: the batch table has it eager."""
     lm, ref = load_pair(path, "bfloat16", device)
-    parley, transformers = runners(lm, ref, device)
+    parley, transformers = timed_runs(lm, ref, device)
     prompt = random_prompt(lm, 32)
-    runs = {"captured": lambda k: parley(prompt, k), "eager": lambda k: parley(prompt, k, static=False),
-            "hf": lambda k: transformers(prompt, k), "hf_static": lambda k: transformers(prompt, k, cache="static")}
-    t = interleaved_best({f"{label}{suffix}": (lambda run=run, k=k: run(k)) for label, run in runs.items()
-                          for suffix, k in (("", n), ("_1", 1))}, repeats)
-    rate = {label: (n - 1) / (t[label] - t[f"{label}_1"]) for label in runs}
-    batches = {}
-    for rows in (1, 4, 16, 64):
-        bt = interleaved_best({
-            "parley": lambda: parley(prompt, n, rows), "parley_1": lambda: parley(prompt, 1, rows),
-            "hf": lambda: transformers(prompt, n, rows), "hf_1": lambda: transformers(prompt, 1, rows),
-            "hf_static": lambda: transformers(prompt, n, rows, "static"),
-            "hf_static_1": lambda: transformers(prompt, 1, rows, "static")}, repeats)
-        batches[rows] = {label: rows * (n - 1) / (bt[label] - bt[f"{label}_1"]) for label in ("parley", "hf", "hf_static")}
-    return dict(model=name, rate=rate, best_hf=max(rate["hf"], rate["hf_static"]),
-                bandwidth_fraction=bytes_per_token(lm) * rate["captured"] / bandwidth, batches=batches)
+
+    def rate(run, rows=1):
+        return rows * (n - 1) / best_of(lambda: run(rows), repeats)[1]
+    rates = {"captured": rate(lambda r: parley(prompt, n, r)), "eager": rate(lambda r: parley(prompt, n, r, False)),
+             "hf": rate(lambda r: transformers(prompt, n, r)),
+             "hf_static": rate(lambda r: transformers(prompt, n, r, "static"))}
+    batches = {rows: {"parley": rate(lambda r: parley(prompt, n, r), rows),
+                      "hf": rate(lambda r: transformers(prompt, n, r), rows)} for rows in (1, 4, 16, 64)}
+    return dict(model=name, rate=rates, best_hf=max(rates["hf"], rates["hf_static"]),
+                bandwidth_fraction=bytes_per_token(lm) * rates["captured"] / bandwidth, batches=batches)
 
 
 class Stamps:
@@ -225,21 +220,24 @@ class Stamps:
 
 
 def timed_runs(lm, ref, device):
-    """parley(prompt, k) and transformers(prompt, k), each returning (seconds to the first new token,
-    seconds for the k - 1 steps after it): decode rates measured on the steps alone, so that a long
-    prompt's prefill and its noise on a shared machine stay out of them."""
+    """parley(prompt, k, rows, static) and transformers(prompt, k, rows, cache), each returning
+    (seconds to the first new token, seconds for the k - 1 steps after it) for `rows` copies of the
+    prompt: decode rates measured on the steps alone, so that a long prompt's prefill and its noise on
+    a shared machine stay out of them. `static`: Parley's fixed-shape step (None: its default, a CUDA
+    graph on a GPU); `cache="static"`: transformers' static cache, which its generate compiles on a GPU."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def parley(prompt, k):
-        [r] = generate(lm, prompt, Settings(temperature=0, max_new_tokens=k, min_new_tokens=k), top_alternatives=0)
+    def parley(prompt, k, rows=1, static=None):
+        s = Settings(temperature=0, max_new_tokens=k, min_new_tokens=k)
+        done = generate(lm, prompt, [s] * rows, top_alternatives=0, static=static)
         sync()
-        return r.timings["prefill_s"], r.timings["decode_s"]
+        return done[0].timings["prefill_s"], max(r.timings["decode_s"] for r in done)
 
-    def transformers(prompt, k):
+    def transformers(prompt, k, rows=1, cache=None):
         stamps, start = Stamps(), time.perf_counter()
         with torch.no_grad():
-            ref.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=k,
-                         min_new_tokens=k, pad_token_id=0, streamer=stamps)
+            ref.generate(torch.tensor([prompt] * rows, device=device), do_sample=False, max_new_tokens=k,
+                         min_new_tokens=k, pad_token_id=0, streamer=stamps, cache_implementation=cache)
         sync()
         return stamps.times[1] - start, stamps.times[-1] - stamps.times[1]
     return parley, transformers
@@ -365,10 +363,9 @@ def main():
                 rate = r["rate"]
                 print(f"{name:<14}{rate['captured']:>9.1f}{rate['eager']:>8.1f}{rate['hf']:>8.1f}{rate['hf_static']:>10.1f}"
                       f"{rate['captured'] / r['best_hf']:>8.2f}x{r['bandwidth_fraction']:>6.0%}", flush=True)
-            print("\nbfloat16 throughput, tokens/s over all rows: Parley captured / transformers eager / "
-                  "transformers static compiled")
+            print("\nbfloat16 throughput, tokens/s over all rows: Parley captured / transformers eager")
             for r in results:
-                cells = "  ".join(f"{rows}: {b['parley']:.0f} / {b['hf']:.0f} / {b['hf_static']:.0f}"
+                cells = "  ".join(f"{rows}: {b['parley']:.0f} / {b['hf']:.0f} ({b['parley'] / b['hf']:.2f}x)"
                                   for rows, b in r["batches"].items())
                 print(f"{r['model']:<14}{cells}", flush=True)
         if "context" in args.sections:
