@@ -7,7 +7,8 @@ For GPT-2-124M and SmolLM2-135M shapes (and, on a GPU, a Llama-3.2-1B shape) it 
 
 speed, for float32, bfloat16 and (on the CPU) float32 with int8 weights (`--quantize int8`,
 against transformers in float32):
-  - decode tokens/s at batch 1 of Parley and of transformers, and their ratio;
+  - decode tokens/s at batch 1 of Parley and of transformers, and their ratio, also with Parley's
+    decoding step compiled (`-compiled`: torch.compile, its compile time left out of the rates);
   - the time of a 4-candidate side-by-side run divided by a 1-candidate run (Parley);
   - the fraction of the memory-bandwidth limit Parley reaches: weight bytes read per token x
     tokens/s / the copy bandwidth measured here (bytes read + written per second);
@@ -53,7 +54,10 @@ from engine.models.linear import Linear  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 
 # (label, dtype, quantize): the rows of the speed and memory tables; transformers runs in `dtype`
-VARIANTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8")}
+VARIANTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"),
+            "float32-compiled": ("float32", None), "bfloat16-compiled": ("bfloat16", None)}
+# `engine.load(..., compile=True)`: the decoding step through torch.compile (speed table only: a fresh
+# process per memory figure would compile again)
 
 SHAPES = {
     "gpt2-124M": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
@@ -158,7 +162,8 @@ def runners(lm, ref, device):
 
 def load_pair(path: Path, variant: str, device):
     dtype, quantize = VARIANTS[variant]
-    lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize)
+    lm = engine.load(path, device=device, dtype=dtype, decode_only=True, quantize=quantize,
+                     compile=variant.endswith("-compiled"))
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return lm, ref
 
@@ -172,6 +177,12 @@ def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, ban
     lm, ref = load_pair(path, variant, device)
     parley, transformers = runners(lm, ref, device)
     prompt = random_prompt(lm, 32)
+    compile_s = None
+    if lm.compiled_step is not None:   # compiled here, for one row and for several, outside the timings
+        start = time.perf_counter()
+        parley(prompt, n)
+        parley(prompt, n, 4)
+        compile_s = time.perf_counter() - start
     # decode rate = (n - 1) / (time for n new tokens - time for 1): the prefill cancels out
     t = interleaved_best({"ours": lambda: parley(prompt, n), "ours_1": lambda: parley(prompt, 1),
                           "four": lambda: parley(prompt, n, 4),
@@ -182,8 +193,10 @@ def bench(name: str, path: Path, variant: str, device, n: int, repeats: int, ban
     step, reading = 1 / ours, weight_bytes / bandwidth
     return dict(model=name, variant=variant, parley=ours, transformers=theirs, speedup=ours / theirs,
                 side_by_side=t["four"] / t["ours"], bandwidth_fraction=reading / step,
-                step_ms=1e3 * step, read_ms=1e3 * reading,
-                ops=(ops_per_step(lambda k: parley(prompt, k), n), ops_per_step(lambda k: transformers(prompt, k), n)))
+                step_ms=1e3 * step, read_ms=1e3 * reading, compile_s=compile_s,
+                # a compiled step's operations run inside its kernels, out of a dispatch mode's sight
+                ops=(None if compile_s is not None else ops_per_step(lambda k: parley(prompt, k), n),
+                     ops_per_step(lambda k: transformers(prompt, k), n)))
 
 
 def bench_gpu(name: str, path: Path, device, n: int, repeats: int, bandwidth: float) -> dict:
@@ -311,7 +324,8 @@ def main():
     parser.add_argument("--models", nargs="*", choices=list(SHAPES),
                         help="default: all shapes on a GPU, all but the ~1B one on the CPU")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="float32, bfloat16 and int8 (int8 weights, float32 activations; CPU only)")
+                        help="float32, bfloat16 and int8 (int8 weights, float32 activations; CPU only), and "
+                        "float32 and bfloat16 with the decoding step compiled (speed only)")
     parser.add_argument("--sections", nargs="*", choices=["speed", "memory", "context", "gpu"],
                         help="default: speed, memory and context, and gpu on a GPU")
     parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
@@ -333,21 +347,22 @@ def main():
             build(SHAPES[name], paths[name])
         if "speed" in args.sections:
             print("\nspeed (int8: int8 weights, float32 activations, against transformers float32)")
-            print(f"{'model':<14}{'weights':<10}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}"
+            print(f"{'model':<14}{'weights':<19}{'parley tok/s':>13}{'hf tok/s':>10}{'speedup':>9}{'4 vs 1':>8}"
                   f"{'of BW':>7}{'step ms = read + rest':>23}{'ops/step parley, hf':>21}")
             for name in args.models:
                 for variant in variants:
                     r = bench(name, paths[name], variant, device, args.new_tokens, args.repeats, bandwidth)
-                    print(f"{r['model']:<14}{r['variant']:<10}{r['parley']:>13.1f}{r['transformers']:>10.1f}"
+                    print(f"{r['model']:<14}{r['variant']:<19}{r['parley']:>13.1f}{r['transformers']:>10.1f}"
                           f"{r['speedup']:>8.2f}x{r['side_by_side']:>7.2f}x{r['bandwidth_fraction']:>6.0%}"
                           f"{r['step_ms']:>10.1f} = {r['read_ms']:.1f} + {r['step_ms'] - r['read_ms']:.1f}"
-                          f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}", flush=True)
+                          + (f"{'-':>13}, {r['ops'][1]:.0f}  (compiling: {r['compile_s']:.0f} s)"
+                             if r["compile_s"] is not None else f"{r['ops'][0]:>13.0f}, {r['ops'][1]:.0f}"), flush=True)
         if "memory" in args.sections:
             print(f"\npeak resident memory above the process's start, MiB: while loading, and while decoding "
                   f"{args.new_tokens} tokens (fresh process each; int8 against transformers float32)")
             print(f"{'model':<14}{'weights':<10}{'load parley':>12}{'hf':>7}{'decode parley':>15}{'hf':>7}{'ratio':>8}")
             for name in args.models:
-                for variant in variants:
+                for variant in (v for v in variants if not v.endswith("-compiled")):
                     ours = peak_memory("parley", paths[name], variant, args.device, args.new_tokens)
                     theirs = peak_memory("transformers", paths[name], variant, args.device, args.new_tokens)
                     print(f"{name:<14}{variant:<10}{ours[0]:>12.0f}{theirs[0]:>7.0f}{ours[1]:>15.0f}{theirs[1]:>7.0f}"

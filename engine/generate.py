@@ -102,7 +102,8 @@ class Generation:
         self.lm, self.top_n = lm, top_alternatives
         self.prompts, self.prompt_of = prompts, prompt_of
         if static is None:   # PARLEY_CUDA_GRAPHS=0 turns the captured step off, to compare or to rule it out
-            static = lm.device.type == "cuda" and os.environ.get("PARLEY_CUDA_GRAPHS", "1") != "0"
+            static = (lm.device.type == "cuda" and os.environ.get("PARLEY_CUDA_GRAPHS", "1") != "0"
+                      or getattr(lm, "compiled_step", None) is not None)
         self.static = static
         # A candidate without a seed gets a random one, recorded in its settings so it can be replayed.
         # Each candidate's room is its own prompt's, not the padded width's.
@@ -185,7 +186,8 @@ class Generation:
         self.rows_in_cache = len(self.prompts)
         self.step = None   # decode_step, or (a KV cache's models, `static`) a fixed-shape step
         if self.static and isinstance(self.cache, KVCache):
-            self.step = graphs.StaticStep(self.lm.model, decode_step, capture=self.lm.device.type == "cuda")
+            step = getattr(self.lm, "compiled_step", None) or decode_step   # engine.load(..., compile=True)
+            self.step = graphs.StaticStep(self.lm.model, step, capture=self.lm.device.type == "cuda", eager=decode_step)
         return logits, padded
 
     def _start_rows(self, prompts: torch.Tensor, logits: torch.Tensor) -> "_Batch":

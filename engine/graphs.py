@@ -14,7 +14,9 @@ is captured anew: one eager step, which is also the warm-up capturing needs, the
 
 Hand-written rather than torch.compile(mode="reduce-overhead"): its CUDA graphs skip a step that
 writes into its inputs, and every step writes the KV cache in place. `StaticStep(..., capture=False)`
-runs the same buffers and buckets with no graph: what the CPU tests check (tests/test_graphs.py).
+runs the same buffers and buckets with no graph: on the CPU, what the tests check (tests/test_graphs.py)
+and what a compiled step runs in (`engine.load(..., compile=True)`: torch.compile with dynamic shapes,
+so one graph serves every width and row count, but one row's, which it specialises).
 """
 import warnings
 
@@ -38,8 +40,10 @@ class StaticStep:
     """`step(model, ids [rows, 1], decode slot)` (engine.generate.decode_step) on a KV cache whose rows
     fill a bucket, captured as a CUDA graph per cache (see the module docstring)."""
 
-    def __init__(self, model, step, capture: bool = True):
-        self.model, self.step, self.capture = model, step, capture
+    def __init__(self, model, step, capture: bool = True, eager=None):
+        """`step` may be compiled (engine.load(..., compile=True)); should it fail to compile, `eager`
+        (the same function uncompiled) takes its place, with a warning."""
+        self.model, self.step, self.capture, self.eager = model, step, capture, eager
         self.key = None      # the cache (keys' address, rows, width) the graph holds
         self.graph = self.ids = self.logits = None
         self.captures = 0    # how many caches the step was captured (or, without capture, set up) for
@@ -66,14 +70,14 @@ class StaticStep:
         self.ids = ids[:1, None].repeat(cache.batch, 1)
         self.ids[:len(ids), 0] = ids
         if not self.capture:
-            self.logits = self.step(self.model, self.ids, slot)
+            self.logits = self._first_step(slot)
             return self.logits
         # The real step, eagerly, on a side stream: the warm-up capturing needs (cuBLAS workspaces,
         # lazily loaded kernels) and, as a capture only records, the one step that runs this time.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self.step(self.model, self.ids, slot)
+            logits = self._first_step(slot)
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
@@ -85,3 +89,16 @@ class StaticStep:
             warnings.warn(f"the decoding step could not be captured as a CUDA graph ({e}); decoding without one")
             self.capture = False
         return logits
+
+    def _first_step(self, slot) -> torch.Tensor:
+        """The step on a new shape, where a compiled step compiles: should that fail (no C++ compiler,
+        an operation the compiler lacks), before the step wrote anything, the eager step takes over."""
+        if self.eager is None or self.step is self.eager:
+            return self.step(self.model, self.ids, slot)
+        try:
+            return self.step(self.model, self.ids, slot)
+        except Exception as e:   # the compiler's errors have no common base class
+            warnings.warn(f"the decoding step could not be compiled ({type(e).__name__}: {e}); "
+                          "decoding without torch.compile")
+            self.step = self.eager
+            return self.step(self.model, self.ids, slot)

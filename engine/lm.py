@@ -28,6 +28,7 @@ class LM:
         self.generation_config = dict(generation_config or {})
         self.path = path
         self.quantize = None   # "int8" once engine.quantize.prepare made it so
+        self.compiled_step = None   # decode_step through torch.compile (load(..., compile=True))
 
     @property
     def device(self) -> torch.device:
@@ -95,19 +96,25 @@ class LM:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         decode_only: bool = False, quantize: str | None = None) -> LM:
+         decode_only: bool = False, quantize: str | None = None, compile: bool = False) -> LM:
     """Load a Hugging Face-format model directory (config.json, safetensors, tokenizer.json), or a
     LoRA adapter directory (adapter_config.json: its base with the adapter merged, engine/lora.py).
 
-    `decode_only` (implied by `quantize`, "int8"): a model that will only decode and score, which
-    keeps its weights in their decoding form alone and refuses training and saving (engine/quantize.py)."""
+    `decode_only` (implied by `quantize`, "int8", and `compile`): a model that will only decode and
+    score, which keeps its weights in their decoding form alone and refuses training and saving
+    (engine/quantize.py). `compile`: its decoding step goes through torch.compile, once per model (its
+    rows in buckets, engine/graphs.py): on the CPU the compiler fuses what lies between the weight
+    products, which stay oneDNN's (engine/models/linear.py, decode_product)."""
     if quantize is not None:
         from engine.quantize import check
         check(quantize, pick_device(device))   # before the reading
     lm = _load(path, device, dtype)
-    if decode_only or quantize is not None:
+    if decode_only or quantize is not None or compile:
         from engine.quantize import prepare
         prepare(lm, quantize)
+    if compile:
+        from engine.generate import decode_step
+        lm.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=True)
     return lm
 
 

@@ -1,5 +1,8 @@
 """The static decoding step (engine/graphs.py): rows in buckets, a cache whose tensors stay put,
 captured as a CUDA graph on a GPU. On the CPU the same buffers and buckets run without a graph."""
+import shutil
+import warnings
+
 import pytest
 import torch
 
@@ -67,6 +70,28 @@ def test_static_step_follows_beams_and_cancelled_candidates(checkpoints):
     static, gen = run(lm, prompt, three, static=True, cancel_at=(1, 3))
     assert static == plain and static[1][1] == "cancelled"
     assert gen.step.captures == 2   # bucket 4, then the cache without the cancelled row (bucket 2)
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile's CPU backend builds its kernels with a C++ compiler; none is here")
+def test_compiled_step_gives_the_tokens_of_the_eager_loop(checkpoints):
+    """engine.load(..., compile=True): the static step through torch.compile with dynamic shapes, each
+    weight product one opaque decode_product op running oneDNN's packed kernel. Candidates ending one
+    after another (rows 4, then 2, then 1) and a second run of another width get the greedy tokens of
+    the decode-only eager loop; the compiled step ran throughout (a failure to compile would fall back
+    to the eager step with a warning, here an error)."""
+    path = checkpoints("llama_gqa_untied")[0]
+    compiled = engine.load(path, device="cpu", compile=True)
+    plain = engine.load(path, device="cpu", decode_only=True)
+    prompt = plain.tokenizer.encode("Hello there! How are you today?")
+    for lengths in ((3, 7, 12), (20,)):
+        greedy = [Settings(temperature=0, max_new_tokens=n, min_new_tokens=n) for n in lengths]
+        eager, _ = run(plain, prompt, greedy, static=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="the decoding step could not")
+            ours, gen = run(compiled, prompt, greedy, static=None)
+        assert ours == eager
+        assert gen.step.step is compiled.compiled_step
 
 
 @CUDA

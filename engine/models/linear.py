@@ -20,8 +20,14 @@ A model loaded only to decode (`engine.load(..., decode_only=True)`, engine/quan
 packed copy alone: each layer's plain weight is dropped once packed (a meta tensor keeps its shape
 and dtype), every product then takes the packed path whatever its rows, and anything that needs
 the plain weights (gradients, saving, LoRA) is refused. With `--quantize int8` the decoding form
-is int8 rows with a scale per output channel instead, multiplied by torch's own CPU kernel.
+is int8 rows with a scale per output channel instead, multiplied by torch's own CPU kernel. A
+compiled decoding step (`engine.load(..., compile=True)`) cannot trace either form: each of its
+products is one opaque op, `decode_product`, that runs this module's eager path, and the compiler
+fuses the rest of the step (norms, rotations, residuals, the MLP's gate) around them.
 """
+import itertools
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,6 +73,8 @@ class PackedWeight:
             self.key = key
             if self.form is not None:
                 self.key = "made"
+                self.number, self.layers = next(_numbers), tuple(layers)   # for decode_product
+                _GROUPS[self.number] = self
                 if self.drop_plain:
                     for layer in layers:
                         w = layer.weight
@@ -104,7 +112,8 @@ def _onednn_decodes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     global _onednn_dtypes
     if torch.compiler.is_compiling():
         # torch.compile cannot trace the packed weights (opaque oneDNN tensors, a cache keyed on
-        # data pointers): a compiled decoding step takes F.linear, and its compiler picks kernels.
+        # data pointers): a compiled step of a model that trains takes F.linear, and its compiler
+        # picks kernels; a decode-only model's products go in whole as one opaque op (decode_product).
         return False
     if _onednn_dtypes is None:
         with torch.no_grad():
@@ -113,10 +122,31 @@ def _onednn_decodes(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
             and x.numel() <= MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled())
 
 
+# The decoding forms of decode-only models by number, each with its layers: what a compiled step's
+# decode_product names (weak: a model let go takes its own with it).
+_GROUPS: "weakref.WeakValueDictionary[int, PackedWeight]" = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+@torch.library.custom_op("parley::decode_product", mutates_args=())
+def decode_product(x: torch.Tensor, group: int, out_features: int) -> torch.Tensor:
+    """fused_linear of a decode-only model's layer group `group`, run eagerly inside a compiled step:
+    the compiler sees one opaque op (it cannot trace the packed or int8 weights) and fuses the
+    rest of the step around it."""
+    return fused_linear(x, *_GROUPS[group].layers)
+
+
+@decode_product.register_fake
+def _(x, group, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 def fused_linear(x: torch.Tensor, *layers: "Linear") -> torch.Tensor:
     """x through layers that all read it, their outputs side by side in the last dimension; on the
     decoding path, as one product."""
     packed = layers[0].packed
+    if packed.form is not None and torch.compiler.is_compiling():
+        return decode_product(x, packed.number, sum(layer.out_features for layer in layers))
     if packed.form is not None:   # a model loaded only to decode: its decoding form is all it has
         if torch.is_grad_enabled():
             raise ParleyError("this model was loaded only to decode (its plain weights are dropped, engine/quantize.py): "
