@@ -71,9 +71,11 @@ def prepare(lm, quantize: str | None = None):
     _decode_once(lm)
     head = lm.model.lm_head.weight
     mapped = _file_mapping(head)
-    _own_copies(lm.model)
-    if mapped is not None:
-        _map_lazily(head, *mapped)
+    # the head is not copied where it can be mapped afresh: it would be copied only to be dropped
+    _own_copies(lm.model, but=head if mapped is not None else None)
+    if mapped is not None and not _map_lazily(head, *mapped):
+        with torch.no_grad():
+            head.data = head.data.clone()
     _return_freed_memory()
     lm.quantize = quantize
     return lm
@@ -109,34 +111,36 @@ def _file_mapping(t: torch.Tensor) -> tuple[str, int] | None:
     return None
 
 
-def _map_lazily(weight: torch.nn.Parameter, path: str, offset: int) -> None:
+def _map_lazily(weight: torch.nn.Parameter, path: str, offset: int) -> bool:
     """The output head's plain weight (the embedding, in tied models) becomes a fresh private map of
     its bytes in the checkpoint, none of them in memory until read: decoding looks up a few rows of
     the embedding and multiplies by the packed copy, so the rest stay on disk (as transformers'
-    mapped weights do) instead of a second copy in memory. Checked equal to what was loaded first."""
+    mapped weights do) instead of a second copy in memory. Checked equal to what was loaded first;
+    returns whether it was mapped."""
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
         with open(path, "rb") as f:   # copy-on-write: nothing ever writes to the file
             m = mmap.mmap(f.fileno(), offset - aligned + weight.nbytes, access=mmap.ACCESS_COPY, offset=aligned)
     except (OSError, ValueError):
-        return
+        return False
     view = torch.frombuffer(m, dtype=weight.dtype, count=weight.numel(), offset=offset - aligned).view(weight.shape)
     with torch.no_grad():
         same = torch.equal(view.view(torch.uint8), weight.detach().view(torch.uint8))
-    if not same:   # the loader changed it (a transpose, a cast): keep the copy
-        return
+    if not same:   # the loader changed it in memory: keep what it loaded
+        return False
     if hasattr(m, "madvise"):
         m.madvise(mmap.MADV_DONTNEED)   # the comparison read every page: give them back
     weight.data = view
+    return True
 
 
-def _own_copies(model) -> None:
-    """The weights still held become copies of their own. Read from a checkpoint, every tensor is a
-    view of the file's memory map (safetensors maps it), and the map stays resident while any view
-    lives: the embedding and the norms would keep the dropped weights' pages in memory."""
+def _own_copies(model, but: torch.Tensor | None = None) -> None:
+    """The weights still held (all `but` one) become copies of their own. Read from a checkpoint,
+    every tensor is a view of the file's memory map (safetensors maps it), and the map stays resident
+    while any view lives: the embedding and the norms would keep the dropped weights' pages in memory."""
     with torch.no_grad():
         for p in model.parameters():
-            if not p.is_meta:
+            if not p.is_meta and p is not but:
                 p.data = p.data.clone()
 
 
