@@ -87,19 +87,16 @@ def cmd_generate(args) -> None:
     for flag in ("prompt", "system"):
         check_utf8(f"--{flag}", getattr(args, flag))
     path = resolve_model(args.model)
-    from engine import bert_fill
-    if bert_fill.is_bert_dir(path):
-        return fill_masks(args, base, path)
-    lm = engine.load(path, device=args.device, dtype=args.dtype, decode_only=True, quantize=args.quantize,
-                     compile=args.compile)
-    if args.raw:
-        prompt_ids = lm.tokenizer.encode(args.prompt)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        prompt_ids = lm.tokenizer.encode_chat(messages)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": args.prompt}]
     seed = base.seed if base.seed is not None else random.randrange(2**62)
     candidates = [dataclasses.replace(base, seed=seed + i) for i in range(args.n)]
+    from engine import bert_fill
+    if bert_fill.is_bert_dir(path):
+        return print_results(args, fill_masks(args, path, messages, candidates), stream=False, mask_filling=True)
+    lm = engine.load(path, device=args.device, dtype=args.dtype, decode_only=True, quantize=args.quantize,
+                     compile=args.compile)
+    prompt_ids = lm.tokenizer.encode(args.prompt) if args.raw else lm.tokenizer.encode_chat(messages)
     gen = Generation(lm, prompt_ids, candidates, top_alternatives=0)
     stream = args.n == 1 and not args.json and base.num_beams == 1
     results = []
@@ -112,12 +109,19 @@ def cmd_generate(args) -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise
+    print_results(args, results, stream)
+
+
+def print_results(args, results, stream: bool, mask_filling: bool = False) -> None:
+    """`parley generate`'s candidates in order: JSON lines, or their texts (after the streamed one, a newline)."""
     for r in sorted(results, key=lambda r: r.candidate):
         if args.json:
             line = {"candidate": r.candidate, "text": r.text, "token_ids": r.token_ids,
                     "finish_reason": r.finish_reason, "settings": r.settings.to_dict(), "timings": r.timings}
             if r.beams:
                 line["beams"] = r.beams
+            if mask_filling:
+                line["mask_filling"] = True
             print(json.dumps(line, ensure_ascii=False))
         elif stream:
             print()
@@ -127,33 +131,18 @@ def cmd_generate(args) -> None:
             print(printable(r.text))
 
 
-def fill_masks(args, base, path) -> None:
+def fill_masks(args, path, messages: list[dict], candidates: list) -> list:
     """`parley generate` with a BERT: each reply filled in by iterative mask filling (engine/bert_fill.py)."""
-    import dataclasses
-    import random
-
     from engine import bert_fill
     if args.quantize:
         raise ParleyError(f"{path} is a BERT, which int8 weights do not cover: run it without --quantize")
     filler = bert_fill.load(path, args.device)
-    if args.raw:
-        prompt_ids = filler.tokenizer.encode(args.prompt, add_special_tokens=False)
-    else:
-        prompt_ids = filler.prompt_ids(([{"role": "system", "content": args.system}] if args.system else [])
-                                       + [{"role": "user", "content": args.prompt}])
-    seed = base.seed if base.seed is not None else random.randrange(2**62)
-    fill = bert_fill.MaskFilling(filler, prompt_ids, [dataclasses.replace(base, seed=seed + i) for i in range(args.n)])
-    print(f"{path}: {bert_fill.note(base)}, {fill.settings[0].max_new_tokens} positions filled most confident "
-          "first, not written left to right", file=sys.stderr)
-    for r in fill.run():
-        if args.json:
-            print(json.dumps({"candidate": r.candidate, "text": r.text, "token_ids": r.token_ids,
-                              "finish_reason": r.finish_reason, "settings": r.settings.to_dict(),
-                              "timings": r.timings, "mask_filling": True}, ensure_ascii=False))
-        else:
-            if args.n > 1:
-                print(f"--- candidate {r.candidate} (seed {r.settings.seed}, {r.finish_reason}) ---")
-            print(printable(r.text))
+    prompt_ids = (filler.tokenizer.encode(args.prompt, add_special_tokens=False) if args.raw
+                  else filler.prompt_ids(messages))
+    fill = bert_fill.MaskFilling(filler, prompt_ids, candidates)
+    print(f"{path}: {bert_fill.note(candidates[0])}, {fill.settings[0].max_new_tokens} positions filled most "
+          "confident first, not written left to right", file=sys.stderr)
+    return fill.run()
 
 
 def check_utf8(flag: str, text: str | None) -> None:
