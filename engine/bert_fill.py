@@ -56,13 +56,9 @@ class MaskFiller:
     fills_masks = True   # what tells Replies and the CLI to fill instead of generate
 
     def __post_init__(self):
+        from engine.models.bert import special_ids
         tok = self.tokenizer
-        names = ("cls_token", "sep_token", "mask_token")
-        ids = [tok.token_id(tok.special_tokens.get(n)) for n in names]
-        if None in ids:
-            missing = names[ids.index(None)]
-            raise ParleyError(f"{self.path}: the tokenizer has no {missing}: a BERT to fill masks needs "
-                              "[CLS], [SEP] and [MASK] (parley train mlm adds them)")
+        ids = special_ids(tok, "cls_token", "sep_token", "mask_token")
         self.cls_id, self.sep_id, self.mask_id = ids
         pad = tok.token_id(tok.special_tokens.get("pad_token"))
         self.banned = sorted({*ids, *([pad] if pad is not None else [])})   # never a reply's token

@@ -180,6 +180,16 @@ class Bert(nn.Module):
         return self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
 
 
+def special_ids(tokenizer, *names: str) -> list[int]:
+    """The ids of a BERT tokenizer's special tokens (cls_token, sep_token, mask_token), or one line
+    naming the first it lacks."""
+    ids = [tokenizer.token_id(tokenizer.special_tokens.get(name)) for name in names]
+    if None in ids:
+        raise ParleyError(f"this BERT's tokenizer has no {names[ids.index(None)]} (tokenizer_config.json): use a BERT "
+                          "that `parley train mlm` wrote, or give its tokenizer [CLS], [SEP] and [MASK]")
+    return ids
+
+
 def state_from_hf(tensors: dict) -> dict:
     """A BertForMaskedLM checkpoint's tensors by this module's names: the decoder is the tied token
     embeddings and its bias is cls.predictions.bias (older checkpoints store both copies); a

@@ -67,10 +67,7 @@ def bert_reply_ids(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int]
     """A BERT's (prompt ids, reply ids): the messages' plain text and [SEP], the reply and [SEP].
     The [CLS] before them is BertRewardModel's to add, so a prompt cut to fit never loses it."""
     from engine.train.mlm import text_of
-    sep = tokenizer.token_id(tokenizer.special_tokens.get("sep_token"))
-    if sep is None or tokenizer.token_id(tokenizer.special_tokens.get("cls_token")) is None:
-        raise ParleyError("this BERT's tokenizer lacks [CLS] or [SEP] (cls_token, sep_token in tokenizer_config.json): "
-                          "use a BERT that `parley train mlm` wrote")
+    _, sep = bert.special_ids(tokenizer, "cls_token", "sep_token")
     return (tokenizer.encode(text_of(prompt), add_special_tokens=False) + [sep],
             tokenizer.encode(reply, add_special_tokens=False) + [sep])
 
@@ -215,8 +212,9 @@ def load_bert_reward_model(path: Path, config: dict, device) -> RewardLM:
     with torch.device("meta"):
         backbone = bert.Bert(bert.BertConfig.from_hf(config))
     tokenizer = Tokenizer.from_dir(path)
-    model = BertRewardModel(backbone, tokenizer.token_id(tokenizer.special_tokens.get("cls_token")),
-                            config.get("parley_reward_offset", 0.0), config.get("parley_reward_scale", 1.0))
+    [cls] = bert.special_ids(tokenizer, "cls_token")
+    model = BertRewardModel(backbone, cls, config.get("parley_reward_offset", 0.0),
+                            config.get("parley_reward_scale", 1.0))
     tensors = checkpoint.read_tensors(path, device, torch.float32)
     score = tensors.pop("score.weight", None)
     if score is None:
@@ -303,7 +301,7 @@ def start_bert(c: RewardModelConfig, device) -> tuple:
         raise ParleyError(f"--max-len {c.max_len} and [CLS] are more than this BERT's "
                           f"{backbone.config.max_position_embeddings} positions: use --max-len "
                           f"{backbone.config.max_position_embeddings - 1} or less")
-    model = BertRewardModel(backbone, tokenizer.token_id(tokenizer.special_tokens.get("cls_token")))
+    model = BertRewardModel(backbone, *bert.special_ids(tokenizer, "cls_token"))
     return model.to(device), tokenizer, backbone.config.to_hf()
 
 

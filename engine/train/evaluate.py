@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from engine import data
-from engine.errors import ParleyError
 from engine.train.logprobs import summed_loss
 
 
@@ -47,11 +46,7 @@ def evaluate_bert(model, tokenizer, examples, max_examples: int | None = None) -
     model's perplexity, which sees only the left: `measure` says which one a row holds."""
     from engine.models import bert
     from engine.train.mlm import text_of
-    cls, sep = (tokenizer.token_id(tokenizer.special_tokens.get(k)) for k in ("cls_token", "sep_token"))
-    mask = tokenizer.token_id(tokenizer.special_tokens.get("mask_token"))
-    if None in (cls, sep, mask):
-        raise ParleyError("this BERT's tokenizer lacks [CLS], [SEP] or [MASK] (cls_token, sep_token, mask_token in "
-                          "tokenizer_config.json): re-save it with its special tokens")
+    cls, sep, mask = bert.special_ids(tokenizer, "cls_token", "sep_token", "mask_token")
     body = model.config.max_position_embeddings - 2
     scores, n_words = [], 0
     for example in examples[:max_examples]:
