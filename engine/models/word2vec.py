@@ -177,6 +177,11 @@ class Word2Vec(nn.Module):
     def vectors(self) -> torch.Tensor:
         return self.input.weight.detach()
 
+    @property
+    def units(self) -> str:
+        """What its "words" are: "words", or a tokenizer's "tokens"."""
+        return "words" if self.tokenizer is None else "tokens"
+
     def lookup(self, word: str) -> int:
         if self.tokenizer is not None:
             return self._lookup_token(word)
@@ -243,8 +248,7 @@ class Word2Vec(nn.Module):
             write_text_format(tmp / "vectors.txt", self.words, self.vectors())
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp)
-            write_json(tmp / "config.json", {**self.config(), "units": "tokens" if self.tokenizer else "words",
-                                             **extra})
+            write_json(tmp / "config.json", {**self.config(), "units": self.units, **extra})
 
     @classmethod
     def load(cls, path: str | Path) -> "Word2Vec":

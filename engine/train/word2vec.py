@@ -123,7 +123,7 @@ def train_word2vec(c: Word2VecConfig, quiet: bool = False) -> Word2Vec:
     lr = c.lr if c.lr is not None else DEFAULT_LR[c.architecture]
     g = torch.Generator().manual_seed(c.seed)
     noise = torch.Generator(device).manual_seed(c.seed + 1)
-    log(f"word2vec: {len(vocab)} {'tokens' if tokenizer else 'words'} (min count {c.min_count}), {len(ids)} tokens in {len(sentences)} sentences, "
+    log(f"word2vec: {len(vocab)} {model.units} (min count {c.min_count}), {len(ids)} tokens in {len(sentences)} sentences, "
         f"{c.architecture} with {'negative sampling' if c.loss == 'negative' else 'hierarchical softmax'}")
     for epoch in range(c.epochs):
         context, target, mask = epoch_examples(ids, sentence, keep, c.window, c.architecture == "cbow", g)
@@ -156,7 +156,6 @@ def run(c: Word2VecConfig, store=None) -> Word2Vec:
     """`parley train word2vec`; nothing goes to the store."""
     model = train_word2vec(c)
     model.save(c.out, sample=c.sample, min_count=c.min_count, epochs=c.epochs, seed=c.seed)
-    units = "tokens" if model.tokenizer is not None else "words"
-    print(f"wrote {c.out}: {len(model.words)} {units} x {c.dim} (vectors.txt is the word2vec text format)",
+    print(f"wrote {c.out}: {len(model.words)} {model.units} x {c.dim} (vectors.txt is the word2vec text format)",
           file=sys.stderr)
     return model
