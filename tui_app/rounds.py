@@ -39,6 +39,7 @@ class RoundConfig:
 
 DEFAULTS = RoundConfig()
 
+
 def arguments(kind: str, model: str, parameters: int, prompts: int, out: Path, device: str | None,
               config: RoundConfig = DEFAULTS) -> list[str]:
     """The `parley train` arguments of a round: DPO (or the reward model) of `model` on the store's

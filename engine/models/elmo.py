@@ -242,8 +242,8 @@ def contextual_vectors(model: BiLM, sentences: list[list[str]], layer: int | Non
     sentence read between <s> and </s> with each word's own characters (a word outside the
     vocabulary too): ELMo's `layer` (0 … num_layers), or with None their scalar mix at its start,
     the mean of the layers (without a task there is nothing to learn its weights from)."""
-    mix = ScalarMix(model.config.num_layers + 1).to(model.lm_head.weight.device)
     device = model.lm_head.weight.device
+    mix = ScalarMix(model.config.num_layers + 1).to(device)
     out = []
     for start in range(0, len(sentences), batch_size):
         batch = [[BOS, *s, EOS] for s in sentences[start:start + batch_size]]

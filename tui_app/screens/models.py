@@ -112,6 +112,7 @@ class ModelsScreen(ModalScreen):
         self.query_one("#reward-model-now", Label).update(self.reward_line())
         self.app.notify(f"reward model: {self.app.reward_model_name}")
 
+
 def lineage_note(store, name: str) -> str:
     """Where a model trained here comes from: the models it was trained from, newest first, and
     the run that trained it."""
